@@ -1,0 +1,3 @@
+from precision_lab.cli import main
+
+main()

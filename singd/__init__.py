@@ -1,0 +1,6 @@
+"""SINGD (structured inverse-free natural gradient) and its KFAC baseline.
+
+A drop-in replacement for the PyPI package ``singd`` 0.0.5: ``from singd import SINGD``.
+"""
+
+__version__ = "0.1.0"

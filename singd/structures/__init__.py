@@ -1,0 +1,1 @@
+"""Structured matrices for SINGD's Kronecker factors."""
