@@ -1,0 +1,139 @@
+"""Block-diagonal factors ``block{N}diagonal``: dense N x N blocks, the last one smaller.
+
+Unlike the reference implementation, no block is assumed symmetric: K and C stop being
+symmetric after their first update, so ``S^T X`` transposes every block and
+``from_inner()`` is ``P(S^T S)`` (REFERENCE.md, gap 1).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Self
+
+import torch
+from torch import Tensor
+
+from singd.structures.base import StructuredMatrix, stored_frobenius_norm
+
+
+class BlockDiagonalMatrix(StructuredMatrix):
+    """``S = blockdiag(S_1, ..., S_q, L)`` with ``q = floor(d / N)`` dense N x N blocks and
+    a last block of size ``d mod N`` (empty when N divides d).
+
+    ``P(M)`` keeps the diagonal blocks of ``M`` as they are. Every operation works block by
+    block (batched), so its cost is O(d N) per column instead of O(d^2).
+
+    Stored tensors: ``blocks`` (q, N, N), ``last`` (d mod N, d mod N).
+
+    Attributes:
+        block_size: N, set by :func:`singd.structures.get_structure`.
+    """
+
+    block_size: ClassVar[int]
+
+    @classmethod
+    def tensor_shapes(cls, dim: int) -> dict[str, tuple[int, ...]]:
+        count, rest = divmod(dim, cls.block_size)
+        return {"blocks": (count, cls.block_size, cls.block_size), "last": (rest, rest)}
+
+    @classmethod
+    def _split(cls, X: Tensor) -> tuple[Tensor, Tensor]:
+        """Rows of a (d, n) tensor as (q, N, n) block rows and the (d mod N, n) rest."""
+        dim = X.shape[0]
+        count = dim // cls.block_size
+        head = X[: count * cls.block_size]
+        return head.reshape(count, cls.block_size, *X.shape[1:]), X[count * cls.block_size :]
+
+    @classmethod
+    def from_dense(cls, sym: Tensor) -> Self:
+        dim = sym.shape[0]
+        count = dim // cls.block_size
+        head = sym[: count * cls.block_size, : count * cls.block_size]
+        index = torch.arange(count, device=sym.device)
+        blocks = head.reshape(count, cls.block_size, count, cls.block_size)[index, :, index, :]
+        last = sym[count * cls.block_size :, count * cls.block_size :]
+        return cls(dim, {"blocks": blocks.clone(), "last": last.clone()})
+
+    def to_dense(self) -> Tensor:
+        return torch.block_diag(*self._tensors["blocks"].unbind(0), self._tensors["last"])
+
+    def _matmat(self, X: Tensor) -> Tensor:
+        head, rest = self._split(X)
+        out_head = torch.bmm(self._tensors["blocks"], head).reshape(-1, X.shape[1])
+        return torch.cat([out_head, self._tensors["last"] @ rest])
+
+    def _rmatmat(self, X: Tensor) -> Tensor:
+        head, rest = self._split(X)
+        out_head = torch.bmm(self._tensors["blocks"].mT, head).reshape(-1, X.shape[1])
+        return torch.cat([out_head, self._tensors["last"].T @ rest])
+
+    def _right_matmat(self, X: Tensor) -> Tensor:
+        # X S: the columns of X in block groups, each times its block.
+        n = X.shape[0]
+        head, rest = self._split(X.T)
+        out_head = torch.bmm(head.mT, self._tensors["blocks"])  # (q, n, N)
+        return torch.cat(
+            [out_head.permute(1, 0, 2).reshape(n, -1), rest.T @ self._tensors["last"]], 1
+        )
+
+    def _matmul_structured(self, other: Self) -> Self:
+        return type(self)(
+            self._dim,
+            {
+                "blocks": torch.bmm(self._tensors["blocks"], other._tensors["blocks"]),
+                "last": self._tensors["last"] @ other._tensors["last"],
+            },
+        )
+
+    @classmethod
+    def from_gram(cls, X: Tensor) -> Self:
+        head, rest = cls._split(X.T)  # (q, N, n), (r, n)
+        return cls(X.shape[1], {"blocks": torch.bmm(head, head.mT), "last": rest @ rest.T})
+
+    def _from_inner_identity(self) -> Self:
+        blocks, last = self._tensors["blocks"], self._tensors["last"]
+        return type(self)(
+            self._dim, {"blocks": torch.bmm(blocks.mT, blocks), "last": last.T @ last}
+        )
+
+    def from_inner2(self, XXT: Tensor) -> Self:
+        """``P(S^T A S)``: block i is ``S_i^T A_ii S_i``, so only A's diagonal blocks are read."""
+        self._check_operand(XXT)
+        diagonal_blocks = type(self).from_dense(XXT.to(self.dtype))
+        inner = diagonal_blocks._tensors
+        blocks, last = self._tensors["blocks"], self._tensors["last"]
+        return type(self)(
+            self._dim,
+            {
+                "blocks": torch.bmm(torch.bmm(blocks.mT, inner["blocks"]), blocks),
+                "last": last.T @ inner["last"] @ last,
+            },
+        )
+
+    def diag_add_(self, value: float | Tensor) -> Self:
+        self._tensors["blocks"].diagonal(dim1=1, dim2=2).add_(value)
+        self._tensors["last"].diagonal().add_(value)
+        return self
+
+    def diagonal(self) -> Tensor:
+        return torch.cat(
+            [
+                self._tensors["blocks"].diagonal(dim1=1, dim2=2).reshape(-1),
+                self._tensors["last"].diagonal(),
+            ]
+        )
+
+    def frobenius_norm(self) -> Tensor:
+        return stored_frobenius_norm(self._tensors)
+
+    def extreme_singular_values(self) -> tuple[Tensor, Tensor]:
+        """Exact, per block: the singular values of a block-diagonal matrix are those of
+        its blocks, so the cost is O(d N^2) in float64, never a d x d decomposition."""
+        if not self._all_finite():
+            return super().extreme_singular_values()
+        values = [
+            torch.linalg.svdvals(t.to(torch.float64).cpu()).reshape(-1)
+            for t in self._tensors.values()
+            if t.numel() > 0
+        ]
+        values = torch.cat(values)
+        return values.max(), values.min()

@@ -1,0 +1,83 @@
+"""The diagonal factor: d stored entries, every operation O(d) or O(n d)."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Self
+
+import torch
+from torch import Tensor
+
+from singd.structures.base import StructuredMatrix, stored_frobenius_norm
+
+
+class DiagonalMatrix(StructuredMatrix):
+    """``S = diag(s)``; the projection keeps the diagonal, ``P(M) = diag(diag(M))``.
+
+    Stored tensor: ``diag`` (d,).
+    """
+
+    name: ClassVar[str] = "diagonal"
+
+    @classmethod
+    def tensor_shapes(cls, dim: int) -> dict[str, tuple[int, ...]]:
+        return {"diag": (dim,)}
+
+    @classmethod
+    def from_dense(cls, sym: Tensor) -> Self:
+        return cls(sym.shape[0], {"diag": sym.diagonal().clone()})
+
+    def to_dense(self) -> Tensor:
+        return torch.diag(self._tensors["diag"])
+
+    def _matmat(self, X: Tensor) -> Tensor:
+        return self._tensors["diag"].unsqueeze(1) * X
+
+    _rmatmat = _matmat
+
+    def _right_matmat(self, X: Tensor) -> Tensor:
+        return X * self._tensors["diag"]
+
+    def _matmul_structured(self, other: Self) -> Self:
+        return type(self)(self._dim, {"diag": self._tensors["diag"] * other._tensors["diag"]})
+
+    @classmethod
+    def from_gram(cls, X: Tensor) -> Self:
+        # diag(X^T X)_j = sum_i X_ij^2
+        return cls(X.shape[1], {"diag": (X * X).sum(0)})
+
+    def from_inner(self, X: Tensor | None = None) -> Self:
+        if X is None:
+            return self._from_inner_identity()
+        if X.ndim != 2 or X.shape[1] != self._dim:
+            raise ValueError(
+                f"from_inner expects X of shape (n, {self._dim}), got {tuple(X.shape)}."
+            )
+        s = self._tensors["diag"]
+        # diag(S X^T X S)_j = s_j^2 sum_i X_ij^2
+        return type(self)(self._dim, {"diag": s * s * (X.to(self.dtype) ** 2).sum(0)})
+
+    def _from_inner_identity(self) -> Self:
+        s = self._tensors["diag"]
+        return type(self)(self._dim, {"diag": s * s})
+
+    def from_inner2(self, XXT: Tensor) -> Self:
+        self._check_operand(XXT)
+        s = self._tensors["diag"]
+        return type(self)(self._dim, {"diag": s * s * XXT.diagonal().to(self.dtype)})
+
+    def diag_add_(self, value: float | Tensor) -> Self:
+        self._tensors["diag"].add_(value)
+        return self
+
+    def diagonal(self) -> Tensor:
+        return self._tensors["diag"].clone()
+
+    def frobenius_norm(self) -> Tensor:
+        return stored_frobenius_norm(self._tensors)
+
+    def extreme_singular_values(self) -> tuple[Tensor, Tensor]:
+        """Exact in O(d): the singular values of a diagonal matrix are ``|s_j|``."""
+        if not self._all_finite():
+            return super().extreme_singular_values()
+        magnitudes = self._tensors["diag"].to(torch.float64).abs()
+        return magnitudes.max().cpu(), magnitudes.min().cpu()
