@@ -21,11 +21,26 @@ from singd.structures.base import StructuredMatrix
 from singd.structures.blockdiagonal import BlockDiagonalMatrix
 from singd.structures.dense import DenseMatrix
 from singd.structures.diagonal import DiagonalMatrix
+from singd.structures.hierarchical import HierarchicalMatrix
+from singd.structures.toeplitz import TrilToeplitzMatrix, TriuToeplitzMatrix
+from singd.structures.triangular import (
+    TrilBottomRightDiagonalMatrix,
+    TrilTopLeftDiagonalMatrix,
+    TriuBottomRightDiagonalMatrix,
+    TriuTopLeftDiagonalMatrix,
+)
 
 STRUCTURE_FORMS: tuple[str, ...] = (
     "dense",
     "diagonal",
     "block{N}diagonal",
+    "hierarchical{K1}_{K2}",
+    "triltoeplitz",
+    "triutoeplitz",
+    "triltopleftdiag",
+    "trilbottomrightdiag",
+    "triutopleftdiag",
+    "triubottomrightdiag",
 )
 """The name forms ``get_structure`` accepts, for error messages and CLI help."""
 
@@ -33,12 +48,32 @@ STRUCTURE_NAMES: tuple[str, ...] = (
     "dense",
     "diagonal",
     "block30diagonal",
+    "hierarchical15_15",
+    "triltoeplitz",
+    "triutoeplitz",
+    "triltopleftdiag",
+    "trilbottomrightdiag",
+    "triutopleftdiag",
+    "triubottomrightdiag",
 )
 """One canonical instance of every structure (the reference's sizes), for tests and help."""
 
-_FIXED: dict[str, type[StructuredMatrix]] = {cls.name: cls for cls in (DenseMatrix, DiagonalMatrix)}
+_FIXED: dict[str, type[StructuredMatrix]] = {
+    cls.name: cls
+    for cls in (
+        DenseMatrix,
+        DiagonalMatrix,
+        TrilToeplitzMatrix,
+        TriuToeplitzMatrix,
+        TrilTopLeftDiagonalMatrix,
+        TrilBottomRightDiagonalMatrix,
+        TriuTopLeftDiagonalMatrix,
+        TriuBottomRightDiagonalMatrix,
+    )
+}
 
 _BLOCK = re.compile(r"block(\d+)diagonal")
+_HIERARCHICAL = re.compile(r"hierarchical(\d+)_(\d+)")
 
 
 def get_structure(name: str) -> type[StructuredMatrix]:
@@ -53,11 +88,13 @@ def get_structure(name: str) -> type[StructuredMatrix]:
     Raises:
         ValueError: If the name matches no form, or a size in it is zero.
     """
-    key = name.strip().lower() if isinstance(name, str) else name
+    key = name.strip().lower() if isinstance(name, str) else ""
     if key in _FIXED:
         return _FIXED[key]
-    if isinstance(key, str) and (match := _BLOCK.fullmatch(key)):
+    if match := _BLOCK.fullmatch(key):
         return _block_diagonal(int(match.group(1)))
+    if match := _HIERARCHICAL.fullmatch(key):
+        return _hierarchical(int(match.group(1)), int(match.group(2)))
     raise ValueError(
         f"Unknown structure {name!r}; valid structures are {', '.join(STRUCTURE_FORMS)} "
         "(with positive integer sizes N, K1, K2)."
@@ -77,4 +114,16 @@ def _block_diagonal(block_size: int) -> type[BlockDiagonalMatrix]:
         f"Block{block_size}DiagonalMatrix",
         (BlockDiagonalMatrix,),
         {"name": name, "block_size": block_size, "__module__": BlockDiagonalMatrix.__module__},
+    )
+
+
+@cache
+def _hierarchical(k1: int, k2: int) -> type[HierarchicalMatrix]:
+    name = f"hierarchical{k1}_{k2}"
+    _positive(k1, name)
+    _positive(k2, name)
+    return type(
+        f"Hierarchical{k1}_{k2}Matrix",
+        (HierarchicalMatrix,),
+        {"name": name, "k1": k1, "k2": k2, "__module__": HierarchicalMatrix.__module__},
     )
