@@ -1,0 +1,159 @@
+"""Optimizer spec strings: parsing, errors, defaults and overrides, building."""
+
+import pytest
+import torch
+from torch import nn
+
+from precision_lab.errors import UsageError
+from precision_lab.specs import DEFAULT_HYPERPARAMETERS, SPEC_FORMS, parse_spec, parse_specs
+
+
+@pytest.mark.parametrize(
+    ("text", "canonical", "family", "structures", "fixed"),
+    [
+        (
+            "singd:diagonal",
+            "singd:diagonal",
+            "singd",
+            ("diagonal", "diagonal"),
+            {"structures": ("diagonal", "diagonal"), "kfac_like": False},
+        ),
+        (
+            " SINGD:Hierarchical15_15/dense ",
+            "singd:hierarchical15_15/dense",
+            "singd",
+            ("hierarchical15_15", "dense"),
+            {"structures": ("hierarchical15_15", "dense"), "kfac_like": False},
+        ),
+        (
+            "singd:dense/dense",
+            "singd:dense",
+            "singd",
+            ("dense", "dense"),
+            {"structures": ("dense", "dense"), "kfac_like": False},
+        ),
+        (
+            "ingd",
+            "ingd",
+            "singd",
+            ("dense", "dense"),
+            {"structures": ("dense", "dense"), "kfac_like": False},
+        ),
+        (
+            "ikfac",
+            "ikfac",
+            "singd",
+            ("dense", "dense"),
+            {"structures": ("dense", "dense"), "kfac_like": True},
+        ),
+        (
+            "ikfac:block30diagonal",
+            "ikfac:block30diagonal",
+            "singd",
+            ("block30diagonal", "block30diagonal"),
+            {"structures": ("block30diagonal", "block30diagonal"), "kfac_like": True},
+        ),
+        (
+            "kfac:cholesky",
+            "kfac:cholesky",
+            "kfac",
+            ("dense", "dense"),
+            {"inverse_method": "cholesky"},
+        ),
+        ("kfac:eigh", "kfac:eigh", "kfac", ("dense", "dense"), {"inverse_method": "eigh"}),
+        ("KFAC:INV", "kfac:inv", "kfac", ("dense", "dense"), {"inverse_method": "inv"}),
+        (
+            "kfac:newton-schulz",
+            "kfac:newton-schulz",
+            "kfac",
+            ("dense", "dense"),
+            {"inverse_method": "newton-schulz"},
+        ),
+        ("adamw", "adamw", "adamw", None, {}),
+        ("sgd", "sgd", "sgd", None, {}),
+    ],
+)
+def test_every_documented_form_parses(text, canonical, family, structures, fixed):
+    spec = parse_spec(text)
+    assert spec.text == canonical
+    assert spec.family == family
+    assert spec.structures == structures
+    assert dict(spec.fixed) == fixed
+    assert parse_spec(spec.text) == spec
+
+
+def test_structure_label_is_one_name_when_k_and_c_agree():
+    assert parse_spec("singd:diagonal").structure == "diagonal"
+    assert parse_spec("singd:hierarchical15_15/dense").structure == "hierarchical15_15/dense"
+    assert parse_spec("adamw").structure is None
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "singd", "singd:", "kfac", "kfac:lu", "kfac:eigh/dense", "ingd:dense", "adam", "sgd:x"],
+)
+def test_unknown_specs_get_one_sentence_listing_the_forms(text):
+    with pytest.raises(ValueError) as info:
+        parse_spec(text)
+    message = str(info.value)
+    assert isinstance(info.value, UsageError)
+    assert repr(text) in message
+    assert all(form in message for form in SPEC_FORMS)
+    assert message.count(". ") == 0 and message.endswith(".")
+
+
+def test_unknown_structure_names_the_bad_structure():
+    with pytest.raises(UsageError, match=r"'singd:tridiagonal'.*'tridiagonal'"):
+        parse_spec("singd:tridiagonal")
+    with pytest.raises(UsageError, match=r"'singd:dense/nope'.*'nope'"):
+        parse_spec("singd:dense/nope")
+    with pytest.raises(UsageError, match="valid forms are"):
+        parse_spec("singd:dense/dense/dense")
+
+
+def test_non_string_spec_is_a_usage_error():
+    with pytest.raises(UsageError, match="must be a string"):
+        parse_spec(None)
+
+
+def test_parse_specs_splits_commas_in_order_and_drops_duplicates():
+    specs = parse_specs("kfac:eigh, singd:diagonal,adamw,singd:diagonal/diagonal")
+    assert [s.text for s in specs] == ["kfac:eigh", "singd:diagonal", "adamw"]
+    with pytest.raises(UsageError, match="comma-separated"):
+        parse_specs(" , ")
+    with pytest.raises(UsageError, match="'bogus'"):
+        parse_specs("adamw,bogus")
+
+
+def model() -> nn.Module:
+    return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+
+
+def test_adamw_and_sgd_build_with_defaults_and_overrides():
+    net = model()
+    adamw = parse_spec("adamw").build(net)
+    assert isinstance(adamw, torch.optim.AdamW)
+    assert adamw.defaults["lr"] == DEFAULT_HYPERPARAMETERS["adamw"]["lr"]
+    sgd = parse_spec("sgd").build(net, {"lr": 0.5, "momentum": 0.0})
+    assert isinstance(sgd, torch.optim.SGD)
+    assert (sgd.defaults["lr"], sgd.defaults["momentum"]) == (0.5, 0.0)
+    assert sum(len(g["params"]) for g in sgd.param_groups) == 4
+
+
+def test_frozen_parameters_are_left_out():
+    net = model()
+    net[0].weight.requires_grad_(False)
+    sgd = parse_spec("sgd").build(net)
+    assert sum(len(g["params"]) for g in sgd.param_groups) == 3
+
+
+def test_unknown_override_lists_the_valid_hyperparameters():
+    with pytest.raises(UsageError, match=r"Unknown hyperparameter 'betas1' for 'adamw'.*betas"):
+        parse_spec("adamw").build(model(), {"betas1": 0.9})
+
+
+def test_the_default_table_is_a_plain_dict_a_user_can_read():
+    assert set(DEFAULT_HYPERPARAMETERS) == {"singd", "kfac", "adamw", "sgd"}
+    hp = parse_spec("sgd").hyperparameters({"lr": 3.0})
+    assert hp == {**DEFAULT_HYPERPARAMETERS["sgd"], "lr": 3.0}
+    assert DEFAULT_HYPERPARAMETERS["sgd"]["lr"] != 3.0
