@@ -1,0 +1,195 @@
+"""One self-contained, offline HTML report for one or several run directories.
+
+`write_report` reads run directories (``summary.json``, ``records.parquet``,
+``config.json``; see DESIGN.md), builds every figure of `precision_lab.report_figures`
+and writes a single HTML file: plotly.js is inlined exactly once, figures are embedded
+as JSON and drawn by ``Plotly.newPlot``, nothing is fetched from the network. Several
+run directories become one comparison page: every run keeps the label of the directory
+it came from (its ``source``), and figures draw the sources side by side.
+
+Long traces are thinned for display only (`precision_lab.report_figures.Thinning`);
+the page says under each figure where that happened, and ``records.parquet`` stays
+whole.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from precision_lab.errors import UsageError
+from precision_lab.report_figures import build_figure_sections
+from precision_lab.report_page import Section, render_page
+from precision_lab.report_tables import environment_table, overview_table
+from probes.records import read_parquet
+
+SUMMARY_FILE = "summary.json"
+RECORDS_FILE = "records.parquet"
+CONFIG_FILE = "config.json"
+
+
+@dataclass
+class RunSource:
+    """One run directory as read for a report.
+
+    Attributes:
+        label: Short name shown on the page (the directory's name, made unique).
+        path: The run directory.
+        summary: One row per run of ``summary.json`` (DESIGN.md's fields).
+        records: The long records table (`probes.records.COLUMNS`).
+        config: ``config.json`` as a dict, or None where the directory has none.
+    """
+
+    label: str
+    path: Path
+    summary: pd.DataFrame
+    records: pd.DataFrame
+    config: dict | None
+
+
+@dataclass
+class ReportData:
+    """Every source's runs and records, concatenated with a ``source`` column.
+
+    ``key`` (``source/run``) identifies a run across sources, since two run
+    directories of the same suite reuse the same run ids.
+    """
+
+    sources: list[RunSource]
+    summary: pd.DataFrame = field(init=False)
+    records: pd.DataFrame = field(init=False)
+
+    def __post_init__(self) -> None:
+        summaries, records = [], []
+        for src in self.sources:
+            s = src.summary.copy()
+            s.insert(0, "source", src.label)
+            summaries.append(s)
+            r = src.records.copy()
+            r.insert(0, "source", src.label)
+            records.append(r)
+        self.summary = pd.concat(summaries, ignore_index=True)
+        self.records = pd.concat(records, ignore_index=True)
+        for frame in (self.summary, self.records):
+            frame["key"] = frame["source"] + "/" + frame["run"].astype(str)
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UsageError(
+            f"{path} is not valid JSON ({err.msg} at line {err.lineno}): "
+            f"{what} must be rewritten by `precision-lab stress`."
+        ) from err
+    except OSError as err:
+        raise UsageError(f"{path} cannot be read ({err.strerror}).") from err
+    if not isinstance(data, dict):
+        raise UsageError(f"{path} holds a {type(data).__name__}, but {what} must be an object.")
+    return data
+
+
+def read_run_dir(path: str | Path, label: str | None = None) -> RunSource:
+    """Read and check one run directory.
+
+    Args:
+        path: A directory written by ``precision-lab stress``.
+        label: Name shown on the page; defaults to the directory's name.
+
+    Raises:
+        UsageError: In one sentence, if the directory or one of its files is missing or
+            corrupt.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise UsageError(
+            f"Run directory {str(path)!r} does not exist: pass a directory written by "
+            "`precision-lab stress` (it holds summary.json and records.parquet)."
+        )
+    summary_path = path / SUMMARY_FILE
+    if not summary_path.is_file():
+        raise UsageError(
+            f"{str(path)!r} has no {SUMMARY_FILE}, so it is not a run directory: pass a "
+            "directory written by `precision-lab stress`."
+        )
+    summary = _read_json(summary_path, SUMMARY_FILE)
+    runs = summary.get("runs")
+    if not isinstance(runs, list) or not all(isinstance(r, dict) and "run" in r for r in runs):
+        raise UsageError(
+            f"{summary_path} has no valid 'runs' list (each run an object with a 'run' id), "
+            "as the summary schema requires."
+        )
+    records_path = path / RECORDS_FILE
+    if not records_path.is_file():
+        raise UsageError(f"{str(path)!r} has no {RECORDS_FILE}: the run directory is incomplete.")
+    try:
+        records = read_parquet(records_path)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    config_path = path / CONFIG_FILE
+    config = _read_json(config_path, CONFIG_FILE) if config_path.is_file() else None
+    frame = pd.DataFrame(runs)
+    frame["run"] = frame["run"].astype(str)
+    return RunSource(label or path.resolve().name, path, frame, records, config)
+
+
+def _unique_labels(paths: Sequence[Path]) -> list[str]:
+    """Directory names, with the parent's name prefixed where two names collide."""
+    names = [p.resolve().name for p in paths]
+    labels = []
+    for p, name in zip(paths, names, strict=True):
+        if names.count(name) > 1:
+            name = f"{p.resolve().parent.name}/{name}"
+        labels.append(name)
+    seen: dict[str, int] = {}
+    for i, name in enumerate(labels):
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:
+            labels[i] = f"{name} ({seen[name]})"
+    return labels
+
+
+def load_report_data(run_dirs: Sequence[str | Path]) -> ReportData:
+    """Read every run directory into one `ReportData` (sources in the order given)."""
+    if not run_dirs:
+        raise UsageError("No run directory given: pass at least one RUN_DIR.")
+    paths = [Path(p) for p in run_dirs]
+    labels = _unique_labels(paths)
+    return ReportData([read_run_dir(p, lbl) for p, lbl in zip(paths, labels, strict=True)])
+
+
+def build_sections(data: ReportData) -> list[Section]:
+    """The page's sections in reading order: overview, figures, environment."""
+    return [overview_table(data), *build_figure_sections(data), environment_table(data)]
+
+
+def write_report(
+    run_dirs: Sequence[str | Path], out: str | Path, *, title: str | None = None
+) -> Path:
+    """Write the HTML report of one run directory, or a comparison of several.
+
+    Args:
+        run_dirs: Run directories written by ``precision-lab stress``; with more than
+            one, the page compares them side by side.
+        out: The HTML file to write (its parent directory is created).
+        title: Page title; defaults to the sources' labels.
+
+    Returns:
+        The path written.
+
+    Raises:
+        UsageError: If a run directory is missing or corrupt (one sentence).
+    """
+    data = load_report_data(run_dirs)
+    sections = build_sections(data)
+    labels = [s.label for s in data.sources]
+    page_title = title or "precision-lab report: " + " vs ".join(labels)
+    html = render_page(page_title, data, sections)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(html, encoding="utf-8")
+    return out
