@@ -1,0 +1,185 @@
+"""What a Kronecker-factored optimizer needs to know about a layer.
+
+A supported layer (``nn.Linear``, ``nn.Conv2d``) with weight ``W`` and optional bias
+``b`` is treated as one matrix ``[W | b]`` of shape ``d_C x d_K`` (conv weights
+flattened to ``C_out x (C_in/groups * k1 * k2)``), so that its Fisher block is
+approximated by a Kronecker product ``E[a a^T] (x) E[g g^T]`` of an input factor
+(``d_K x d_K``) and an output-gradient factor (``d_C x d_C``):
+
+- Linear: ``d_K = d_in (+1 with bias)``, ``d_C = d_out``.
+- Conv2d: ``d_K = C_in/groups * k1 * k2 (+1)``, ``d_C = C_out``.
+
+This module turns a layer's input into the rows ``a`` (``n x d_K``) and its output
+gradient into the rows ``g`` (``n x d_C``) whose Gram matrices ``a^T a`` and ``g^T g``
+are those factors, scaled as the published SINGD does (Lin et al., 2024, and
+Eschenhagen et al., 2023, for ``expand``/``reduce``):
+
+- ``a`` is divided by ``sqrt(n)``, so ``a^T a`` is the mean outer product over rows.
+- ``g`` is multiplied by ``sqrt(number of loss terms)``: the batch size B for
+  ``loss_average="batch"``, B times the shared (sequence or spatial) size for
+  ``"batch+sequence"``, 1 for ``None`` (a summed loss). This undoes the ``1/B`` that
+  a mean loss puts into every output gradient, once per factor.
+- ``expand`` treats every shared position (sequence element, output pixel) as a row;
+  ``reduce`` averages the inputs and sums the output gradients over shared positions,
+  leaving one row per sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from math import sqrt
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+LOSS_AVERAGES: tuple[str | None, ...] = (None, "batch", "batch+sequence")
+KFAC_APPROXES: tuple[str, ...] = ("expand", "reduce")
+
+
+@dataclass(eq=False)
+class KroneckerLayer:
+    """A supported layer whose parameters one Kronecker-factored preconditioner covers.
+
+    Attributes:
+        name: Qualified name in the (unwrapped) model.
+        module: The ``nn.Linear`` or ``nn.Conv2d``.
+        group_index: Index of the parameter group holding its parameters.
+        has_bias: Whether the bias is optimized (and so covered by ``K``): a frozen or
+            absent bias adds no ones column.
+        dim_K: Input-side dimension (columns of the gradient matrix).
+        dim_C: Output-side dimension (rows of the gradient matrix).
+        passes: Backward passes whose curvature was accumulated since the last
+            preconditioner update.
+        fired: Whether the layer's forward hook has ever run (layers that never run
+            their own forward, such as ``nn.MultiheadAttention.out_proj``, are moved to
+            the fallback optimizer).
+        skipped_steps: Steps skipped because a GradScaler found infs.
+    """
+
+    name: str
+    module: nn.Module
+    group_index: int
+    has_bias: bool
+    dim_K: int  # noqa: N815 (the paper's symbol)
+    dim_C: int  # noqa: N815
+    passes: int = 0
+    fired: bool = False
+    skipped_steps: int = 0
+    param_names: tuple[str, ...] = field(default=())
+
+    @property
+    def params(self) -> list[Tensor]:
+        """The optimized parameters, weight first."""
+        return [self.module.weight, self.module.bias] if self.has_bias else [self.module.weight]
+
+
+def layer_dims(module: nn.Module, has_bias: bool) -> tuple[int, int]:
+    """``(dim_K, dim_C)`` of a supported layer, as in the module docstring."""
+    weight = module.weight
+    return weight.shape[1:].numel() + int(has_bias), weight.shape[0]
+
+
+def check_conv_padding(module: nn.Module) -> None:
+    """Raise ValueError where a layer's padding cannot be unfolded into patches."""
+    if isinstance(module, nn.Conv2d) and module.padding_mode not in (
+        "zeros",
+        "reflect",
+        "replicate",
+        "circular",
+    ):
+        raise ValueError(f"Conv2d padding_mode {module.padding_mode!r} is not supported.")
+
+
+def _conv_patches(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """Unfold a conv input into patches, shape ``(B, L, C_in/groups * k1 * k2)``.
+
+    Channel groups share one input factor, so the patches are averaged over groups, as
+    the published SINGD does; ``L`` is the number of output locations.
+    """
+    if conv.groups > 1:
+        batch, channels = x.shape[:2]
+        x = x.reshape(batch, conv.groups, channels // conv.groups, *x.shape[2:]).mean(1)
+    padding = conv.padding
+    if isinstance(padding, str) or conv.padding_mode != "zeros":
+        # 'same' may pad unequally and non-zero modes pad with data: pad explicitly the
+        # way the convolution itself does, then unfold without padding.
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+        padding = 0
+    patches = F.unfold(
+        x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride
+    )
+    return patches.transpose(1, 2)
+
+
+def process_input(x: Tensor, layer: KroneckerLayer, kfac_approx: str) -> Tensor:
+    """Rows ``a`` (``n x d_K``) of the input factor, scaled by ``1/sqrt(n)``.
+
+    Args:
+        x: The layer's input: ``(B, ..., d_in)`` for Linear, ``(B, C_in, I1, I2)`` for
+            Conv2d.
+        layer: The layer.
+        kfac_approx: ``"expand"`` (shared positions become rows) or ``"reduce"``
+            (inputs averaged over shared positions).
+
+    Returns:
+        ``a`` with a ones column appended when the bias is optimized.
+    """
+    module = layer.module
+    if isinstance(module, nn.Conv2d):
+        patches = _conv_patches(x, module)
+        a = patches.flatten(0, 1) if kfac_approx == "expand" else patches.mean(1)
+    elif kfac_approx == "expand" or x.dim() == 2:
+        a = x.reshape(-1, x.shape[-1])
+    else:
+        a = x.flatten(1, -2).mean(1)
+    if layer.has_bias:
+        a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
+    return a / sqrt(a.shape[0])
+
+
+def process_grad_output(
+    g: Tensor, layer: KroneckerLayer, loss_average: str | None, kfac_approx: str
+) -> Tensor:
+    """Rows ``g`` (``n x d_C``) of the output-gradient factor, with the loss scaling.
+
+    Args:
+        g: Gradient of the loss w.r.t. the layer's output, shaped like the output.
+        layer: The layer.
+        loss_average: ``None``, ``"batch"`` or ``"batch+sequence"`` (module docstring).
+        kfac_approx: ``"expand"`` or ``"reduce"`` (output gradients summed over shared
+            positions).
+
+    Returns:
+        ``g`` reshaped to rows and multiplied by ``sqrt(number of loss terms)``.
+    """
+    if isinstance(layer.module, nn.Conv2d):
+        shared = g.shape[2:].numel()
+        rows = g.flatten(2).transpose(1, 2) if kfac_approx == "expand" else g.sum((2, 3))
+    else:
+        shared = g.shape[1:-1].numel()
+        rows = g if kfac_approx == "expand" or g.dim() == 2 else g.flatten(1, -2).sum(1)
+    rows = rows.reshape(-1, g.shape[1] if isinstance(layer.module, nn.Conv2d) else g.shape[-1])
+    if loss_average is None:
+        return rows
+    terms = g.shape[0] * (shared if loss_average == "batch+sequence" else 1)
+    return rows * sqrt(terms)
+
+
+def gradient_matrix(layer: KroneckerLayer) -> Tensor:
+    """The layer's gradient as the ``d_C x d_K`` matrix ``[dW | db]``."""
+    grad = layer.module.weight.grad
+    grad = grad.flatten(1) if grad.dim() > 2 else grad
+    if layer.has_bias:
+        grad = torch.cat([grad, layer.module.bias.grad.unsqueeze(1)], dim=1)
+    return grad
+
+
+def split_matrix(layer: KroneckerLayer, mat: Tensor) -> list[Tensor]:
+    """Inverse of `gradient_matrix`: ``[dW | db]`` back to tensors shaped like the params."""
+    weight = layer.module.weight
+    if not layer.has_bias:
+        return [mat.reshape(weight.shape)]
+    return [mat[:, :-1].reshape(weight.shape), mat[:, -1]]

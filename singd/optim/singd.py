@@ -1,0 +1,281 @@
+"""SINGD: structured inverse-free natural gradient descent (Lin et al., ICML 2024).
+
+Every supported layer keeps two structured factors, ``K`` (``d_K x d_K``, input side)
+and ``C`` (``d_C x d_C``, output side), whose products ``K K^T`` and ``C C^T`` approximate
+the inverses of the Kronecker factors of the (empirical) Fisher, and updates them
+without any matrix inversion (paper, Figure 1 and eq. (5)); ``I`` below is the identity
+and ``avg(M) = trace(M) / dim``.
+
+Curvature terms, from the rows ``a`` and ``g`` of `singd.optim.layers`, every T steps,
+summed over the backward passes before the step:
+``H_K = P_K(K^T a^T a K)``, ``H_C = P_C(C^T g^T g C)`` (P projects onto the structure).
+
+Preconditioner update (``c = 0.5 (1 - alpha1)`` with ``normalize_lr_cov``, else 0.5):
+
+- SINGD: ``m_K' = c (avg(H_C) H_K + lambda avg(C^T C) K^T K - I)``,
+  ``m_C' = c (avg(H_K) H_C + lambda avg(K^T K) C^T C - I)``
+  (the projections ``P(K^T K)``, ``P(C^T C)`` are used for the damping terms);
+- IKFAC (``kfac_like=True``): ``m_K' = c (H_K + lambda K^T K - I)``,
+  ``m_C' = c (H_C + lambda C^T C - I)``; Riemannian momentum is off (alpha1 = 0);
+- Riemannian momentum ``m_K = m_K' + alpha1 m_K`` (no buffers at all when alpha1 = 0);
+- ``K <- K (I - beta1 m_K)``, ``C <- C (I - beta1 m_C)``: the first-order truncation of
+  ``K exp(-beta1 m_K)``, which keeps ``K`` in its structure's group. With
+  ``normalize_lr_cov``, ``beta1`` is divided by ``max(1, max |entry of m|)``.
+
+Parameter update, with ``G = [dW | db]`` (``d_C x d_K``): the natural gradient
+``C C^T G K K^T`` is computed in the preconditioner dtypes and cast back, then
+``step = nat + gamma p``, ``buf = alpha2 buf + step``, ``p <- p - beta2 buf``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from singd.curvature import LayerCurvature
+from singd.optim.base import DEFAULT_FALLBACK, FallbackFactory, KroneckerOptimizer, check_number
+from singd.optim.layers import KroneckerLayer, gradient_matrix
+from singd.structures import StructuredMatrix, get_structure
+
+
+class SINGD(KroneckerOptimizer):
+    """Structured inverse-free natural gradient descent; IKFAC and INGD are settings.
+
+    Drop-in for ``singd.optim.optimizer.SINGD`` of the PyPI package ``singd`` 0.0.5:
+    same argument names, defaults and parameter-group behaviour. INGD is
+    ``structures=("dense", "dense")``; IKFAC is ``kfac_like=True``.
+
+    Args:
+        model: The model (bare or wrapped in ``DistributedDataParallel``).
+        params: ``None`` (every trainable parameter; those of unsupported layers go to
+            the fallback optimizer), tensors, or parameter groups. Every argument
+            from ``lr`` to ``normalize_lr_cov`` below can be set per group; a layer's
+            weight and bias must share a group.
+        lr: beta2, learning rate of the parameters.
+        momentum: alpha2, heavy-ball momentum of the parameter update, in [0, 1).
+        damping: lambda, damping of the preconditioner update (>= 0).
+        alpha1: Riemannian momentum of ``m_K``, ``m_C``, in [0, 1).
+        weight_decay: gamma, added to the preconditioned gradient.
+        T: Preconditioner update period: curvature terms are collected and the
+            factors updated on steps with ``steps % T == 0``.
+        loss_average: ``"batch"`` (mean over the batch), ``"batch+sequence"`` (mean over
+            batch and shared positions) or ``None`` (a summed loss).
+        lr_cov: beta1, learning rate of ``K`` and ``C``; a number or a schedule
+            ``step -> float``. A schedule is not saved in `state_dict` (pass it again
+            before `load_state_dict`, as with LR schedulers).
+        structures: Structure names of ``(K, C)``: ``dense``, ``diagonal``,
+            ``block{N}diagonal``, ``hierarchical{K1}_{K2}``, ``triltoeplitz``,
+            ``triutoeplitz``, ... (`singd.structures.get_structure`).
+        kfac_approx: ``"expand"`` or ``"reduce"`` for weight sharing (conv, sequences).
+        warn_unsupported: With ``fallback=None``, warn about untrained parameters.
+        kfac_like: IKFAC update; sets alpha1 to 0 with a warning.
+        preconditioner_dtype: dtypes of ``(K, m_K)`` and ``(C, m_C)``; None: the
+            weight's dtype.
+        init_grad_scale: First GradScaler scale (or a number of its magnitude).
+        normalize_lr_cov: Normalised gradient descent on ``K``, ``C`` (see module doc).
+        fallback: Optimizer for parameters no factor covers; see `KroneckerOptimizer`
+            (default AdamW with each group's lr and weight decay; None: untrained).
+
+    Raises:
+        ValueError: A bad hyperparameter, structure name, dtype or model, named in one
+            sentence.
+    """
+
+    ACCUMULATORS = {"H_K": "input", "H_C": "output"}
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]] | None = None,
+        lr: float = 0.001,
+        momentum: float = 0.9,
+        damping: float = 0.001,
+        alpha1: float = 0.5,
+        weight_decay: float = 0.0,
+        T: int = 10,
+        loss_average: str | None = "batch",
+        lr_cov: float | Callable[[int], float] = 1e-2,
+        structures: tuple[str, str] = ("dense", "dense"),
+        kfac_approx: str = "expand",
+        warn_unsupported: bool = True,
+        kfac_like: bool = False,
+        preconditioner_dtype: tuple[torch.dtype | None, torch.dtype | None] = (None, None),
+        init_grad_scale: float = 1.0,
+        normalize_lr_cov: bool = False,
+        fallback: str | FallbackFactory | None = DEFAULT_FALLBACK,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            damping=damping,
+            alpha1=alpha1,
+            weight_decay=weight_decay,
+            T=T,
+            loss_average=loss_average,
+            lr_cov=lr_cov,
+            structures=structures,
+            kfac_approx=kfac_approx,
+            kfac_like=kfac_like,
+            preconditioner_dtype=preconditioner_dtype,
+            normalize_lr_cov=normalize_lr_cov,
+        )
+        super().__init__(
+            model,
+            params,
+            defaults,
+            fallback=fallback,
+            warn_unsupported=warn_unsupported,
+            init_grad_scale=init_grad_scale,
+        )
+
+    def _validate_group(self, group: dict[str, Any], index: int) -> None:
+        super()._validate_group(group, index)
+        where = f" (parameter group {index})" if len(self.param_groups) > 1 else ""
+        check_number(group["damping"], f"damping{where}")
+        check_number(group["alpha1"], f"alpha1{where}", high=1.0)
+        if not callable(group["lr_cov"]):
+            check_number(group["lr_cov"], f"lr_cov{where}")
+        for key in ("kfac_like", "normalize_lr_cov"):
+            if not isinstance(group[key], bool):
+                raise ValueError(f"{key}{where} must be True or False, got {group[key]!r}.")
+        structures = group["structures"]
+        if not (isinstance(structures, (tuple, list)) and len(structures) == 2):
+            raise ValueError(
+                f"structures{where} must be a pair of names (K, C) such as "
+                f"('dense', 'diagonal'), got {structures!r}."
+            )
+        for name in structures:
+            get_structure(name)  # raises ValueError listing the valid forms
+        group["structures"] = tuple(structures)
+        dtypes = group["preconditioner_dtype"]
+        floating = all(
+            d is None or (isinstance(d, torch.dtype) and d.is_floating_point) for d in dtypes
+        )
+        if not (isinstance(dtypes, (tuple, list)) and len(dtypes) == 2 and floating):
+            raise ValueError(
+                f"preconditioner_dtype{where} must be a pair of floating torch dtypes or "
+                f"None such as (torch.float32, None), got {dtypes!r}."
+            )
+        group["preconditioner_dtype"] = tuple(dtypes)
+        if group["kfac_like"] and group["alpha1"] != 0.0:
+            warnings.warn(
+                f"kfac_like=True{where} uses no Riemannian momentum; alpha1="
+                f"{group['alpha1']} is set to 0.",
+                stacklevel=5,
+            )
+            group["alpha1"] = 0.0
+
+    # -------------------------------------------------------------- the update
+    def _init_layer(self, layer: KroneckerLayer) -> None:
+        group = self.param_groups[layer.group_index]
+        K_cls, C_cls = (get_structure(name) for name in group["structures"])
+        dtype_K, dtype_C = self._curvature_dtypes(layer)
+        device = layer.module.weight.device
+        state = self._factors[layer.name]
+        state["K"] = K_cls.eye(layer.dim_K, dtype=dtype_K, device=device)
+        state["C"] = C_cls.eye(layer.dim_C, dtype=dtype_C, device=device)
+        if group["alpha1"] != 0.0:
+            state["m_K"] = K_cls.zeros(layer.dim_K, dtype=dtype_K, device=device)
+            state["m_C"] = C_cls.zeros(layer.dim_C, dtype=dtype_C, device=device)
+
+    def _accumulate(self, layer: KroneckerLayer, a: Tensor, g: Tensor) -> None:
+        state = self._factors[layer.name]
+        H_K, H_C = state["K"].from_inner(a), state["C"].from_inner(g)
+        if "H_K" in state:
+            state["H_K"].add_(H_K)
+            state["H_C"].add_(H_C)
+        else:
+            state["H_K"], state["H_C"] = H_K, H_C
+
+    def _update_preconditioner(self, layer: KroneckerLayer, grad_unscaling: float) -> None:
+        group = self.param_groups[layer.group_index]
+        state = self._factors[layer.name]
+        K, C = state["K"], state["C"]
+        H_K, H_C = state.pop("H_K"), state.pop("H_C")
+        K_tK, C_tC = K.from_inner(), C.from_inner()
+        damping, alpha1 = group["damping"], group["alpha1"]
+        if group["kfac_like"]:
+            coef_HK, coef_KK, coef_HC, coef_CC = 1.0, damping, grad_unscaling, damping
+        else:
+            coef_HK = grad_unscaling * H_C.average_trace().item()
+            coef_KK = damping * C_tC.average_trace().item()
+            coef_HC = grad_unscaling * H_K.average_trace().item()
+            coef_CC = damping * K_tK.average_trace().item()
+        scale = 0.5 * ((1.0 - alpha1) if group["normalize_lr_cov"] else 1.0)
+        # H_K and H_C are consumed here, so they become m_K' and m_C' in place.
+        m_K = H_K.mul_(coef_HK).add_(K_tK, alpha=coef_KK).diag_add_(-1.0).mul_(scale)
+        m_C = H_C.mul_(coef_HC).add_(C_tC, alpha=coef_CC).diag_add_(-1.0).mul_(scale)
+        if alpha1 != 0.0:
+            state["m_K"] = m_K.add_(state["m_K"], alpha=alpha1)
+            state["m_C"] = m_C.add_(state["m_C"], alpha=alpha1)
+        beta1 = group["lr_cov"]
+        beta1 = float(beta1(self.steps)) if callable(beta1) else beta1
+        beta1_K = beta1_C = beta1
+        if group["normalize_lr_cov"]:
+            beta1_K /= max(1.0, m_K.infinity_vector_norm().item())
+            beta1_C /= max(1.0, m_C.infinity_vector_norm().item())
+        K.add_(K @ m_K, alpha=-beta1_K)
+        C.add_(C @ m_C, alpha=-beta1_C)
+
+    def _precondition(self, layer: KroneckerLayer, grad: Tensor) -> Tensor:
+        state = self._factors[layer.name]
+        return _natural_gradient(state["K"], state["C"], grad)
+
+    # ------------------------------------------------------------ read-only view
+    def curvature_state(self) -> list[LayerCurvature]:
+        """Each layer's factors (live objects: do not modify), damping and counters.
+
+        Factors: ``K``, ``C`` and, when alpha1 != 0, ``m_K``, ``m_C``. ``precondition``
+        maps a ``d_C x d_K`` matrix to ``C C^T G K K^T`` in the matrix's dtype.
+        """
+        views = []
+        for layer in self._layers:
+            state = self._factors[layer.name]
+            damping = self.param_groups[layer.group_index]["damping"]
+            factors = {k: state[k] for k in ("K", "C", "m_K", "m_C") if k in state}
+            views.append(
+                LayerCurvature(
+                    name=layer.name,
+                    kind="singd",
+                    factors=factors,
+                    damping={"K": damping, "C": damping},
+                    counters={"skipped_steps": layer.skipped_steps, "failed_decompositions": 0},
+                    gradient=(
+                        gradient_matrix(layer) if layer.module.weight.grad is not None else None
+                    ),
+                    precondition=_cast_preconditioner(state["K"], state["C"]),
+                    param_names=layer.param_names,
+                )
+            )
+        return views
+
+    def _factor_bytes(self) -> dict[str, int]:
+        """``factors`` (K, C), ``momenta`` (m_K, m_C), ``accumulators`` (H_K, H_C), in B."""
+        totals = {"factors": 0, "momenta": 0, "accumulators": 0}
+        category = {"K": "factors", "C": "factors", "m_K": "momenta", "m_C": "momenta"}
+        for state in self._factors.values():
+            for key, value in state.items():
+                totals[category.get(key, "accumulators")] += value.nbytes
+        return totals
+
+
+def _natural_gradient(K: StructuredMatrix, C: StructuredMatrix, grad: Tensor) -> Tensor:
+    """``C C^T G K K^T`` in the factors' dtypes, returned in the dtype of ``G``.
+
+    Written as ``(K (K^T G^T))^T`` so that only products ``S @ X`` and ``S^T @ X``
+    with the structured factors are needed.
+    """
+    nat = (K @ K.rmatmat(grad.T.to(K.dtype))).T
+    nat = C @ C.rmatmat(nat.to(C.dtype))
+    return nat.to(grad.dtype)
+
+
+def _cast_preconditioner(K: StructuredMatrix, C: StructuredMatrix) -> Callable[[Tensor], Tensor]:
+    def precondition(grad: Tensor) -> Tensor:
+        return _natural_gradient(K.to(dtype=grad.dtype), C.to(dtype=grad.dtype), grad)
+
+    return precondition
