@@ -324,13 +324,6 @@ def run(cfg: dict[str, Any], initial: dict[str, torch.Tensor], inputs, targets):
     return trajectory, optimizer
 
 
-def relative_update_error(ours: dict, ref: dict, initial: dict) -> float:
-    """||(p - p0) - (p_ref - p0)|| / ||p_ref - p0|| over all parameters, last step."""
-    diff = sum(float((ours[n][-1] - ref[n][-1]).square().sum()) for n in initial)
-    norm = sum(float((ref[n][-1] - initial[n]).square().sum()) for n in initial)
-    return (diff / norm) ** 0.5
-
-
 def main() -> None:
     torch.set_num_threads(1)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -359,9 +352,11 @@ def main() -> None:
             sum(float((trajectory[n][-1] - initial[n]).square().sum()) for n in initial) ** 0.5
         )
         facts = {
-            "reference_noise": relative_update_error(permuted, trajectory, initial),
+            "reference_noise": models.relative_update_error(permuted, trajectory, initial),
             "update_norm": update_norm,
-            "relative_difference_from_dense": relative_update_error(as_dense, trajectory, initial),
+            "relative_difference_from_dense": models.relative_update_error(
+                as_dense, trajectory, initial
+            ),
             "final_max_abs_m": max(
                 (
                     float(m.infinity_vector_norm())
@@ -385,7 +380,7 @@ def main() -> None:
     dense = torch.load(OUT / "narrow_dense.pt", weights_only=True)
     block = torch.load(OUT / "narrow_block30diagonal.pt", weights_only=True)
     blocks["narrow_block30diagonal"]["facts"]["relative_error_vs_narrow_dense"] = (
-        relative_update_error(block["trajectory"], dense["trajectory"], dense["initial"])
+        models.relative_update_error(block["trajectory"], dense["trajectory"], dense["initial"])
     )
     document = {
         "generated_with": {
