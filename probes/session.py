@@ -1,0 +1,595 @@
+"""A probe session: hooks on a model and its optimizer that record the long table.
+
+Steps are training iterations, counted from 0: an iteration ends when the optimizer's
+step returns (a step post-hook), or, when a step is never called (``GradScaler.step``
+skips ``optimizer.step`` on infinite gradients), when the next forward begins after a
+backward whose readings were not finite. A backward followed by a forward with finite
+readings is gradient accumulation and stays in the same iteration. An iteration is a
+*skipped step* when it ended without a step, or when the optimizer's own
+``skipped_steps`` counter (``curvature_state()``) rose during its step (SINGD and KFAC
+take the step call and skip inside it under a GradScaler); its readings do not count as
+NaN/Inf/overflow events.
+
+Each iteration, whatever the cadences, every watched tensor gets one fused ``amax``
+reduction (`probes.flags`): module outputs (``activation``, forward) and their gradients
+(``output_grad``, backward) of every leaf module or module with its own parameters,
+parameter gradients (``grad``, backward), curvature factors (factor name, step),
+momenta (``momentum``: ``momentum_buffer``, ``exp_avg`` in ``optimizer.state``, step)
+and the parameters after the step (``update``, step: a non-finite update makes a
+non-finite parameter). They are brought to the host once per iteration, so the first
+non-finite tensor is found in execution order with its step, module, tensor and phase.
+Parameter tensors are named by their qualified parameter name (``0.weight``).
+
+At their cadences (step ``s`` with ``s % every == 0``) the probes record full rows:
+``numerics`` (`probes.stats`; also ``weight`` before the step and ``update`` = the
+parameter's change over the step), ``condition`` (`probes.condition`), ``memory``
+(`probes.memory`, `probes.device_memory`) and ``time`` (per iteration: ``step_time_ms``
+from the iteration's first forward to the end of its step, the optimizer step's share
+``optimizer_time_ms`` and the time spent in this session's hooks ``probe_time_ms``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import statistics
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from probes.condition import condition_rows
+from probes.device_memory import CudaAllocator, NvmlDevice
+from probes.flags import Label, StepFlags
+from probes.limits import dtype_name, parse_dtype
+from probes.memory import (
+    ProcessMemory,
+    adamw_state_bytes,
+    factor_bytes,
+    optimizer_state_bytes,
+    state_tensor_bytes,
+)
+from probes.records import Recorder, finite_or_none, frame_from_rows, write_parquet
+from probes.stats import STAT_METRICS, STAT_UNITS, tensor_stats
+
+log = logging.getLogger(__name__)
+
+PROBES = ("condition", "numerics", "memory", "time")
+DEFAULT_EVERY = {"condition": 100, "numerics": 100, "memory": 50, "time": 1}
+"""Default cadences in iterations, chosen for the overhead budget (benchmarks/)."""
+USS_EVERY = 10
+"""USS costs milliseconds: read it every this many memory readings."""
+MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")
+CONDITION_TENSORS = ("K", "C", "KKT", "CCT", "A", "G", "A_inv", "G_inv")
+
+
+@dataclass(frozen=True)
+class NonFinite:
+    """Where a NaN or Inf was first seen: iteration, module, tensor and phase."""
+
+    step: int
+    module: str
+    tensor: str
+    phase: str
+
+
+def _floating_tensors(output) -> list[Tensor]:
+    if isinstance(output, Tensor):
+        return [output] if output.is_floating_point() else []
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, list | tuple):
+        return [t for t in output if isinstance(t, Tensor) and t.is_floating_point()]
+    return []
+
+
+def _factor_tensors(factor) -> list[Tensor]:
+    return [factor] if isinstance(factor, Tensor) else list(factor.tensors().values())
+
+
+class ProbeSession:
+    """Records probes over a training loop; see `attach` for the arguments."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        probes: list[str] | tuple[str, ...] | None = None,
+        every: int | None = None,
+        run: str = "",
+        rank: int | None = None,
+        dtype: str | torch.dtype | None = None,
+        allow_inf: str | None = None,
+    ) -> None:
+        names = list(PROBES if probes is None else probes)
+        unknown = [n for n in names if n not in PROBES]
+        if unknown:
+            raise ValueError(f"unknown probe {unknown[0]!r}; the probes are {', '.join(PROBES)}.")
+        if every is not None and (
+            isinstance(every, bool) or not isinstance(every, int) or every < 1
+        ):
+            raise ValueError(f"every must be a positive integer or None, got {every!r}.")
+        self.model = model
+        self.optimizer = optimizer
+        self.probes = tuple(names)
+        self.every = {n: every or DEFAULT_EVERY[n] for n in self.probes}
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        self._params = params
+        self.run_dtype = parse_dtype(dtype) if dtype is not None else self._model_dtype()
+        if rank is None:
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        self.rank = rank
+        self.recorder = Recorder(run, rank)
+        self._allow_inf = re.compile(allow_inf) if allow_inf else None
+        self._names = {id(p): n for n, p in model.named_parameters()}
+        for i, p in enumerate(params):
+            self._names.setdefault(id(p), f"param{i}")
+        self._curvature = getattr(optimizer, "curvature_state", None)
+        if not callable(self._curvature):
+            self._curvature = None
+            if "condition" in self.probes:
+                warnings.warn(
+                    f"probes: {type(optimizer).__name__} exposes no curvature_state(), so "
+                    "the condition probe and per-factor readings have nothing to read "
+                    "(only SINGD and KFAC have factors).",
+                    stacklevel=3,
+                )
+        device = params[0].device if params else torch.device("cpu")
+        self._process = ProcessMemory() if "memory" in self.probes else None
+        self._cuda = CudaAllocator(device) if "memory" in self.probes else None
+        self._nvml = NvmlDevice(device) if "memory" in self.probes else None
+        if self._nvml is not None and self._nvml.handle is None:
+            log.info("probes: NVML readings not available: %s", self._nvml.reason)
+        # Session totals.
+        self.step = 0
+        self.nan_events = 0
+        self.inf_events = 0
+        self.overflow_events = 0
+        self.skipped_steps = 0
+        self._first: NonFinite | None = None
+        self._origins: set[Label] = set()
+        self._step_ms: list[float] = []
+        self._probe_ms: list[float] = []
+        self._optimizer_state_bytes: int | None = None
+        self._memory_readings = 0
+        self._skip_count = self._skipped_counter()
+        self._begin_iteration()
+        self._attached = True
+        self._handles = self._register()
+
+    # ------------------------------------------------------------------------------
+    # Attaching
+    # ------------------------------------------------------------------------------
+    def _model_dtype(self) -> torch.dtype:
+        for p in self.model.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.float32
+
+    def _register(self) -> list:
+        handles = [self.model.register_forward_pre_hook(self._on_forward_pre)]
+        for name, module in self.model.named_modules():
+            own_params = next(module.parameters(recurse=False), None) is not None
+            if own_params or next(module.children(), None) is None:
+                handles.append(module.register_forward_hook(self._forward_hook(name)))
+        handles.append(self.optimizer.register_step_pre_hook(self._on_step_pre))
+        handles.append(self.optimizer.register_step_post_hook(self._on_step_post))
+        return handles
+
+    def detach(self) -> None:
+        """Remove every hook; safe to call twice. A pending iteration is closed first."""
+        if not self._attached:
+            return
+        self._attached = False
+        try:
+            if self._backward_seen and self._nonfinite():
+                self._close(skipped=True)
+        finally:
+            for handle in self._handles:
+                handle.remove()
+            self._handles = []
+
+    def __enter__(self) -> ProbeSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    # ------------------------------------------------------------------------------
+    # Hooks
+    # ------------------------------------------------------------------------------
+    def _begin_iteration(self) -> None:
+        self._flags = StepFlags(self.run_dtype)
+        self._stats: list[tuple[Label, str, Tensor]] = []
+        self._full = "numerics" in self.probes and self.step % self.every["numerics"] == 0
+        self._iter_start: float | None = None
+        self._opt_start: float | None = None
+        self._opt_ms = math.nan
+        self._backward_seen = False
+        self._before: dict[int, Tensor] = {}
+        self._probe_s = 0.0
+
+    def _watch(self, label: Label, tensor: Tensor) -> None:
+        self._flags.add(label, tensor)
+        if self._full:
+            self._stats.append(
+                (label, dtype_name(tensor.dtype), tensor_stats(tensor, self.run_dtype))
+            )
+
+    def _watch_many(self, labels: list[Label], tensors: list[Tensor]) -> None:
+        self._flags.add_many(labels, tensors)
+        if self._full:
+            for label, tensor in zip(labels, tensors, strict=True):
+                self._stats.append(
+                    (label, dtype_name(tensor.dtype), tensor_stats(tensor, self.run_dtype))
+                )
+
+    def _on_forward_pre(self, module, args) -> None:
+        if not self._attached:
+            return
+        start = time.perf_counter()
+        if self._backward_seen and self._opt_start is None and self._nonfinite():
+            self._close(skipped=True)
+        if self._iter_start is None:
+            self._iter_start = start
+        self._probe_s += time.perf_counter() - start
+
+    def _forward_hook(self, name: str):
+        def hook(module, args, output) -> None:
+            if not self._attached:
+                return
+            start = time.perf_counter()
+            for i, tensor in enumerate(_floating_tensors(output)):
+                suffix = f".{i}" if i else ""
+                self._watch((name, "activation" + suffix, "forward"), tensor)
+                if tensor.requires_grad and torch.is_grad_enabled():
+                    tensor.register_hook(
+                        self._grad_hook((name, "output_grad" + suffix, "backward"))
+                    )
+            self._probe_s += time.perf_counter() - start
+
+        return hook
+
+    def _grad_hook(self, label: Label):
+        def hook(grad: Tensor) -> None:
+            if not self._attached:
+                return
+            start = time.perf_counter()
+            self._backward_seen = True
+            self._watch(label, grad)
+            self._probe_s += time.perf_counter() - start
+
+        return hook
+
+    def _on_step_pre(self, optimizer, args, kwargs) -> None:
+        if not self._attached:
+            return
+        start = time.perf_counter()
+        self._backward_seen = True
+        if self._iter_start is None:
+            self._iter_start = start
+        with_grad = [p for p in self._params if p.grad is not None]
+        names = [self._names[id(p)] for p in with_grad]
+        self._watch_many([(n, "grad", "backward") for n in names], [p.grad for p in with_grad])
+        if self._full:
+            for n, p in zip(names, with_grad, strict=True):
+                self._stats.append(
+                    ((n, "weight", "step"), dtype_name(p.dtype), tensor_stats(p, self.run_dtype))
+                )
+                self._before[id(p)] = p.detach().clone()
+        self._opt_start = time.perf_counter()
+        self._probe_s += self._opt_start - start
+
+    def _on_step_post(self, optimizer, args, kwargs) -> None:
+        if not self._attached:
+            return
+        start = time.perf_counter()
+        self._opt_ms = (start - self._opt_start) * 1e3 if self._opt_start else math.nan
+        layers = self._curvature() if self._curvature is not None else []
+        labels: list[Label] = []
+        tensors: list[Tensor] = []
+        for layer in layers:
+            for fname, factor in layer.factors.items():
+                for t in _factor_tensors(factor):
+                    labels.append((layer.name, fname, "step"))
+                    tensors.append(t)
+        for p in self._params:
+            state = optimizer.state.get(p, {})
+            for key in MOMENTUM_KEYS:
+                if isinstance(state.get(key), Tensor):
+                    labels.append((self._names[id(p)], "momentum", "step"))
+                    tensors.append(state[key])
+        self._watch_many(labels, tensors)
+        self._flags.add_many(
+            [(self._names[id(p)], "update", "step") for p in self._params],
+            [p for p in self._params],
+        )
+        for p in self._params:
+            before = self._before.get(id(p))
+            if before is not None:
+                delta = p.detach() - before
+                label = (self._names[id(p)], "update", "step")
+                self._stats.append(
+                    (label, dtype_name(delta.dtype), tensor_stats(delta, self.run_dtype))
+                )
+        skip_count = self._skipped_counter(layers)
+        skipped = skip_count > self._skip_count
+        self._skip_count = skip_count
+        self._probe_s += time.perf_counter() - start
+        self._close(skipped=skipped, layers=layers)
+
+    def _skipped_counter(self, layers: list | None = None) -> int:
+        if self._curvature is None:
+            return 0
+        layers = self._curvature() if layers is None else layers
+        return sum(int(layer.counters.get("skipped_steps", 0)) for layer in layers)
+
+    # ------------------------------------------------------------------------------
+    # Closing an iteration
+    # ------------------------------------------------------------------------------
+    def _allowed(self, module: str) -> bool:
+        return self._allow_inf is not None and self._allow_inf.search(module) is not None
+
+    def _nonfinite(self) -> bool:
+        return any(
+            f.nan or (f.inf and not self._allowed(f.label[0])) for f in self._flags.resolve()
+        )
+
+    def _close(self, *, skipped: bool, layers: list | None = None) -> None:
+        start = time.perf_counter()
+        step, rec = self.step, self.recorder
+        flags = self._flags.resolve()
+        if skipped:
+            self.skipped_steps += 1
+            rec.add(step, "numerics", "skipped_step", 1.0, phase="step", unit="count")
+        else:
+            self._count_events(step, flags)
+        self._record_stats(step)
+        if self._due("condition") and self._curvature is not None:
+            layers = self._curvature() if layers is None else layers
+            for module, tensor, metric, value, unit, dt in condition_rows(layers):
+                rec.add(
+                    step,
+                    "condition",
+                    metric,
+                    value,
+                    module=module,
+                    tensor=tensor,
+                    dtype=dt,
+                    unit=unit,
+                )
+        if self._process is not None:
+            self._process.sample()
+        if self._due("memory"):
+            if layers is None and self._curvature is not None:
+                layers = self._curvature()
+            self._record_memory(step, layers or [])
+        end = time.perf_counter()
+        probe_ms = (self._probe_s + end - start) * 1e3
+        step_ms = (end - (self._iter_start or start)) * 1e3
+        self._step_ms.append(step_ms)
+        self._probe_ms.append(probe_ms)
+        if self._due("time"):
+            rec.add(step, "time", "step_time_ms", step_ms, tensor="step", unit="ms")
+            rec.add(step, "time", "optimizer_time_ms", self._opt_ms, tensor="step", unit="ms")
+            rec.add(step, "time", "probe_time_ms", probe_ms, tensor="step", unit="ms")
+        self.step += 1
+        self._begin_iteration()
+
+    def _due(self, probe: str) -> bool:
+        return probe in self.every and self.step % self.every[probe] == 0
+
+    def _count_events(self, step: int, flags) -> None:
+        bad = [f for f in flags if f.nan or (f.inf and not self._allowed(f.label[0]))]
+        self.nan_events += any(f.nan for f in bad)
+        self.inf_events += any(f.inf for f in bad)
+        self.overflow_events += any(f.overflow for f in flags)
+        for f in bad:
+            if f.label in self._origins:
+                continue
+            self._origins.add(f.label)
+            module, tensor, phase = f.label
+            self.recorder.add(
+                step, "numerics", "first_nonfinite", step, module=module, tensor=tensor, phase=phase
+            )
+            if self._first is None:
+                self._first = NonFinite(step, module, tensor, phase)
+
+    def _record_stats(self, step: int) -> None:
+        if not self._stats:
+            return
+        by_device: dict[torch.device, list[int]] = {}
+        for i, (_, _, v) in enumerate(self._stats):
+            by_device.setdefault(v.device, []).append(i)
+        values: list[list[float]] = [[]] * len(self._stats)
+        for idx in by_device.values():
+            for i, row in zip(
+                idx, torch.stack([self._stats[i][2] for i in idx]).tolist(), strict=True
+            ):
+                values[i] = row
+        for ((module, tensor, phase), dt, _), row in zip(self._stats, values, strict=True):
+            for metric, value in zip(STAT_METRICS, row, strict=True):
+                self.recorder.add(
+                    step,
+                    "numerics",
+                    metric,
+                    value,
+                    module=module,
+                    tensor=tensor,
+                    phase=phase,
+                    dtype=dt,
+                    unit=STAT_UNITS[metric],
+                )
+
+    def _record_memory(self, step: int, layers: list) -> None:
+        rec = self.recorder
+        categories = optimizer_state_bytes(self.optimizer)
+        for category, nbytes in categories.items():
+            rec.add(step, "memory", "bytes", nbytes, tensor=category, unit="B")
+        self._optimizer_state_bytes = sum(categories.values())
+        rec.add(step, "memory", "bytes", self._optimizer_state_bytes, tensor="total", unit="B")
+        rec.add(
+            step,
+            "memory",
+            "adamw_state_bytes",
+            adamw_state_bytes(self._params),
+            tensor="total",
+            unit="B",
+        )
+        for module, tensor, nbytes in factor_bytes(layers):
+            rec.add(step, "memory", "bytes", nbytes, module=module, tensor=tensor, unit="B")
+        for module, tensor, nbytes in state_tensor_bytes(self.optimizer, self._names):
+            rec.add(step, "memory", "bytes", nbytes, module=module, tensor=tensor, unit="B")
+        process = self._process
+        rec.add(step, "memory", "rss_bytes", process.rss(), tensor="process", unit="B")
+        rec.add(step, "memory", "peak_rss_bytes", process.peak(), tensor="process", unit="B")
+        if self._memory_readings % USS_EVERY == 0:
+            rec.add(step, "memory", "uss_bytes", process.uss(), tensor="process", unit="B")
+        self._memory_readings += 1
+        for module, tensor, metric, value in self._cuda.rows() + self._nvml.rows():
+            unit = "" if metric == "available" else "B"
+            rec.add(step, "memory", metric, value, module=module, tensor=tensor, unit=unit)
+
+    # ------------------------------------------------------------------------------
+    # Results
+    # ------------------------------------------------------------------------------
+    def to_frame(self) -> pd.DataFrame:
+        """The records as a DataFrame with the columns of `probes.records.COLUMNS`."""
+        return self.recorder.to_frame()
+
+    def save(self, path: str | Path) -> Path:
+        """Write the records to Parquet (schema version in the metadata); returns the path."""
+        path = Path(path)
+        write_parquet(self.to_frame(), path)
+        return path
+
+    def first_nonfinite(self) -> NonFinite | None:
+        """The first NaN/Inf in execution order (skipped steps excluded), or None."""
+        return self._first
+
+    def gather(self, dst: int = 0) -> pd.DataFrame | None:
+        """Gather every rank's records on rank ``dst`` (``gather_object``; a collective).
+
+        Returns:
+            All ranks' records on ``dst``, None on the other ranks; this session's own
+            records when torch.distributed is not initialized.
+        """
+        if not (dist.is_available() and dist.is_initialized()):
+            return self.to_frame()
+        mine = dist.get_rank()
+        gathered: list | None = [None] * dist.get_world_size() if mine == dst else None
+        dist.gather_object(self.recorder.rows, gathered, dst=dst)
+        if mine != dst:
+            return None
+        return frame_from_rows([row for rows in gathered for row in rows])
+
+    def _peak_memory(self) -> int | None:
+        if self._cuda is not None and self._cuda.device is not None:
+            return self._cuda.peak()
+        return self._process.peak() if self._process is not None else None
+
+    def _max_condition(self) -> float | None:
+        frame = self.to_frame()
+        rows = frame[
+            (frame["probe"] == "condition")
+            & (frame["metric"] == "condition_number")
+            & frame["tensor"].isin(CONDITION_TENSORS)
+        ]
+        return float(rows["value"].max()) if len(rows) else None
+
+    def _underflow_fraction(self) -> float | None:
+        frame = self.to_frame()
+        rows = frame[(frame["probe"] == "numerics") & (frame["metric"] == "underflow_fraction")]
+        return float(rows["value"].max()) if len(rows) else None
+
+    def summary(self) -> dict:
+        """The run's figures, as DESIGN.md defines them; non-finite numbers become None.
+
+        Returns:
+            ``steps`` (iterations), ``nan_events``, ``inf_events``, ``overflow_events``
+            (iterations with any such reading, skipped steps excluded), ``skipped_steps``,
+            ``underflow_fraction`` (largest recorded, fraction), ``max_condition``
+            (largest condition number of any factor or preconditioner recorded, None
+            without one), ``first_nonfinite_step``, ``optimizer_state_bytes`` (B, last
+            memory reading), ``step_time_ms`` (median over iterations, ms),
+            ``peak_memory_bytes`` (B: CUDA allocator peak since attach, else the
+            process's peak RSS since attach, see `probes.memory`),
+            ``peak_memory_delta_bytes`` (B: CPU only, that peak minus the RSS at attach)
+            and ``probe_overhead_fraction`` (time in the probes / iteration time).
+        """
+        peak = self._peak_memory()
+        delta = None
+        if peak is not None and self._process is not None and self._cuda.device is None:
+            delta = peak - self._process.start_rss
+        total_step = sum(self._step_ms)
+        return {
+            "steps": self.step,
+            "nan_events": self.nan_events,
+            "inf_events": self.inf_events,
+            "overflow_events": self.overflow_events,
+            "skipped_steps": self.skipped_steps,
+            "underflow_fraction": finite_or_none(self._underflow_fraction()),
+            "max_condition": finite_or_none(self._max_condition()),
+            "first_nonfinite_step": self._first.step if self._first else None,
+            "optimizer_state_bytes": self._optimizer_state_bytes,
+            "step_time_ms": finite_or_none(statistics.median(self._step_ms))
+            if self._step_ms
+            else None,
+            "peak_memory_bytes": peak,
+            "peak_memory_delta_bytes": delta,
+            "probe_overhead_fraction": (
+                finite_or_none(sum(self._probe_ms) / total_step) if total_step > 0 else None
+            ),
+        }
+
+
+def attach(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    probes: list[str] | tuple[str, ...] | None = None,
+    every: int | None = None,
+    run: str = "",
+    rank: int | None = None,
+    dtype: str | torch.dtype | None = None,
+    allow_inf: str | None = None,
+) -> ProbeSession:
+    """Attach probes to a model and its optimizer; use as a context manager or `detach`.
+
+    Args:
+        model: The model being trained (hooks go on its modules).
+        optimizer: Any torch optimizer; SINGD and KFAC also expose their curvature.
+        probes: Names among ``condition``, ``numerics``, ``memory``, ``time``; None: all.
+        every: One cadence (iterations) for every probe; None: each probe's default
+            (`DEFAULT_EVERY`). Finiteness is checked every iteration regardless.
+        run: The run id written into every row.
+        rank: The rank written into every row; None: torch.distributed's rank, else 0.
+        dtype: The run's low-precision dtype, which cast metrics refer to (``fp16``,
+            ``bfloat16``, ``torch.float16``); None: the model's parameter dtype. Pass it
+            for mixed precision, where parameters stay float32.
+        allow_inf: A regex on module names whose infinities are intentional (attention
+            masks); NaNs there still count.
+
+    Returns:
+        The attached `ProbeSession`.
+
+    Raises:
+        ValueError: On an unknown probe name, a non-positive cadence or a bad dtype.
+    """
+    return ProbeSession(
+        model,
+        optimizer,
+        probes=probes,
+        every=every,
+        run=run,
+        rank=rank,
+        dtype=dtype,
+        allow_inf=allow_inf,
+    )
