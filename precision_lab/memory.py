@@ -10,10 +10,10 @@ into `LayerShape`s, and each optimizer's state is counted from formulas:
   entry (``momentum != 0``). IKFAC (``alpha1 = 0``) has no ``m_K``, ``m_C``.
 - KFAC stores the dense factors ``A`` (``d_K^2``) and ``G`` (``d_C^2``) and their
   inverses (as many entries again), plus one heavy-ball buffer per parameter entry.
-- AdamW stores two moments per parameter entry (the per-tensor step counters, a few
-  bytes, are not counted).
+- AdamW stores two moments per parameter entry and a float32 step counter (4 B) per
+  parameter tensor.
 - Parameters of layers the Kronecker optimizers do not precondition (norms, embeddings,
-  attention projections) are trained by the AdamW fallback: two moments per entry.
+  attention projections) are trained by the AdamW fallback: the same as AdamW.
 
 Layer dimensions follow the paper: Linear ``d_K = d_in (+1 with bias)``, ``d_C = d_out``;
 Conv2d ``d_K = C_in / groups * k_1 * k_2 (+1)``, ``d_C = C_out``. Every figure is in bytes
@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from precision_lab.errors import UsageError
+from precision_lab.specs import DEFAULT_HYPERPARAMETERS, OptimizerSpec, parse_spec
 from singd.structures import get_structure
 
 CATEGORIES = ("factors", "momenta", "inverses", "param_buffers", "fallback")
@@ -46,26 +47,6 @@ DEFAULT_SPECS = (
     "singd:diagonal",
 )
 
-DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-}
-
-
-def parse_dtype(text: str) -> torch.dtype:
-    """``fp32|fp16|bf16`` or the torch names, to a torch dtype (one sentence if unknown)."""
-    try:
-        return DTYPES[text.strip().lower()]
-    except KeyError:
-        raise UsageError(
-            f"Unknown dtype {text!r}; expected one of fp32, fp16, bf16 (or float32, "
-            "float16, bfloat16)."
-        ) from None
-
 
 @dataclass(frozen=True)
 class LayerShape:
@@ -77,6 +58,7 @@ class LayerShape:
         dim_k: d_K, the input-side factor dimension (with the bias column).
         dim_c: d_C, the output-side factor dimension.
         params: Parameter entries of the layer (weight and bias).
+        tensors: Parameter tensors of the layer (1, or 2 with a bias).
     """
 
     name: str
@@ -84,6 +66,7 @@ class LayerShape:
     dim_k: int
     dim_c: int
     params: int
+    tensors: int
 
 
 @dataclass(frozen=True)
@@ -92,11 +75,17 @@ class ModelShape:
 
     layers: tuple[LayerShape, ...]
     fallback_params: int
+    fallback_tensors: int
 
     @property
     def params(self) -> int:
         """All parameter entries of the model."""
         return sum(layer.params for layer in self.layers) + self.fallback_params
+
+    @property
+    def tensors(self) -> int:
+        """All parameter tensors of the model (weights and biases counted apart)."""
+        return sum(layer.tensors for layer in self.layers) + self.fallback_tensors
 
 
 def _inside_attention(name: str, attention: set[str]) -> bool:
@@ -119,77 +108,59 @@ def model_shape(model: nn.Module) -> ModelShape:
         params = sum(p.numel() for p in own)
         bias = 1 if module.bias is not None else 0
         if isinstance(module, nn.Linear):
-            layers.append(
-                LayerShape(name, "linear", module.in_features + bias, module.out_features, params)
-            )
+            d_K, d_C = module.in_features + bias, module.out_features
         else:
             k1, k2 = module.kernel_size
-            d_K = module.in_channels // module.groups * k1 * k2 + bias
-            layers.append(LayerShape(name, "conv2d", d_K, module.out_channels, params))
-    fallback = sum(p.numel() for p in model.parameters() if id(p) not in covered)
-    return ModelShape(tuple(layers), fallback)
+            d_K, d_C = module.in_channels // module.groups * k1 * k2 + bias, module.out_channels
+        kind = "linear" if isinstance(module, nn.Linear) else "conv2d"
+        layers.append(LayerShape(name, kind, d_K, d_C, params, len(own)))
+    rest = [p for p in model.parameters() if id(p) not in covered]
+    return ModelShape(tuple(layers), sum(p.numel() for p in rest), len(rest))
 
 
-def _family(spec: str) -> tuple[str, tuple[str, str] | None]:
-    """(family, (s_K, s_C) for SINGD) of an optimizer spec string (DESIGN.md's names)."""
-    text = spec.strip().lower()
-    if text in ("adamw", "sgd"):
-        return text, None
-    if text == "ingd":
-        return "singd", ("dense", "dense")
-    if text == "ikfac":
-        return "ikfac", ("dense", "dense")
-    family, _, rest = text.partition(":")
-    if family == "kfac":
-        return "kfac", None
-    if family == "singd" and rest:
-        s_K, _, s_C = rest.partition("/")
-        return "singd", (s_K, s_C or s_K)
-    raise UsageError(
-        f"Unknown optimizer spec {spec!r}; expected adamw, sgd, ingd, ikfac, kfac:METHOD, "
-        "singd:STRUCTURE or singd:STRUCTURE_K/STRUCTURE_C."
-    )
+STEP_COUNTER_BYTES = 4
+"""AdamW's per-tensor ``step``, a float32 scalar whatever the parameters' dtype."""
 
 
-def state_entries(spec: str, shape: ModelShape) -> dict[str, int]:
-    """Optimizer-state entries (counts, not bytes) by category for one spec.
+def _adamw_bytes(params: int, tensors: int, itemsize: int) -> int:
+    return 2 * params * itemsize + tensors * STEP_COUNTER_BYTES
+
+
+def state_bytes(spec: str | OptimizerSpec, shape: ModelShape, dtype: torch.dtype) -> dict[str, int]:
+    """Optimizer-state bytes (B) by category for one spec, all state held in ``dtype``,
+    with the spec family's default hyperparameters (``m_K``, ``m_C`` only where
+    ``alpha1 != 0`` and not IKFAC; heavy-ball buffers only where ``momentum != 0``).
 
     Raises:
         UsageError: For an unknown spec or structure name (one sentence).
     """
-    family, structures = _family(spec)
-    counts = dict.fromkeys(CATEGORIES, 0)
-    kron_params = sum(layer.params for layer in shape.layers)
-    if family == "adamw":
-        counts["param_buffers"] = 2 * shape.params
-        return counts
-    if family == "sgd":
-        counts["param_buffers"] = shape.params
-        return counts
-    counts["fallback"] = 2 * shape.fallback_params
-    counts["param_buffers"] = kron_params
-    if family == "kfac":
-        dense = sum(layer.dim_k**2 + layer.dim_c**2 for layer in shape.layers)
-        counts["factors"] = dense
-        counts["inverses"] = dense
-        return counts
-    try:
-        s_K, s_C = (get_structure(s) for s in structures)
-    except ValueError as err:
-        raise UsageError(str(err)) from err
+    spec = parse_spec(spec) if isinstance(spec, str) else spec
+    itemsize = torch.empty((), dtype=dtype, device="meta").element_size()
+    hyper = DEFAULT_HYPERPARAMETERS[spec.family]
+    out = dict.fromkeys(CATEGORIES, 0)
+    if spec.family == "adamw":
+        out["param_buffers"] = _adamw_bytes(shape.params, shape.tensors, itemsize)
+        return out
+    if spec.family == "sgd":
+        out["param_buffers"] = shape.params * itemsize if hyper.get("momentum") else 0
+        return out
+    out["fallback"] = _adamw_bytes(shape.fallback_params, shape.fallback_tensors, itemsize)
+    if hyper.get("momentum"):
+        out["param_buffers"] = sum(layer.params for layer in shape.layers) * itemsize
+    if spec.family == "kfac":
+        dense = sum(layer.dim_k**2 + layer.dim_c**2 for layer in shape.layers) * itemsize
+        out["factors"] = dense
+        out["inverses"] = dense
+        return out
+    s_K, s_C = (get_structure(name) for name in spec.structures)
     factors = sum(
         s_K.storage_entries(layer.dim_k) + s_C.storage_entries(layer.dim_c)
         for layer in shape.layers
     )
-    counts["factors"] = factors
-    counts["momenta"] = 0 if family == "ikfac" else factors
-    return counts
-
-
-def state_bytes(spec: str, shape: ModelShape, dtype: torch.dtype) -> dict[str, int]:
-    """Optimizer-state bytes (B) by category, all state held in ``dtype``."""
-    itemsize = torch.empty((), dtype=dtype, device="meta").element_size()
-    return {k: v * itemsize for k, v in state_entries(spec, shape).items()}
+    out["factors"] = factors * itemsize
+    riemannian_momentum = hyper.get("alpha1") and not spec.fixed.get("kfac_like")
+    out["momenta"] = out["factors"] if riemannian_momentum else 0
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -251,7 +222,13 @@ def build_meta_model(
         if model in ("mlp", "cnn", "transformer"):
             built = _builtin(model, d_model, layers, heads)
         elif ":" in model:
-            built = _factory(model)()
+            factory = _factory(model)
+            try:
+                built = factory()
+            except Exception as err:  # a user's code: any failure is a bad --model
+                raise UsageError(
+                    f"--model {model!r} failed to build ({type(err).__name__}: {err})."
+                ) from None
         else:
             raise UsageError(
                 f"Unknown model {model!r}; expected mlp, cnn, transformer or module:factory."
@@ -275,7 +252,7 @@ class MemoryPlan:
 
 
 def plan_memory(
-    model: nn.Module, dtype: torch.dtype, specs: Sequence[str] = DEFAULT_SPECS
+    model: nn.Module, dtype: torch.dtype, specs: Sequence[str | OptimizerSpec] = DEFAULT_SPECS
 ) -> MemoryPlan:
     """Optimizer-state bytes of each spec for ``model`` with all state in ``dtype``.
 
@@ -288,4 +265,5 @@ def plan_memory(
             "The model has no Linear or Conv2d layer, so SINGD and KFAC have nothing to "
             "precondition."
         )
-    return MemoryPlan(shape, dtype, {spec: state_bytes(spec, shape, dtype) for spec in specs})
+    parsed = [parse_spec(s) if isinstance(s, str) else s for s in specs]
+    return MemoryPlan(shape, dtype, {p.text: state_bytes(p, shape, dtype) for p in parsed})
