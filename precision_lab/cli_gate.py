@@ -80,8 +80,10 @@ def baseline_command(lab: LabContext, run_dir: Path, output: Path) -> None:
 
 def _table(result: GateResult) -> Table:
     table = Table(title="precision-lab gate", show_lines=False)
-    for column in ("status", "check", "run", "baseline", "current", "change", "note"):
-        table.add_column(column, overflow="fold")
+    # What identifies a row stays on one line; the note folds.
+    for column in ("status", "check", "run", "baseline", "current", "change"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("note", overflow="fold")
     for verdict in result.verdicts:
         figure = verdict.check.split(".", 1)[-1]
         show = verdict.status not in ("new",) and verdict.check != "coverage.run"
@@ -100,8 +102,10 @@ def _table(result: GateResult) -> Table:
 
 
 def _report(result: GateResult, console: Console) -> None:
-    # CI logs are no terminal: rich would fold the table to 80 columns there.
-    console.print(_table(result), width=None if console.is_terminal else 200)
+    if not console.is_terminal:
+        # CI logs are no terminal: rich would squeeze the table into 80 columns there.
+        console = Console(file=console.file, width=max(console.width, 240), no_color=True)
+    console.print(_table(result))
     for note in result.notes:
         console.print(f"note: {note}", markup=False, highlight=False)
     if result.timing is not None:
@@ -119,7 +123,7 @@ def _report(result: GateResult, console: Console) -> None:
         return
     console.print(f"[bold red]gate failed[/bold red]: {counts}")
     for message in (verdict.message for verdict in result.failures):
-        console.print(f"  {message}", markup=False, highlight=False)
+        console.print(f"  {message}", markup=False, highlight=False, soft_wrap=True)
 
 
 @click.command("gate")

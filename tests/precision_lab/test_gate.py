@@ -1,0 +1,365 @@
+"""The gate: an identical run passes, each injected regression fails, naming run and figure."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from precision_lab.baseline import read_baseline, read_run_dir
+from precision_lab.cli import cli
+from precision_lab.gate import (
+    AbsoluteGrowth,
+    AtLeast,
+    AtMost,
+    GrowthFactor,
+    NoneWhereNone,
+    NotEarlier,
+    Tolerances,
+    gate,
+)
+from tests.precision_lab.gate_runs import MIB, base_runs, find, write_run_dir
+from tests.precision_lab.test_baseline import assert_one_sentence_error
+
+MLP_SINGD = "mlp/baseline/singd:diagonal/bfloat16/pure/seed0"
+MLP_KFAC = "mlp/baseline/kfac:cholesky/bfloat16/pure/seed0"
+CNN_SINGD = "cnn/baseline/singd:diagonal/bfloat16/pure/seed0"
+
+
+@pytest.fixture
+def baseline_file(tmp_path):
+    run_dir = write_run_dir(tmp_path / "base", base_runs())
+    path = tmp_path / "baseline.json"
+    result = CliRunner().invoke(cli, ["baseline", str(run_dir), "-o", str(path)])
+    assert result.exit_code == 0, result.output
+    return path
+
+
+def gate_cli(tmp_path, baseline_file, edit: Callable[[list[dict]], Any] | None, *options: str):
+    """Write the reference runs after ``edit`` as a new run directory and gate it."""
+    runs = base_runs()
+    if edit is not None:
+        edit(runs)
+    run_dir = write_run_dir(tmp_path / "new", runs)
+    args = ["gate", str(run_dir), "--baseline", str(baseline_file), *options]
+    return CliRunner().invoke(cli, args)
+
+
+def set_figure(run_id: str, **figures: Any) -> Callable[[list[dict]], None]:
+    def edit(runs: list[dict]) -> None:
+        find(runs, run_id).update(figures)
+
+    return edit
+
+
+def test_identical_run_passes(tmp_path, baseline_file):
+    result = gate_cli(tmp_path, baseline_file, None)
+    assert result.exit_code == 0, result.output
+    assert "gate passed" in result.output
+    assert "fail" not in result.output.split("gate passed")[1]
+    data = json.loads(gate_cli(tmp_path, baseline_file, None, "--json").output)
+    assert data["passed"] is True
+    # Five runs, ten checks each; the diverged baseline's two learning checks are skipped.
+    assert data["counts"] == {"fail": 0, "better": 0, "new": 0, "ok": 48, "skip": 2}
+
+
+# Each regression the issue names, and the figure its message must name.
+REGRESSIONS = [
+    pytest.param(
+        set_figure("r0", optimizer_state_bytes=int(123_456 * 1.1)),
+        MLP_SINGD,
+        "optimizer_state_bytes",
+        id="10% more optimizer state",
+    ),
+    pytest.param(
+        set_figure("r2", nan_events=1, first_nonfinite_step=30),
+        CNN_SINGD,
+        "nan_events",
+        id="a new NaN",
+    ),
+    pytest.param(
+        set_figure("r1", first_nonfinite_step=20),
+        MLP_KFAC,
+        "first_nonfinite_step",
+        id="an earlier divergence",
+    ),
+    pytest.param(
+        set_figure("r0", max_condition=1.5e5),
+        MLP_SINGD,
+        "max_condition",
+        id="condition number 100x larger",
+    ),
+    pytest.param(
+        lambda runs: runs.remove(find(runs, "r2")),
+        CNN_SINGD,
+        "missing",
+        id="a missing run",
+    ),
+    pytest.param(
+        set_figure("r0", final_loss=0.42 * 1.2),
+        MLP_SINGD,
+        "final_loss",
+        id="worse loss",
+    ),
+    pytest.param(
+        set_figure("r3", final_loss=0.40 * 1.2),
+        "mlp/baseline/singd:diagonal/float32/pure/seed0 (control of bfloat16/pure)",
+        "final_loss",
+        id="worse loss of a float32 control",
+    ),
+    pytest.param(
+        set_figure("r2", accuracy=0.80), CNN_SINGD, "accuracy", id="worse digits accuracy"
+    ),
+    pytest.param(set_figure("r0", diverged=True), MLP_SINGD, "diverged", id="a new divergence"),
+    pytest.param(set_figure("r0", inf_events=2), MLP_SINGD, "inf_events", id="a new Inf"),
+    pytest.param(
+        set_figure("r0", peak_memory_bytes=310 * MIB * 1.1 + 64 * MIB + 1),
+        MLP_SINGD,
+        "peak_memory_bytes",
+        id="peak memory beyond 10% + 64 MiB",
+    ),
+    pytest.param(
+        set_figure("r0", underflow_fraction=0.002 + 0.0101),
+        MLP_SINGD,
+        "underflow_fraction",
+        id="underflow fraction up by more than 0.01",
+    ),
+    pytest.param(
+        set_figure("r0", final_loss=None), MLP_SINGD, "final_loss", id="loss turned non-finite"
+    ),
+]
+
+
+@pytest.mark.parametrize(("edit", "run", "figure"), REGRESSIONS)
+def test_each_regression_fails_naming_run_and_figure(tmp_path, baseline_file, edit, run, figure):
+    result = gate_cli(tmp_path, baseline_file, edit)
+    assert result.exit_code == 1, result.output
+    assert "gate failed" in result.output
+    failures = json.loads(gate_cli(tmp_path, baseline_file, edit, "--json").output)["failures"]
+    assert any(message.startswith(f"{run}: ") and figure in message for message in failures), (
+        failures
+    )
+    # The summary at the end repeats every failure message in full.
+    tail = result.output.split("gate failed")[1]
+    for message in failures:
+        assert message in tail
+
+
+def test_failures_come_first_and_are_all_collected(tmp_path, baseline_file):
+    def two_regressions(runs):
+        find(runs, "r0")["optimizer_state_bytes"] += 1
+        find(runs, "r2")["max_condition"] = 1e9
+
+    data = json.loads(gate_cli(tmp_path, baseline_file, two_regressions, "--json").output)
+    statuses = [check["status"] for check in data["checks"]]
+    assert statuses[:2] == ["fail", "fail"]
+    assert "fail" not in statuses[2:]
+    assert {check["check"] for check in data["checks"][:2]} == {
+        "memory.optimizer_state_bytes",
+        "stability.max_condition",
+    }
+
+
+@pytest.mark.parametrize(
+    ("edit", "options"),
+    [
+        pytest.param(
+            set_figure("r0", optimizer_state_bytes=int(123_456 * 1.1)),
+            ["--memory-tolerance", "10%"],
+            id="state within an explicit tolerance",
+        ),
+        pytest.param(
+            set_figure("r0", peak_memory_bytes=310 * MIB * 1.1 + 64 * MIB),
+            [],
+            id="peak exactly at tolerance + floor",
+        ),
+        pytest.param(set_figure("r0", final_loss=0.42 * 1.04), [], id="loss within 5%"),
+        pytest.param(
+            set_figure("r1", first_nonfinite_step=33), [], id="first non-finite 17.5% earlier"
+        ),
+        pytest.param(set_figure("r0", max_condition=1.5e4), [], id="condition exactly 10x"),
+        pytest.param(
+            set_figure("r1", nan_events=30, final_loss=12.0),
+            [],
+            id="more NaN events and any loss after a baseline divergence",
+        ),
+        pytest.param(
+            set_figure("r0", final_loss=0.42 * 1.2),
+            ["--loss-tolerance", "0.25"],
+            id="loss within a fractional tolerance",
+        ),
+    ],
+)
+def test_changes_within_tolerance_pass(tmp_path, baseline_file, edit, options):
+    result = gate_cli(tmp_path, baseline_file, edit, *options)
+    assert result.exit_code == 0, result.output
+
+
+def test_improvements_are_reported_never_failures(tmp_path, baseline_file):
+    def better(runs):
+        find(runs, "r0").update(optimizer_state_bytes=1000, final_loss=0.2, accuracy=0.99)
+        find(runs, "r1").update(first_nonfinite_step=None, diverged=False, nan_events=0)
+
+    result = gate_cli(tmp_path, baseline_file, better, "--json")
+    assert result.exit_code == 0, result.output
+    improved = {
+        (check["run"], check["check"])
+        for check in json.loads(result.output)["checks"]
+        if check["status"] == "better"
+    }
+    assert improved >= {
+        (MLP_SINGD, "memory.optimizer_state_bytes"),
+        (MLP_SINGD, "learning.final_loss"),
+        (MLP_SINGD, "learning.accuracy"),
+        (MLP_KFAC, "stability.first_nonfinite_step"),
+        (MLP_KFAC, "stability.nan_events"),
+    }
+
+
+def test_a_run_without_baseline_is_new_not_a_failure(tmp_path, baseline_file):
+    def add(runs):
+        runs.append({**find(runs, "r2"), "run": "r9", "seed": 1})
+
+    result = gate_cli(tmp_path, baseline_file, add, "--json")
+    assert result.exit_code == 0, result.output
+    new = [c for c in json.loads(result.output)["checks"] if c["status"] == "new"]
+    assert [c["run"] for c in new] == ["cnn/baseline/singd:diagonal/bfloat16/pure/seed1"]
+
+
+def test_json_agrees_with_the_table(tmp_path, baseline_file):
+    edit = set_figure("r0", optimizer_state_bytes=200_000, max_condition=1e2)
+    table = gate_cli(tmp_path, baseline_file, edit).output
+    data = json.loads(gate_cli(tmp_path, baseline_file, edit, "--json").output)
+    rows = [line for line in table.splitlines() if "│" in line or "|" in line]
+    body = [line for line in rows if line.split("│")[1].strip() in {"fail", "ok", "better", "skip"}]
+    assert len(body) == len(data["checks"])
+    for line, check in zip(body, data["checks"], strict=True):
+        cells = [cell.strip() for cell in line.split("│")[1:-1]]
+        assert cells[:3] == [check["status"], check["check"], check["run"]]
+        assert cells[5] == check["change"]
+    state = next(
+        c
+        for c in data["checks"]
+        if c["check"] == "memory.optimizer_state_bytes" and c["run"] == MLP_SINGD
+    )
+    assert (state["baseline"], state["current"], state["change"]) == (123_456, 200_000, "+62.0%")
+    assert f"{data['counts']['fail']} fail" in table
+
+
+def test_mismatched_suites_exit_2(tmp_path, baseline_file):
+    runs = base_runs()
+    config = {**json.loads((baseline_file.parent / "base" / "config.json").read_text())}
+    config["suite"] = {"name": "default", "models": ["mlp"]}
+    run_dir = write_run_dir(tmp_path / "other", runs, config)
+    result = CliRunner().invoke(cli, ["gate", str(run_dir), "--baseline", str(baseline_file)])
+    assert_one_sentence_error(result, "'default'", "'quick'")
+
+
+def test_baseline_of_another_dtype_exits_2(tmp_path, baseline_file):
+    def to_fp16(runs):
+        for run in runs:
+            if run["control_of"] is None:
+                run["dtype"] = "float16"
+        runs[:] = [run for run in runs if run["control_of"] is None]
+
+    result = gate_cli(tmp_path, baseline_file, to_fp16)
+    assert_one_sentence_error(result, "bfloat16", "float16", "baseline made for")
+
+
+def test_missing_baseline_exits_2(tmp_path):
+    run_dir = write_run_dir(tmp_path / "new", base_runs())
+    missing = tmp_path / "nope.json"
+    result = CliRunner().invoke(cli, ["gate", str(run_dir), "--baseline", str(missing)])
+    assert_one_sentence_error(result, "nope.json", "does not exist")
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--memory-tolerance", "-5%"),
+        ("--peak-tolerance", "ten"),
+        ("--condition-factor", "0.5"),
+        ("--peak-floor", "64 parsecs"),
+    ],
+)
+def test_bad_tolerances_exit_2_naming_the_value(tmp_path, baseline_file, option, value):
+    result = gate_cli(tmp_path, baseline_file, None, option, value)
+    assert result.exit_code == 2, result.output
+    assert value in result.output and option in result.output
+    assert "Traceback" not in result.output
+
+
+def test_step_times_against_a_run_of_the_same_job(tmp_path, baseline_file):
+    fast = write_run_dir(tmp_path / "fast", base_runs())
+
+    def slower(runs):
+        for run in runs:
+            run["step_time_ms"] *= 2
+
+    result = gate_cli(tmp_path, baseline_file, slower, "--against", str(fast), "--json")
+    assert result.exit_code == 0, result.output
+    timing = json.loads(result.output)["timing"]
+    assert timing["geometric_mean_ratio"] == pytest.approx(2.0)
+    assert timing["runs"] == 5 and timing["passed"] is True
+
+    failed = gate_cli(
+        tmp_path, baseline_file, slower, "--against", str(fast), "--max-slowdown", "1.5"
+    )
+    assert failed.exit_code == 1, failed.output
+    assert "x2 that of" in failed.output
+
+    held = gate_cli(
+        tmp_path, baseline_file, slower, "--against", str(fast), "--max-slowdown", "2.5"
+    )
+    assert held.exit_code == 0, held.output
+
+
+def test_max_slowdown_needs_against(tmp_path, baseline_file):
+    result = gate_cli(tmp_path, baseline_file, None, "--max-slowdown", "1.5")
+    assert_one_sentence_error(result, "--against")
+
+
+def test_gate_library_call_matches_cli(tmp_path, baseline_file):
+    current = read_run_dir(write_run_dir(tmp_path / "new", base_runs()))
+    result = gate(current, read_baseline(baseline_file), Tolerances())
+    assert result.passed and len(result.verdicts) == 50
+
+
+# The checks themselves, at their boundaries: (check, current, baseline, fails?)
+BOUNDARIES = [
+    (AtMost("memory", "optimizer_state_bytes"), 100, 100, False),
+    (AtMost("memory", "optimizer_state_bytes"), 101, 100, True),
+    (AtMost("memory", "peak_memory_bytes", tolerance=0.1, floor=64), 174, 100, False),
+    (AtMost("memory", "peak_memory_bytes", tolerance=0.1, floor=64), 175, 100, True),
+    (AtMost("learning", "final_loss", tolerance=0.05), None, 1.0, True),
+    (AtMost("learning", "final_loss", tolerance=0.05), -0.94, -1.0, True),
+    (AtMost("learning", "final_loss", tolerance=0.05), -0.96, -1.0, False),
+    (AtMost("learning", "final_loss", tolerance=0.05), 5.0, None, False),
+    (AtLeast("learning", "accuracy", tolerance=0.05), 0.95, 1.0, False),
+    (AtLeast("learning", "accuracy", tolerance=0.05), 0.94, 1.0, True),
+    (NoneWhereNone("stability", "nan_events"), 1, 0, True),
+    (NoneWhereNone("stability", "nan_events"), 9, 1, False),
+    (NoneWhereNone("stability", "diverged"), True, False, True),
+    (NoneWhereNone("stability", "diverged"), False, True, False),
+    (NotEarlier("stability", "first_nonfinite_step", tolerance=0.2), 8, 10, False),
+    (NotEarlier("stability", "first_nonfinite_step", tolerance=0.2), 7, 10, True),
+    (NotEarlier("stability", "first_nonfinite_step", tolerance=0.2), 7, None, True),
+    (NotEarlier("stability", "first_nonfinite_step", tolerance=0.2), None, 10, False),
+    (GrowthFactor("stability", "max_condition", factor=10), 1e4, 1e3, False),
+    (GrowthFactor("stability", "max_condition", factor=10), 1.01e4, 1e3, True),
+    (GrowthFactor("stability", "max_condition", factor=10), None, 1e3, True),
+    (GrowthFactor("stability", "max_condition", factor=10), 1e3, None, False),
+    (AbsoluteGrowth("stability", "underflow_fraction", tolerance=0.01), 0.509, 0.5, False),
+    (AbsoluteGrowth("stability", "underflow_fraction", tolerance=0.01), 0.52, 0.5, True),
+]
+
+
+@pytest.mark.parametrize(("check", "current", "baseline", "expected"), BOUNDARIES)
+def test_check_boundaries(check, current, baseline, expected):
+    message = check.fails(current, baseline)
+    assert (message is not None) == expected, message
+    if message is not None:
+        assert check.figure in message
