@@ -59,8 +59,15 @@ FIGURES = (
     "accuracy",
     "step_time_ms",
     "failure_cause",
+    "error",
+    "seeds_broken",
+    "seeds_total",
+    "hyperparameters",
     "control",
 )
+
+# Suite settings that change every figure: runs made with other values are not comparable.
+SETTINGS = ("steps", "batch_size", "every", "world_size")
 
 
 @dataclass(frozen=True, order=True)
@@ -102,12 +109,15 @@ class RunSet:
     Attributes:
         suite: the suite's name (``quick``, ``default``, ``full`` or a TOML file's name).
         runs: figures of each run, by key (a dict of DESIGN.md's run-object fields).
+        settings: the suite settings in ``SETTINGS`` (steps, batch size, probe cadence,
+            world size), which must agree for runs to be compared.
         environment: where the figures were measured (versions, device, host).
         source: the run directory or baseline file the runs came from, for messages.
     """
 
     suite: str
     runs: dict[RunKey, dict[str, Any]]
+    settings: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)
     source: str = ""
 
@@ -214,6 +224,7 @@ def read_run_dir(path: str | Path) -> RunSet:
     return RunSet(
         suite=suite_name(config.get("suite")),
         runs=index_runs(summary.get("runs"), str(root / "summary.json")),
+        settings={name: config.get(name) for name in SETTINGS},
         environment=environment,
         source=str(root),
     )
@@ -245,14 +256,25 @@ def make_baseline(run_set: RunSet) -> dict[str, Any]:
     """The baseline document for a run directory's runs.
 
     Returns:
-        ``{"format", "schema", "suite", "created", "environment", "source", "runs"}``, each
-        run a ``{"key": {...}, "run": id, "figures": {...}}`` object, in the summary's order.
+        ``{"format", "schema", "suite", "settings", "created", "environment", "source",
+        "runs"}``, each run a ``{"key": {...}, "run": id, "figures": {...}}`` object, in the
+        summary's order.
+
+    Raises:
+        UsageError: a run did not finish; a baseline must hold a whole suite's figures.
     """
+    unfinished = [key.label for key, run in run_set.runs.items() if not run.get("finished")]
+    if unfinished:
+        raise UsageError(
+            f"{len(unfinished)} run(s) of {run_set.source} did not finish (first: "
+            f"{unfinished[0]}): make a baseline from a complete suite."
+        )
     environment = {**run_set.environment, "host": host_environment()}
     return {
         "format": BASELINE_FORMAT,
         "schema": BASELINE_SCHEMA,
         "suite": run_set.suite,
+        "settings": run_set.settings,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "environment": environment,
         "source": run_set.source,
@@ -308,6 +330,7 @@ def read_baseline(path: str | Path) -> RunSet:
     return RunSet(
         suite=suite_name(suite),
         runs=runs,
+        settings=document.get("settings") or {},
         environment=document.get("environment") or {},
         source=str(target),
     )

@@ -24,7 +24,9 @@ stability.underflow_fraction  fails when ``cur - base > underflow_tolerance`` (d
                               an absolute fraction of nonzero values).
 learning.final_loss           fails when ``cur - base > loss_tolerance |base|`` (default 5%).
 learning.accuracy             fails when ``base - cur > loss_tolerance base``.
-coverage.run                  fails when a baseline run is missing from the run directory.
+stability.error               fails when a run crashed (``error`` set) where its baseline ran.
+coverage.run                  fails when a baseline run is missing from the run directory,
+                              or did not finish (its figures are then not compared).
 ===========================  ================================================================
 
 The learning checks are skipped for a run whose baseline diverged: its final loss is
@@ -312,6 +314,7 @@ class Tolerances:
             AtMost("memory", "optimizer_state_bytes", tolerance=self.memory),
             AtMost("memory", "peak_memory_bytes", tolerance=self.peak, floor=self.peak_floor),
             NoneWhereNone("stability", "diverged"),
+            NoneWhereNone("stability", "error"),
             NoneWhereNone("stability", "nan_events"),
             NoneWhereNone("stability", "inf_events"),
             NotEarlier("stability", "first_nonfinite_step", tolerance=self.nonfinite),
@@ -393,6 +396,12 @@ def judge(check: Check, key: RunKey, current_run: dict, baseline_run: dict) -> V
         return Verdict(**common, status=FAIL, change=change, message=f"{key.label}: {message}")
     status = BETTER if check.improves(current, baseline) else OK
     return Verdict(**common, status=status, change=change)
+
+
+def _coverage(key: RunKey, status: str, message: str) -> Verdict:
+    return Verdict(
+        check="coverage.run", run=key.label, key=key.as_dict(), status=status, message=message
+    )
 
 
 def _environment_notes(current: RunSet, baseline: RunSet) -> list[str]:
@@ -495,6 +504,13 @@ def gate(
             f"The run directory ran suite {current.suite!r} but the baseline is for suite "
             f"{baseline.suite!r}: gate against a baseline of the same suite."
         )
+    for name, was in baseline.settings.items():
+        now = current.settings.get(name)
+        if was is not None and now is not None and was != now:
+            raise UsageError(
+                f"The run directory ran with {name} = {now!r} but the baseline with {was!r}: "
+                "rerun the suite with the baseline's settings."
+            )
     if not current.runs.keys() & baseline.runs.keys():
         had = sorted({key.dtype for key in baseline.runs})
         has = sorted({key.dtype for key in current.runs})
@@ -508,28 +524,15 @@ def gate(
     for key, base_run in baseline.runs.items():
         run = current.runs.get(key)
         if run is None:
-            verdicts.append(
-                Verdict(
-                    check="coverage.run",
-                    run=key.label,
-                    key=key.as_dict(),
-                    status=FAIL,
-                    message=f"{key.label}: run is in the baseline but missing from "
-                    f"{current.source}",
-                )
-            )
-            continue
-        verdicts.extend(judge(check, key, run, base_run) for check in checks)
+            missing = f"{key.label}: run is in the baseline but missing from {current.source}"
+            verdicts.append(_coverage(key, FAIL, missing))
+        elif base_run.get("finished") and not run.get("finished"):
+            unfinished = f"{key.label}: run did not finish in {current.source}"
+            verdicts.append(_coverage(key, FAIL, unfinished))
+        else:
+            verdicts.extend(judge(check, key, run, base_run) for check in checks)
     for key in current.runs.keys() - baseline.runs.keys():
-        verdicts.append(
-            Verdict(
-                check="coverage.run",
-                run=key.label,
-                key=key.as_dict(),
-                status=NEW,
-                message="not in the baseline: refresh it to gate this run",
-            )
-        )
+        verdicts.append(_coverage(key, NEW, "not in the baseline: refresh it to gate this run"))
     timing = None
     if against is not None:
         time_verdicts, timing = compare_step_times(current, against, tolerances.max_slowdown)

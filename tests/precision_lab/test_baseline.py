@@ -119,6 +119,14 @@ def test_run_without_key_fields_exits_2(tmp_path):
     assert_one_sentence_error(result, "scenario")
 
 
+def test_baseline_of_an_unfinished_suite_exits_2(tmp_path):
+    runs = base_runs()
+    find(runs, "r2")["finished"] = False
+    run_dir = write_run_dir(tmp_path / "run", runs)
+    result = invoke("baseline", str(run_dir), "-o", str(tmp_path / "b.json"))
+    assert_one_sentence_error(result, "did not finish", "cnn/baseline")
+
+
 def test_output_directory_must_exist(tmp_path):
     run_dir = write_run_dir(tmp_path / "run", base_runs())
     result = invoke("baseline", str(run_dir), "-o", str(tmp_path / "no" / "b.json"))

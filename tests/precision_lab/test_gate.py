@@ -62,8 +62,8 @@ def test_identical_run_passes(tmp_path, baseline_file):
     assert "fail" not in result.output.split("gate passed")[1]
     data = json.loads(gate_cli(tmp_path, baseline_file, None, "--json").output)
     assert data["passed"] is True
-    # Five runs, ten checks each; the diverged baseline's two learning checks are skipped.
-    assert data["counts"] == {"fail": 0, "better": 0, "new": 0, "ok": 48, "skip": 2}
+    # Five runs, eleven checks each; the diverged baseline's two learning checks are skipped.
+    assert data["counts"] == {"fail": 0, "better": 0, "new": 0, "ok": 53, "skip": 2}
 
 
 # Each regression the issue names, and the figure its message must name.
@@ -129,6 +129,10 @@ REGRESSIONS = [
     ),
     pytest.param(
         set_figure("r0", final_loss=None), MLP_SINGD, "final_loss", id="loss turned non-finite"
+    ),
+    pytest.param(set_figure("r2", error="RuntimeError: boom"), CNN_SINGD, "error", id="a crash"),
+    pytest.param(
+        set_figure("r2", finished=False), CNN_SINGD, "did not finish", id="an unfinished run"
     ),
 ]
 
@@ -269,6 +273,13 @@ def test_baseline_of_another_dtype_exits_2(tmp_path, baseline_file):
     assert_one_sentence_error(result, "bfloat16", "float16", "baseline made for")
 
 
+def test_other_suite_settings_exit_2(tmp_path, baseline_file):
+    config = json.loads((baseline_file.parent / "base" / "config.json").read_text())
+    run_dir = write_run_dir(tmp_path / "other", base_runs(), {**config, "steps": 10})
+    result = CliRunner().invoke(cli, ["gate", str(run_dir), "--baseline", str(baseline_file)])
+    assert_one_sentence_error(result, "steps = 10", "50")
+
+
 def test_missing_baseline_exits_2(tmp_path):
     run_dir = write_run_dir(tmp_path / "new", base_runs())
     missing = tmp_path / "nope.json"
@@ -325,7 +336,7 @@ def test_max_slowdown_needs_against(tmp_path, baseline_file):
 def test_gate_library_call_matches_cli(tmp_path, baseline_file):
     current = read_run_dir(write_run_dir(tmp_path / "new", base_runs()))
     result = gate(current, read_baseline(baseline_file), Tolerances())
-    assert result.passed and len(result.verdicts) == 50
+    assert result.passed and len(result.verdicts) == 55
 
 
 # The checks themselves, at their boundaries: (check, current, baseline, fails?)
