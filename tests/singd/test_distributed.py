@@ -38,7 +38,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from singd import SINGD
+from singd import KFAC, SINGD
 
 WORLD = 2
 STEPS = 3
@@ -51,6 +51,7 @@ OPTIMIZER_FACTORIES: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "singd:hierarchical15_15/dense": functools.partial(
         SINGD, lr=0.05, lr_cov=0.05, T=1, structures=("hierarchical15_15", "dense")
     ),
+    "kfac:cholesky": functools.partial(KFAC, lr=0.05, damping=1e-2, T=1),
 }
 
 
