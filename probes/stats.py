@@ -73,7 +73,8 @@ def tensor_stats(tensor: Tensor, run_dtype: torch.dtype) -> Tensor:
     finite = torch.isfinite(x)
     magnitude = torch.where(finite, x.abs(), torch.zeros((), dtype=x.dtype, device=x.device))
     nonzero = magnitude > 0
-    n_nonzero = nonzero.sum()
+    # Counts divided in float64: a float32 quotient would round the fraction.
+    n_nonzero = nonzero.sum().double().clamp(min=1)
     cast = magnitude.to(run_dtype) if run_dtype != x.dtype else magnitude
     smallest = torch.where(
         nonzero, magnitude, torch.full((), torch.inf, dtype=x.dtype, device=x.device)
@@ -83,9 +84,9 @@ def tensor_stats(tensor: Tensor, run_dtype: torch.dtype) -> Tensor:
         torch.isnan(x).sum(),
         (x == torch.inf).sum(),
         (x == -torch.inf).sum(),
-        (magnitude > own.overflow_risk).sum() / numel,
-        (nonzero & (magnitude < own.tiny)).sum() / n_nonzero.clamp(min=1),
-        (nonzero & (cast < limits(run_dtype).tiny)).sum() / n_nonzero.clamp(min=1),
+        (magnitude > own.overflow_risk).sum().double() / numel,
+        (nonzero & (magnitude < own.tiny)).sum() / n_nonzero,
+        (nonzero & (cast < limits(run_dtype).tiny)).sum() / n_nonzero,
         torch.isinf(cast).sum(),
         magnitude.max() if x.numel() else torch.zeros((), device=x.device),
         smallest.min() if x.numel() else torch.full((), torch.inf, device=x.device),
