@@ -346,5 +346,8 @@ def _extremes(singular_values: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def stored_frobenius_norm(tensors: dict[str, Tensor]) -> Tensor:
-    """``||S||_F`` for structures whose stored entries are exactly the matrix entries."""
-    return torch.linalg.vector_norm(torch.cat([t.reshape(-1) for t in tensors.values()]))
+    """``||S||_F`` for structures whose stored entries are exactly the matrix entries: the
+    norm of the per-tensor norms, so nothing is copied and nothing squared overflows."""
+    return torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(t) for t in tensors.values()])
+    )
