@@ -1,7 +1,10 @@
 """The ``precision-lab`` command line: parses, builds library objects, calls them.
 
 Exit codes (DESIGN.md): 0 success, 1 a gate found a regression, 2 usage or input error
-(one sentence, no traceback), 130 after Ctrl-C once what was recorded is saved.
+(one sentence, no traceback), 130 after Ctrl-C once what was recorded is saved. Each
+command lives in its own module and is added to the group below; commands receive the
+shared `precision_lab.context.LabContext` through ``@pass_lab`` and report bad input by
+raising `precision_lab.errors.UsageError` inside ``@user_errors``.
 """
 
 from __future__ import annotations
@@ -9,16 +12,28 @@ from __future__ import annotations
 import click
 
 from precision_lab import __version__
+from precision_lab.cli_gate import baseline_command, gate_command
+from precision_lab.cli_report import memory_command, report_command
+from precision_lab.context import LabContext
+from precision_lab.errors import EXIT_INTERRUPTED, EXIT_REGRESSION, EXIT_USAGE
+from precision_lab.stress import stress
 
-EXIT_REGRESSION = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+__all__ = ["EXIT_INTERRUPTED", "EXIT_REGRESSION", "EXIT_USAGE", "cli", "main"]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="precision-lab")
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """SINGD and KFAC in low precision: stress suites, reports and CI gates."""
+    ctx.ensure_object(LabContext)
+
+
+cli.add_command(stress)
+cli.add_command(baseline_command)
+cli.add_command(gate_command)
+cli.add_command(report_command)
+cli.add_command(memory_command)
 
 
 def main() -> None:

@@ -1,0 +1,340 @@
+"""``precision-lab stress``: run a suite, show progress, write a run directory, print a table.
+
+The command only parses its options, builds a `precision_lab.suite.Suite`, runs each
+`RunPlan` with `precision_lab.runner.train` and hands the outcomes to a
+`precision_lab.rundir.RunDirectory`. Under torchrun every rank runs every training
+data-parallel; rank 0 alone shows progress and writes the run directory.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+import torch.distributed as dist
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from precision_lab import __version__
+from precision_lab.context import LabContext, pass_lab
+from precision_lab.dtypes import dtype_name, parse_dtype
+from precision_lab.errors import EXIT_INTERRUPTED, UsageError, user_errors
+from precision_lab.rundir import RunDirectory
+from precision_lab.runner import train
+from precision_lab.specs import parse_specs
+from precision_lab.suite import BUILTIN_SUITES, MODES, load_suite
+
+
+def _names(text: str | None, what: str) -> list[str] | None:
+    if text is None:
+        return None
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise UsageError(f"--{what} needs a comma-separated list of names, got {text!r}.")
+    return names
+
+
+def _seeds(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or any(s < 0 for s in seeds):
+        raise UsageError(
+            f"--seeds must be a comma-separated list of non-negative integers such as 0,1,2, "
+            f"got {text!r}."
+        )
+    return seeds
+
+
+def _device(choice: str) -> torch.device:
+    cuda = torch.cuda.is_available()
+    if choice == "cuda" and not cuda:
+        raise UsageError(
+            "--device cuda was requested but CUDA is not available on this machine; "
+            "use --device cpu or auto."
+        )
+    if choice == "cpu" or not cuda:
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def _default_out() -> Path:
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
+    out = Path("reports") / "runs" / stamp
+    n = 1
+    while out.exists():
+        out = Path("reports") / "runs" / f"{stamp}-{n}"
+        n += 1
+    return out
+
+
+def _init_distributed(device: torch.device) -> None:
+    """Join torchrun's process group (its environment says where) if there is one."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def _versions() -> dict[str, str]:
+    import numpy
+
+    return {
+        "precision_lab": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def _fmt(value: Any, kind: str = "") -> str:
+    if value is None:
+        return "-"
+    if kind == "bytes":
+        for unit in ("B", "KiB", "MiB", "GiB"):
+            if value < 1024 or unit == "GiB":
+                return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+            value /= 1024
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def summary_table(runs: list[dict[str, Any]], seeds: bool) -> Table:
+    """One line per run with summary.json's headline figures.
+
+    ``ctl`` marks a float32 control; events are counts of steps with NaN / Inf / a skipped
+    step / an overflow; memory in binary units; step time in ms.
+    """
+    table = Table(title="precision-lab stress", show_lines=False, header_style="bold")
+    headers = [
+        "model",
+        "scenario",
+        "optimizer",
+        "dtype",
+        "mode",
+        "seed",
+        "diverged",
+        "1st non-finite",
+        "events nan/inf/skip/ovf",
+        "max cond",
+        "opt state",
+        "peak mem",
+        "final loss",
+        "accuracy",
+        "step ms",
+        "cause",
+    ]
+    if seeds:
+        headers.append("seeds broken")
+    for header in headers:
+        table.add_column(header, overflow="fold", no_wrap=header in ("scenario", "optimizer"))
+    for run in runs:
+        if not run["finished"] and not run["error"] and run["steps"] == 0:
+            status = "[dim]not run[/dim]"
+        elif run["error"]:
+            status = "[red]crashed[/red]"
+        elif run["diverged"]:
+            status = "[red]yes[/red]"
+        else:
+            status = "no" if run["finished"] else "[yellow]unfinished[/yellow]"
+        events = "/".join(
+            _fmt(run[k]) for k in ("nan_events", "inf_events", "skipped_steps", "overflow_events")
+        )
+        cause = run["failure_cause"]
+        dtype = run["dtype"] + (" ctl" if run["control_of"] else "")
+        row = [
+            run["model"],
+            run["scenario"],
+            run["optimizer"],
+            dtype,
+            run["mode"],
+            str(run["seed"]),
+            status,
+            _fmt(run["first_nonfinite_step"]),
+            events,
+            _fmt(run["max_condition"]),
+            _fmt(run["optimizer_state_bytes"], "bytes"),
+            _fmt(run["peak_memory_bytes"], "bytes"),
+            _fmt(run["final_loss"]),
+            _fmt(run["accuracy"]),
+            _fmt(run["step_time_ms"]),
+            f"[red]{cause}[/red]" if cause == "precision" else _fmt(cause),
+        ]
+        if seeds:
+            row.append(f"{run['seeds_broken']}/{run['seeds_total']}")
+        table.add_row(*row)
+    return table
+
+
+@click.command("stress")
+@click.option(
+    "--dtype",
+    "dtypes",
+    multiple=True,
+    metavar="fp32|fp16|bf16",
+    help="Dtype to stress (repeatable; torch names accepted). Default: the suite's.",
+)
+@click.option(
+    "--mode",
+    "modes",
+    multiple=True,
+    metavar="pure|mixed",
+    help="pure: model and optimizer state in the dtype; mixed: float32 master weights, "
+    "autocast, GradScaler for float16 (repeatable). Default: the suite's.",
+)
+@click.option(
+    "--suite",
+    "suite_name",
+    default="default",
+    show_default=True,
+    metavar="|".join(BUILTIN_SUITES) + "|FILE.toml",
+    help="A built-in suite or a TOML file (schema: docs/suites.md).",
+)
+@click.option(
+    "--optimizers", help="Comma-separated optimizer specs, e.g. singd:diagonal,kfac:eigh."
+)
+@click.option("--models", help="Comma-separated models: mlp, cnn, transformer.")
+@click.option("--scenarios", help="Comma-separated scenarios (see docs/suites.md).")
+@click.option("--steps", type=click.IntRange(min=1), help="Training steps per run.")
+@click.option("--seeds", help="Comma-separated seeds, e.g. 0,1,2.")
+@click.option("--every", type=click.IntRange(min=1), help="Cadence of the expensive probes, steps.")
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="auto: CUDA when available, else CPU.",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Run directory to write. Default: reports/runs/<UTC timestamp> in the current directory.",
+)
+@pass_lab
+@user_errors
+def stress(
+    lab: LabContext,
+    dtypes: tuple[str, ...],
+    modes: tuple[str, ...],
+    suite_name: str,
+    optimizers: str | None,
+    models: str | None,
+    scenarios: str | None,
+    steps: int | None,
+    seeds: str | None,
+    every: int | None,
+    device: str,
+    out: Path | None,
+) -> None:
+    """Run a stress suite and write a run directory (summary, records, report)."""
+    for mode in modes:
+        if mode not in MODES:
+            raise UsageError(f"Unknown mode {mode!r}; expected one of {', '.join(MODES)}.")
+    parsed_dtypes = []
+    for name in dtypes:
+        try:
+            parsed_dtypes.append(parse_dtype(name))
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+    specs = [s.text for s in parse_specs(optimizers)] if optimizers is not None else None
+    suite = load_suite(suite_name).choose(
+        models=_names(models, "models"),
+        scenarios=_names(scenarios, "scenarios"),
+        optimizers=specs,
+        dtypes=parsed_dtypes,
+        modes=list(modes),
+        seeds=_seeds(seeds),
+        steps=steps,
+        every=every,
+    )
+    torch_device = _device(device)
+    plans = suite.plan()
+    _init_distributed(torch_device)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    config = {
+        "suite": {"name": suite.name, "source": suite.source, "text": suite.text},
+        "optimizers": sorted({p.optimizer for p in plans}),
+        "models": sorted({p.model for p in plans}),
+        "scenarios": sorted({p.scenario for p in plans}),
+        "dtypes": [dtype_name(d) for d in suite.dtypes],
+        "modes": list(suite.modes),
+        "seeds": list(suite.seeds),
+        "steps": suite.steps,
+        "batch_size": suite.batch_size,
+        "every": suite.every,
+        "versions": _versions(),
+        "device": str(torch_device),
+        "world_size": world,
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    run_dir = RunDirectory(out or _default_out(), config, plans) if rank == 0 else None
+    interrupted = _run_all(plans, suite.every, torch_device, run_dir, lab.progress_console)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if run_dir is None:
+        return
+    run_dir.close()
+    if not lab.console.is_terminal:
+        # Piped output would get rich's 80 columns: too few for this table to stay readable.
+        lab.console.width = max(lab.console.width, 200)
+    lab.console.print(summary_table(run_dir.summary(), seeds=len(suite.seeds) > 1))
+    lab.console.print(f"Run directory: {run_dir.path}", soft_wrap=True)
+    if interrupted:
+        lab.progress_console.print("Interrupted: the runs recorded so far are saved.")
+        raise click.exceptions.Exit(EXIT_INTERRUPTED)
+
+
+def _run_all(
+    plans: list, every: int, device: torch.device, run_dir: RunDirectory | None, console: Console
+) -> bool:
+    """Train every plan in order, recording each outcome; True if Ctrl-C stopped the suite."""
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("left"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, disable=run_dir is None, transient=False) as bar:
+        task = bar.add_task("starting", total=len(plans))
+        for plan in plans:
+            bar.update(task, description=plan.run_id)
+            try:
+                outcome = train(
+                    plan,
+                    device=device,
+                    every=every,
+                    failure_dir=None if run_dir is None else run_dir.failures,
+                )
+            except KeyboardInterrupt:
+                return True
+            if run_dir is not None:
+                run_dir.add(outcome.summary, outcome.records)
+                if outcome.summary.get("error"):
+                    console.print(f"[red]{plan.run_id} crashed[/red]: {outcome.summary['error']}")
+            if outcome.interrupted:
+                return True
+            bar.advance(task)
+    return False
