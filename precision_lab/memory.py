@@ -23,6 +23,7 @@ Conv2d ``d_K = C_in / groups * k_1 * k_2 (+1)``, ``d_C = C_out``. Every figure i
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -236,6 +237,30 @@ def build_meta_model(
     if not isinstance(built, nn.Module):
         raise UsageError(f"--model {model!r} returned a {type(built).__name__}, not an nn.Module.")
     return built
+
+
+def widened_model(name: str, multiplier: int) -> nn.Module:
+    """A suite model (`precision_lab.models.MODELS`) on the meta device with its width
+    argument (the constructor's first: ``hidden``, ``channels``, ``width``) times
+    ``multiplier``; ``multiplier=1`` is the model the suite trains.
+
+    Raises:
+        UsageError: For a name that is not a suite model.
+    """
+    from precision_lab import models
+
+    if name not in models.MODELS:
+        raise UsageError(f"Unknown model {name!r}; expected one of {', '.join(models.MODELS)}.")
+    cls = models.MODELS[name]
+    first = next(iter(inspect.signature(cls).parameters.values()))
+    default = first.default
+    wide = (
+        tuple(w * multiplier for w in default)
+        if isinstance(default, tuple)
+        else default * multiplier
+    )
+    with torch.device("meta"):
+        return cls(**{first.name: wide})
 
 
 @dataclass(frozen=True)

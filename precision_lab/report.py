@@ -23,7 +23,8 @@ import pandas as pd
 
 from precision_lab.errors import UsageError
 from precision_lab.report_figures import build_figure_sections
-from precision_lab.report_page import Section, render_page
+from precision_lab.report_page import Section, render_page, sources_html
+from precision_lab.report_scaling import scaling_section
 from precision_lab.report_tables import environment_table, overview_table
 from probes.records import read_parquet
 
@@ -164,7 +165,12 @@ def load_report_data(run_dirs: Sequence[str | Path]) -> ReportData:
 
 def build_sections(data: ReportData) -> list[Section]:
     """The page's sections in reading order: overview, figures, environment."""
-    return [overview_table(data), *build_figure_sections(data), environment_table(data)]
+    return [
+        overview_table(data),
+        *build_figure_sections(data),
+        scaling_section(data),
+        environment_table(data),
+    ]
 
 
 def write_report(
@@ -188,7 +194,7 @@ def write_report(
     sections = build_sections(data)
     labels = [s.label for s in data.sources]
     page_title = title or "precision-lab report: " + " vs ".join(labels)
-    html = render_page(page_title, data, sections)
+    html = render_page(page_title, sections, sources_html(data))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(html, encoding="utf-8")

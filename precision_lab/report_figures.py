@@ -38,6 +38,8 @@ SHORT_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float6
 DTYPE_COLORS = {"float32": "#1f77b4", "bfloat16": "#d62728", "float16": "#ff7f0e"}
 FACTOR_DASH = {"K": "solid", "A": "solid", "C": "dash", "G": "dash", "KKT": "dot", "CCT": "dashdot"}
 FACTOR_DASH |= {"A_inv": "dot", "G_inv": "dashdot"}
+NOT_STACKED = ("total", "factors", "momenta", "inverses")
+"""Memory categories drawn through their per-layer factors instead (or not at all)."""
 LAYOUT = {"template": "plotly_white", "margin": {"l": 60, "r": 20, "t": 40, "b": 50}}
 
 
@@ -467,18 +469,27 @@ def memory_by_factor(data: ReportData) -> Section:
     sec = Section(
         "memory",
         "Optimizer-state memory by factor",
-        "Each bar stacks the optimizer's state in bytes by factor or category (log-free, "
-        "MB); the grey bar beside each group is what AdamW would hold for the same model.",
+        "Each bar stacks an optimizer's state by factor (summed over layers) and other "
+        "category in MB at the last step; the grey bar in each group is what AdamW would "
+        "hold for the same model.",
     )
     rec = _records(data, "memory", ("bytes", "adamw_state_bytes"))
     if rec.empty:
         sec.empty = "No optimizer-state memory was recorded."
         return sec
     rec = _last_step(rec)
-    per_run = rec.groupby(["key", "source", "model", "run_dtype", "optimizer", "metric", "tensor"])[
-        "value"
-    ].sum()
-    per_run = per_run.reset_index()
+    # Per-layer factor rows summed over layers; the other categories as the optimizer
+    # reports them (its factor categories would count the factors twice).
+    factors = rec[(rec["module"] != "") & rec["tensor"].isin(FACTOR_DASH | {"m_K": 0, "m_C": 0})]
+    others = rec[(rec["module"] == "") & ~rec["tensor"].isin(NOT_STACKED) & (rec["value"] > 0)]
+    rec = pd.concat([factors, others])
+    per_run = (
+        rec.groupby(["key", "source", "model", "run_dtype", "optimizer", "metric", "tensor"])[
+            "value"
+        ]
+        .sum()
+        .reset_index()
+    )
     mean = (
         per_run.groupby(["source", "model", "run_dtype", "optimizer", "metric", "tensor"])["value"]
         .mean()

@@ -126,13 +126,24 @@ def _section_html(sec: Section) -> str:
     return "\n".join(parts)
 
 
-def render_page(title: str, data: ReportData, sections: list[Section]) -> str:
-    """The whole page as one HTML string."""
-    sources = "".join(
+def sources_html(data: ReportData) -> str:
+    """The list of run directories a report was built from."""
+    items = "".join(
         f"<li><b>{html.escape(s.label)}</b>: <code>{html.escape(str(s.path))}</code>, "
         f"{len(s.summary)} runs, {len(s.records):,} records</li>"
         for s in data.sources
     )
+    return f"<ul>{items}</ul>"
+
+
+def render_page(title: str, sections: list[Section], intro_html: str = "") -> str:
+    """The whole page as one HTML string.
+
+    Args:
+        title: Page title and heading.
+        sections: The blocks, in order (a navigation bar links to each).
+        intro_html: Trusted HTML shown under the heading (e.g. `sources_html`).
+    """
     nav = "".join(f'<a href="#{s.key}">{html.escape(s.title)}</a>' for s in sections)
     body = "\n".join(_section_html(s) for s in sections)
     render_js = _RENDER_JS.replace("CONFIG", json.dumps(PLOTLY_CONFIG))
@@ -146,7 +157,7 @@ def render_page(title: str, data: ReportData, sections: list[Section]) -> str:
 </head><body>
 <h1>{html.escape(title)}</h1>
 <div id="page-errors" hidden></div>
-<ul>{sources}</ul>
+{intro_html}
 <nav>{nav}</nav>
 {body}
 <script>{render_js}</script>

@@ -11,10 +11,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from precision_lab.memory import model_shape, state_bytes, widened_model
 from probes.records import Recorder, finite_or_none, write_parquet
+from singd.structures import get_structure
 
-LAYERS = ("0", "2", "4")
+LAYERS = ("0", "2", "4")  # the MLP's Linear layers
 FACTORS = {"singd": ("K", "C"), "kfac": ("A", "G")}
 
 
@@ -162,16 +165,21 @@ def _one_run(
             rec.add(
                 step, "numerics", "first_nonfinite", step, module="0", tensor="grad", dtype=dtype
             )
-    state = 0
-    for layer in LAYERS:
-        for factor, d in zip(FACTORS.get(family, ()), (65, 64), strict=False):
-            entries = d if optimizer == "singd:diagonal" else d * d
-            nbytes = entries * itemsize * (2 if family == "singd" else 1)
-            state += nbytes
-            rec.add(last, "memory", "bytes", nbytes, module=layer, tensor=factor, unit="B")
-        rec.add(last, "memory", "adamw_state_bytes", 2 * 65 * 64 * itemsize, module=layer, unit="B")
-    if family == "adamw":
-        state = 2 * 3 * 65 * 64 * itemsize
+    shape = model_shape(widened_model(model, 1))
+    categories = state_bytes(optimizer, shape, getattr(torch, dtype))
+    for category, nbytes in categories.items():
+        rec.add(last, "memory", "bytes", nbytes, tensor=category, unit="B")
+    state = sum(categories.values())
+    rec.add(last, "memory", "bytes", state, tensor="total", unit="B")
+    adamw = sum(state_bytes("adamw", shape, getattr(torch, dtype)).values())
+    rec.add(last, "memory", "adamw_state_bytes", adamw, tensor="total", unit="B")
+    structures = {"singd:diagonal": "diagonal", "kfac:cholesky": "dense"}.get(optimizer)
+    names = ("K", "C", "m_K", "m_C") if family == "singd" else ("A", "G", "A_inv", "G_inv")
+    for layer in shape.layers if structures else ():
+        for name in names:
+            d = layer.dim_k if name in ("K", "m_K", "A", "A_inv") else layer.dim_c
+            nbytes = get_structure(structures).storage_entries(d) * itemsize
+            rec.add(last, "memory", "bytes", nbytes, module=layer.name, tensor=name, unit="B")
     return {
         "run": run,
         "model": model,
