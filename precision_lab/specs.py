@@ -107,6 +107,8 @@ class OptimizerSpec:
                 f"{', '.join(sorted(accepted - set(self.fixed)))}."
             )
         values = {**DEFAULT_HYPERPARAMETERS[self.family], **overrides}
+        if self.fixed.get("kfac_like") and "alpha1" not in overrides:
+            values["alpha1"] = 0.0  # IKFAC has no Riemannian momentum (it would warn and drop it)
         return {key: _dtype_value(key, value) for key, value in values.items()}
 
     def build(
