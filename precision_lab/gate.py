@@ -31,7 +31,8 @@ coverage.run                  fails when a baseline run is missing from the run 
 
 The learning checks are skipped for a run whose baseline diverged: its final loss is
 whatever the chaos left, and the stability checks already cover it. Anything that got
-better is reported as ``better``, never as a failure. Runs without a baseline are reported
+better by more than the check's tolerance (the band is symmetric, so noise is not
+progress) is reported as ``better``, never as a failure. Runs without a baseline are reported
 as ``new``.
 
 Step time is never gated against stored numbers, which belong to another machine. With a
@@ -153,6 +154,12 @@ class AtMost(Check):
             f"{format_value(self.figure, limit)} ({allowed})"
         )
 
+    def improves(self, current: Any, baseline: Any) -> bool:
+        # The tolerance band is symmetric: noise below the baseline is no improvement.
+        if not (_is_number(current) and _is_number(baseline)):
+            return False
+        return current < baseline - self.tolerance * abs(baseline) - self.floor
+
 
 @dataclass(frozen=True)
 class AtLeast(Check):
@@ -174,7 +181,9 @@ class AtLeast(Check):
         )
 
     def improves(self, current: Any, baseline: Any) -> bool:
-        return _is_number(current) and _is_number(baseline) and current > baseline
+        if not (_is_number(current) and _is_number(baseline)):
+            return False
+        return current > baseline + self.tolerance * abs(baseline)
 
 
 @dataclass(frozen=True)
@@ -235,6 +244,11 @@ class GrowthFactor(Check):
             f"{baseline:.4g}"
         )
 
+    def improves(self, current: Any, baseline: Any) -> bool:
+        if not (_is_number(current) and _is_number(baseline)):
+            return False
+        return current * self.factor < baseline
+
     def change(self, current: Any, baseline: Any) -> str:
         if _is_number(current) and _is_number(baseline) and baseline > 0:
             return f"x{current / baseline:.3g}"
@@ -256,6 +270,11 @@ class AbsoluteGrowth(Check):
             f"{self.figure} {current:.4g} grew by {current - baseline:.4g} over the baseline's "
             f"{baseline:.4g} (tolerance {self.tolerance:g})"
         )
+
+    def improves(self, current: Any, baseline: Any) -> bool:
+        if not (_is_number(current) and _is_number(baseline)):
+            return False
+        return baseline - current > self.tolerance
 
     def change(self, current: Any, baseline: Any) -> str:
         if _is_number(current) and _is_number(baseline):

@@ -374,3 +374,26 @@ def test_check_boundaries(check, current, baseline, expected):
     assert (message is not None) == expected, message
     if message is not None:
         assert check.figure in message
+
+
+# Improvements, also at the edge of the (symmetric) tolerance band: (check, current, baseline).
+IMPROVEMENTS = [
+    (AtMost("memory", "optimizer_state_bytes"), 99, 100, True),
+    (AtMost("memory", "peak_memory_bytes", tolerance=0.1, floor=64), 26, 100, False),
+    (AtMost("memory", "peak_memory_bytes", tolerance=0.1, floor=64), 25, 100, True),
+    (AtLeast("learning", "accuracy", tolerance=0.05), 1.04, 1.0, False),
+    (AtLeast("learning", "accuracy", tolerance=0.05), 1.06, 1.0, True),
+    (NoneWhereNone("stability", "nan_events"), 0, 3, True),
+    (NotEarlier("stability", "first_nonfinite_step", tolerance=0.2), None, 10, True),
+    (NotEarlier("stability", "first_nonfinite_step", tolerance=0.2), 11, 10, True),
+    (GrowthFactor("stability", "max_condition", factor=10), 1.1e2, 1e3, False),
+    (GrowthFactor("stability", "max_condition", factor=10), 0.9e2, 1e3, True),
+    (AbsoluteGrowth("stability", "underflow_fraction", tolerance=0.01), 0.491, 0.5, False),
+    (AbsoluteGrowth("stability", "underflow_fraction", tolerance=0.01), 0.48, 0.5, True),
+]
+
+
+@pytest.mark.parametrize(("check", "current", "baseline", "expected"), IMPROVEMENTS)
+def test_improvement_boundaries(check, current, baseline, expected):
+    assert check.improves(current, baseline) == expected
+    assert check.fails(current, baseline) is None
