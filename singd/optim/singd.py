@@ -6,9 +6,14 @@ the inverses of the Kronecker factors of the (empirical) Fisher, and updates the
 without any matrix inversion (paper, Figure 1 and eq. (5)); ``I`` below is the identity
 and ``avg(M) = trace(M) / dim``.
 
-Curvature terms, from the rows ``a`` and ``g`` of `singd.optim.layers`, every T steps,
-summed over the backward passes before the step:
+Curvature terms, from the rows ``a`` and ``g`` of `singd.optim.layers`, every T steps:
 ``H_K = P_K(K^T a^T a K)``, ``H_C = P_C(C^T g^T g C)`` (P projects onto the structure).
+Over n backward passes before a step (gradient accumulation), ``H_K`` is their mean
+(each pass's ``a`` is already normalised by its rows) and ``H_C`` their sum, times n for
+a mean loss (the user divides each pass's mean loss by n), so n passes over parts of a
+batch give the curvature of one pass over the whole batch. With n = 1 this is the
+published package's update; SINGD's ``avg(H_C) H_K`` is unchanged by the rescaling for
+a mean loss, IKFAC's is not.
 
 Preconditioner update (``c = 0.5 (1 - alpha1)`` with ``normalize_lr_cov``, else 0.5):
 
@@ -198,12 +203,18 @@ class SINGD(KroneckerOptimizer):
         H_K, H_C = state.pop("H_K"), state.pop("H_C")
         K_tK, C_tC = K.from_inner(), C.from_inner()
         damping, alpha1 = group["damping"], group["alpha1"]
+        # Over n accumulated passes the sums are n * mean (input side) and, for a mean
+        # loss divided by n, (1/n) * whole-batch (output side): rescale both to the
+        # whole batch. (For SINGD the factors cancel in avg(H_C) H_K; IKFAC needs them.)
+        passes = max(layer.passes, 1)
+        scale_K = 1.0 / passes
+        scale_C = grad_unscaling * (passes if group["loss_average"] is not None else 1.0)
         if group["kfac_like"]:
-            coef_HK, coef_KK, coef_HC, coef_CC = 1.0, damping, grad_unscaling, damping
+            coef_HK, coef_KK, coef_HC, coef_CC = scale_K, damping, scale_C, damping
         else:
-            coef_HK = grad_unscaling * H_C.average_trace().item()
+            coef_HK = scale_C * H_C.average_trace().item() * scale_K
             coef_KK = damping * C_tC.average_trace().item()
-            coef_HC = grad_unscaling * H_K.average_trace().item()
+            coef_HC = scale_K * H_K.average_trace().item() * scale_C
             coef_CC = damping * K_tK.average_trace().item()
         scale = 0.5 * ((1.0 - alpha1) if group["normalize_lr_cov"] else 1.0)
         # H_K and H_C are consumed here, so they become m_K' and m_C' in place.
