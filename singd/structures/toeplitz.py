@@ -6,9 +6,9 @@ so they form commutative groups: ``L(a) L(b) = L((a * b)[:d])``, the product of 
 polynomials truncated to degree d - 1.
 
 Every operation is a convolution or correlation along the dimension, computed with FFTs
-of length 2d (no wrap-around for lags below d): ``S @ X`` and ``S^T @ X`` cost
-O(n d log d) for X of shape (d, n), never a d x d matrix (the reference builds the dense
-matrix, REFERENCE.md gap 4).
+of length 2d (no wrap-around for lags below d): ``S @ X``, ``S^T @ X`` and ``X @ S`` cost
+O(n d log d) for n vectors of length d, never a d x d matrix (the reference builds the
+dense matrix, REFERENCE.md gap 4).
 
 ``P(M)``: ``t[0] = trace(M) / d`` and, for k >= 1, ``t[k]`` = mean of the k-th lower
 diagonal + mean of the k-th upper diagonal (the same rule for both structures).
@@ -35,20 +35,20 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def causal_convolution(t: Tensor, X: Tensor) -> Tensor:
-    """``L(t) @ X``: ``Y[i] = sum_{k <= i} t[k] X[i - k]`` along dim 0 of X (d, n)."""
-    dim, wide = X.shape[0], _wide(X.dtype)
+def toeplitz_rows(t: Tensor, Y: Tensor, transpose: bool) -> Tensor:
+    """Each row y of Y (..., d) times ``L(t)`` or its transpose, as 1-D sequences.
+
+    ``transpose=False``: ``L(t) y``, the causal convolution ``sum_{k <= i} t[k] y[i - k]``.
+    ``transpose=True``: ``L(t)^T y``, the correlation ``sum_k t[k] y[i + k]`` (the
+    conjugate spectrum of t). Both are exact for lags below d with FFTs of length 2d.
+    """
+    dim, wide = Y.shape[-1], _wide(Y.dtype)
     size = 2 * dim
-    spectrum = torch.fft.rfft(t.to(wide), n=size).unsqueeze(1) * torch.fft.rfft(
-        X.to(wide), n=size, dim=0
-    )
-    return torch.fft.irfft(spectrum, n=size, dim=0)[:dim].to(X.dtype)
-
-
-def anticausal_correlation(t: Tensor, X: Tensor) -> Tensor:
-    """``L(t)^T @ X``: ``Y[i] = sum_k t[k] X[i + k]``, the causal convolution of the
-    flipped X, flipped back."""
-    return causal_convolution(t, X.flip(0)).flip(0)
+    kernel = torch.fft.rfft(t.to(wide), n=size)
+    if transpose:
+        kernel = kernel.conj()
+    product = torch.fft.irfft(kernel * torch.fft.rfft(Y.to(wide), n=size), n=size)
+    return product[..., :dim].to(Y.dtype)
 
 
 def cross_correlation(a: Tensor, b: Tensor) -> Tensor:
@@ -110,18 +110,19 @@ class ToeplitzMatrix(StructuredMatrix):
         index = torch.where(lags >= 0, lags, self._dim)
         return padded[index]
 
+    # The upper structure is the transpose of the lower one: U(t) = L(t)^T.
     def _matmat(self, X: Tensor) -> Tensor:
-        if self.lower:
-            return causal_convolution(self._t, X)
-        return anticausal_correlation(self._t, X)
+        return toeplitz_rows(self._t, X.T, transpose=not self.lower).T.contiguous()
 
     def _rmatmat(self, X: Tensor) -> Tensor:
-        if self.lower:
-            return anticausal_correlation(self._t, X)
-        return causal_convolution(self._t, X)
+        return toeplitz_rows(self._t, X.T, transpose=self.lower).T.contiguous()
+
+    def _right_matmat(self, X: Tensor) -> Tensor:
+        # X S = (S^T X^T)^T: the rows of X, each times S^T.
+        return toeplitz_rows(self._t, X, transpose=self.lower)
 
     def _matmul_structured(self, other: Self) -> Self:
-        return self._new(causal_convolution(self._t, other._t.unsqueeze(1)).squeeze(1))
+        return self._new(toeplitz_rows(self._t, other._t, transpose=False))
 
     @classmethod
     def from_gram(cls, X: Tensor) -> Self:
