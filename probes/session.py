@@ -159,6 +159,7 @@ class ProbeSession:
         self._probe_ms: list[float] = []
         self._optimizer_state_bytes: int | None = None
         self._memory_readings = 0
+        self._final_peak: int | None = None
         self._skip_count = self._skipped_counter()
         self._begin_iteration()
         self._attached = True
@@ -191,6 +192,8 @@ class ProbeSession:
         try:
             if self._backward_seen and self._nonfinite():
                 self._close(skipped=True)
+            # The peak is process-wide: freeze it before another session resets it.
+            self._final_peak = self._peak_memory()
         finally:
             for handle in self._handles:
                 handle.remove()
@@ -520,11 +523,11 @@ class ProbeSession:
             without one), ``first_nonfinite_step``, ``optimizer_state_bytes`` (B, last
             memory reading), ``step_time_ms`` (median over iterations, ms),
             ``peak_memory_bytes`` (B: CUDA allocator peak since attach, else the
-            process's peak RSS since attach, see `probes.memory`),
+            process's peak RSS since attach, see `probes.memory`; frozen at detach),
             ``peak_memory_delta_bytes`` (B: CPU only, that peak minus the RSS at attach)
             and ``probe_overhead_fraction`` (time in the probes / iteration time).
         """
-        peak = self._peak_memory()
+        peak = self._peak_memory() if self._attached else self._final_peak
         delta = None
         if peak is not None and self._process is not None and self._cuda.device is None:
             delta = peak - self._process.start_rss
