@@ -607,10 +607,11 @@ class KroneckerOptimizer(Optimizer):
             for key, value in entry["factors"].items():
                 if isinstance(value, dict):
                     cls = get_structure(value["structure"])
-                    tensors = {k: t.to(device) for k, t in value["tensors"].items()}
+                    # Copies, so the loaded optimizer never shares storage with the source.
+                    tensors = {k: t.to(device, copy=True) for k, t in value["tensors"].items()}
                     factors[key] = cls.from_tensors(value["dim"], tensors)
                 else:
-                    factors[key] = value.to(device)
+                    factors[key] = value.to(device, copy=True)
             self._factors[layer.name] = factors
             layer.passes = entry["passes"]
             layer.fired = entry["fired"]
