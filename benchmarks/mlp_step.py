@@ -1,0 +1,82 @@
+"""The benchmarked workload: one training step of an MLP 256-512-512-10, batch 128.
+
+Imported by both sides of the comparison, so they time the same thing: by
+`benchmarks/test_singd_step.py` in the project's environment (our `singd`, AdamW) and by
+`benchmarks/reference_step.py` inside the reference's virtual environment (PyPI
+`singd` 0.0.5). It imports nothing but torch, and never `singd`: each side passes in
+its own optimizer class.
+
+One step is: forward, cross-entropy (mean over the batch), backward, `optimizer.step()`,
+`optimizer.zero_grad()`; with T=1 every step also updates the preconditioner. Float32,
+one thread (`torch.set_num_threads(1)`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+WIDTHS = (256, 512, 512, 10)
+BATCH = 128
+
+#: SINGD's hyperparameters for the benchmark; T=1: the preconditioner changes every step.
+SINGD_KWARGS = {"lr": 1e-3, "lr_cov": 1e-2, "T": 1}
+
+
+def build(seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """The MLP (ReLU between Linear layers, all with bias) and one fixed batch."""
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for d_in, d_out in zip(WIDTHS[:-1], WIDTHS[1:], strict=True):
+        layers += [nn.Linear(d_in, d_out), nn.ReLU()]
+    model = nn.Sequential(*layers[:-1])
+    x = torch.randn(BATCH, WIDTHS[0])
+    y = torch.randint(WIDTHS[-1], (BATCH,))
+    return model, x, y
+
+
+def make_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+) -> Callable[[], None]:
+    """The timed unit: one full training step."""
+
+    def step() -> None:
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return step
+
+
+def timed(step: Callable[[], None]) -> Callable[[], tuple[float, float]]:
+    """Wrap `step` so that each call returns its (wall-clock, CPU) time in seconds.
+
+    Wall clock is `time.perf_counter`; CPU time is `time.process_time`, the time this
+    process computed. With one thread on a machine shared with other jobs, CPU time is
+    what the step costs, and the wall clock adds the time spent waiting for a core.
+    """
+
+    def run() -> tuple[float, float]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        step()
+        return time.perf_counter() - wall, time.process_time() - cpu
+
+    return run
+
+
+def count_flops(step: Callable[[], None]) -> int:
+    """Floating-point operations of one step as executed, by torch's FlopCounterMode.
+
+    Counts the matrix products (mm, addmm, bmm, baddbmm, convolutions, ...) that the
+    step actually dispatches, 2 per multiply-add; elementwise work is not counted, so
+    this is the figure that dense linear algebra dominates.
+    """
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return counter.get_total_flops()

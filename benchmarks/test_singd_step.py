@@ -1,0 +1,243 @@
+"""Step time of our SINGD against the published one (PyPI singd 0.0.5) and against AdamW.
+
+Run (not part of the default test run, whose testpaths is tests/):
+
+    scripts/reference_env.sh          # once; the reference comparisons skip without it
+    OMP_NUM_THREADS=1 python -m pytest benchmarks/test_singd_step.py
+
+Workload (`mlp_step.py`): one training step of an MLP 256-512-512-10, batch 128, T=1,
+float32, one thread. The reference runs in its own virtual environment as a long-lived
+subprocess (`reference_step.py`); every timed round of ours is preceded by one timed
+step of the reference (pytest-benchmark's `setup`), so both see the same machine load.
+Each step is timed twice: CPU time (`time.process_time`, what the step costs) and wall
+clock (`time.perf_counter`, which adds any wait for a core: on a machine shared with
+other jobs it is mostly noise). Each side's median over its rounds is compared:
+`ratio = median_ours / median_reference` (dimensionless), by CPU time and by wall clock.
+SINGD with diagonal factors is paired with AdamW the same way. FLOP counts are those
+torch's FlopCounterMode sees dispatched in one step (matrix products, 2 per
+multiply-add; FFTs and elementwise work are not counted), and GFLOP/s = FLOP / median
+CPU time / 1e9. pytest-benchmark's own table shows our steps' wall clock.
+
+Targets (issue 2): ratio <= 0.8 with diagonal and hierarchical15_15 factors, <= 0.1 with
+Toeplitz factors, <= 1.0 with dense ones; SINGD-diagonal <= 1.3x AdamW. They are
+judged on CPU time and recorded (`meets_target`), not asserted: a benchmark on a shared
+machine measures, it does not gate. Each test stores its figures in pytest-benchmark's
+`extra_info`, and the module writes a table to `benchmarks/results/singd_step.{md,json}`
+(with the machine's load average before and after: other processes skew timings).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import mlp_step
+import pytest
+import torch
+
+from singd import SINGD
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+REFERENCE_PYTHON = Path(os.environ.get("SINGD_REFERENCE_PYTHON", "/tmp/singd-ref-venv/bin/python"))
+TARGETS = {
+    "dense": 1.0,
+    "diagonal": 0.8,
+    "hierarchical15_15": 0.8,
+    "triltoeplitz": 0.1,
+    "triutoeplitz": 0.1,
+}
+ADAMW_TARGET = 1.3
+# The reference's Toeplitz step takes about a second: fewer rounds there.
+ROUNDS = {"triltoeplitz": 7, "triutoeplitz": 7}
+DEFAULT_ROUNDS = 30
+WARMUP = 2
+
+
+class ReferenceProcess:
+    """The reference's step server (`reference_step.py`) in its own venv, run from /tmp."""
+
+    def __init__(self, python: Path) -> None:
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+        env["OMP_NUM_THREADS"] = "1"
+        self._process = subprocess.Popen(
+            [str(python), str(HERE / "reference_step.py")],
+            cwd="/tmp",  # never the repository: our package is also named `singd`
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+
+    def request(self, message: dict[str, Any]) -> dict[str, Any]:
+        self._process.stdin.write(json.dumps(message) + "\n")
+        self._process.stdin.flush()
+        line = self._process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the reference process exited ({self._process.wait()})")
+        return json.loads(line)
+
+    def close(self) -> None:
+        self._process.stdin.close()
+        self._process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    if not REFERENCE_PYTHON.exists():
+        pytest.skip(
+            f"the reference venv is absent ({REFERENCE_PYTHON} not found); create it with "
+            "scripts/reference_env.sh or point SINGD_REFERENCE_PYTHON at its python"
+        )
+    process = ReferenceProcess(REFERENCE_PYTHON)
+    yield process
+    process.close()
+
+
+@pytest.fixture(scope="module")
+def table():
+    """Rows collected by the tests; written as Markdown and JSON when the module ends."""
+    rows: dict[str, dict[str, Any]] = {}
+    load_before = os.getloadavg()
+    yield rows
+    if rows:
+        write_table(rows, load_before, os.getloadavg())
+
+
+def singd_step(structure: str):
+    model, x, y = mlp_step.build()
+    optimizer = SINGD(model, structures=(structure, structure), **mlp_step.SINGD_KWARGS)
+    return mlp_step.make_step(model, optimizer, x, y)
+
+
+def adamw_step():
+    model, x, y = mlp_step.build()
+    return mlp_step.make_step(model, torch.optim.AdamW(model.parameters(), lr=1e-3), x, y)
+
+
+def paired(benchmark, step, partner, rounds: int) -> dict[str, float] | None:
+    """Time `step` under pytest-benchmark, each round preceded by one `partner()` step.
+
+    Both are timed by `mlp_step.timed` (the partner times itself and returns
+    `(wall, cpu)` seconds). Returns the medians in seconds, warm-up rounds excluded:
+    `ours_wall`, `ours_cpu`, `partner_wall`, `partner_cpu`; None when benchmarking is
+    disabled (`--benchmark-disable` runs the step once and measures nothing).
+    """
+    ours, theirs = [], []
+    timed_step = mlp_step.timed(step)
+    benchmark.pedantic(
+        lambda: ours.append(timed_step()),
+        setup=lambda: theirs.append(partner()),
+        rounds=rounds,
+        warmup_rounds=WARMUP,
+        iterations=1,
+    )
+    if benchmark.disabled:
+        return None
+    medians = {}
+    for who, times in (("ours", ours[WARMUP:]), ("partner", theirs[WARMUP:])):
+        for clock, values in zip(("wall", "cpu"), zip(*times, strict=True), strict=True):
+            medians[f"{who}_{clock}"] = statistics.median(values)
+    return medians
+
+
+def figures(medians: dict[str, float], target: float) -> dict[str, Any]:
+    """Milliseconds and ratios; the target is judged on CPU time (see the module doc)."""
+    ratio = medians["ours_cpu"] / medians["partner_cpu"]
+    return {
+        "ours_cpu_ms": medians["ours_cpu"] * 1e3,
+        "baseline_cpu_ms": medians["partner_cpu"] * 1e3,
+        "ours_wall_ms": medians["ours_wall"] * 1e3,
+        "baseline_wall_ms": medians["partner_wall"] * 1e3,
+        "ratio_cpu": ratio,
+        "ratio_wall": medians["ours_wall"] / medians["partner_wall"],
+        "target": target,
+        "meets_target": ratio <= target,
+    }
+
+
+@pytest.mark.parametrize("structure", list(TARGETS))
+def test_singd_step_against_the_reference(benchmark, reference, table, structure):
+    torch.set_num_threads(1)
+    step = singd_step(structure)
+    info = reference.request({"structure": structure})
+
+    def reference_step() -> tuple[float, float]:
+        reply = reference.request({"steps": 1})
+        return reply["wall"][0], reply["cpu"][0]
+
+    medians = paired(benchmark, step, reference_step, ROUNDS.get(structure, DEFAULT_ROUNDS))
+    if medians is None:
+        return
+    flops = mlp_step.count_flops(step)
+    row = figures(medians, TARGETS[structure])
+    row.update(
+        baseline="reference",
+        flops_ours=flops,
+        flops_reference=info["flops"],
+        gflops_per_s_ours=flops / medians["ours_cpu"] / 1e9,
+        gflops_per_s_reference=info["flops"] / medians["partner_cpu"] / 1e9,
+    )
+    benchmark.extra_info.update(row)
+    table[f"singd:{structure}"] = row
+
+
+def test_singd_diagonal_against_adamw(benchmark, table):
+    """SINGD-diagonal is the partner here, AdamW the benchmarked step: ratio = SINGD/AdamW."""
+    torch.set_num_threads(1)
+    diagonal = mlp_step.timed(singd_step("diagonal"))
+    medians = paired(benchmark, adamw_step(), diagonal, DEFAULT_ROUNDS)
+    if medians is None:
+        return
+    swapped = {
+        "ours_wall": medians["partner_wall"],
+        "ours_cpu": medians["partner_cpu"],
+        "partner_wall": medians["ours_wall"],
+        "partner_cpu": medians["ours_cpu"],
+    }
+    row = figures(swapped, ADAMW_TARGET)
+    row["baseline"] = "adamw"
+    benchmark.extra_info.update(row)
+    table["singd:diagonal vs adamw"] = row
+
+
+def write_table(rows: dict[str, dict[str, Any]], load_before, load_after) -> None:
+    """Write the figures as a Markdown table a human can paste, and as JSON."""
+    machine = {
+        "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": 1,
+        "load_average_1min_before": load_before[0],
+        "load_average_1min_after": load_after[0],
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "singd_step.json").write_text(
+        json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n"
+    )
+    lines = [
+        "| step: MLP 256-512-512-10, batch 128, T=1, 1 thread | baseline | ours ms | baseline ms "
+        "| ratio (CPU) | ratio (wall) | target | met | GFLOP ours / ref | GFLOP/s ours / ref |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in rows.items():
+        flops = rate = ""
+        if "flops_ours" in row:
+            flops = f"{row['flops_ours'] / 1e9:.2f} / {row['flops_reference'] / 1e9:.2f}"
+            rate = f"{row['gflops_per_s_ours']:.0f} / {row['gflops_per_s_reference']:.0f}"
+        lines.append(
+            f"| {name.replace(' vs adamw', '')} | {row['baseline']} | {row['ours_cpu_ms']:.1f} "
+            f"| {row['baseline_cpu_ms']:.1f} | {row['ratio_cpu']:.3f} | {row['ratio_wall']:.3f} "
+            f"| <= {row['target']} | {'yes' if row['meets_target'] else 'NO'} | {flops} | {rate} |"
+        )
+    lines.append("")
+    lines.append(
+        f"Medians of interleaved rounds, CPU time (time.process_time); ratios also by wall "
+        f"clock. torch {machine['torch']}, {machine['processor']}, one thread; 1-minute load "
+        f"average {load_before[0]:.1f} before, {load_after[0]:.1f} after."
+    )
+    (RESULTS / "singd_step.md").write_text("\n".join(lines) + "\n")
