@@ -12,10 +12,11 @@ Forms (case-insensitive, whitespace ignored; DESIGN.md):
 ``adamw``, ``sgd``                 torch.optim.AdamW / SGD over all trainable parameters
 =================================  ==========================================================
 
-Hyperparameters come from `DEFAULT_HYPERPARAMETERS` (one small table per family, chosen
-so that the suites' models learn within a second of CPU training) and a user's overrides
-(``OptimizerSpec.build(model, overrides)``); the spec itself fixes the structures,
-``kfac_like`` and ``inverse_method``, which overrides cannot change.
+Hyperparameters come from `DEFAULT_HYPERPARAMETERS` (one small table per family: the
+constructors' own defaults, which are the published SINGD's, except ``T = 1`` so that the
+short stress runs update their preconditioners at every step) and a user's overrides
+(``OptimizerSpec.build(model, overrides)``; suites pass theirs from TOML); the spec itself
+fixes the structures, ``kfac_like`` and ``inverse_method``, which overrides cannot change.
 """
 
 from __future__ import annotations

@@ -157,3 +157,82 @@ def test_the_default_table_is_a_plain_dict_a_user_can_read():
     hp = parse_spec("sgd").hyperparameters({"lr": 3.0})
     assert hp == {**DEFAULT_HYPERPARAMETERS["sgd"], "lr": 3.0}
     assert DEFAULT_HYPERPARAMETERS["sgd"]["lr"] != 3.0
+
+
+def test_singd_specs_build_singd_with_the_structures_the_spec_names():
+    from singd import SINGD
+
+    net = model()
+    opt = parse_spec("singd:hierarchical15_15/dense").build(net, {"lr": 0.2})
+    assert isinstance(opt, SINGD)
+    group = opt.param_groups[0]
+    assert group["structures"] == ("hierarchical15_15", "dense")
+    assert group["lr"] == 0.2 and group["T"] == DEFAULT_HYPERPARAMETERS["singd"]["T"]
+    assert group["kfac_like"] is False
+    ikfac = parse_spec("ikfac").build(model())
+    assert ikfac.param_groups[0]["kfac_like"] is True
+    assert ikfac.param_groups[0]["alpha1"] == 0.0  # IKFAC has no Riemannian momentum
+
+
+@pytest.mark.parametrize("method", ["cholesky", "eigh", "inv", "newton-schulz"])
+def test_kfac_specs_build_kfac_with_their_inverse_method(method):
+    from singd import KFAC
+
+    opt = parse_spec(f"kfac:{method}").build(model(), {"damping": 0.5})
+    assert isinstance(opt, KFAC)
+    group = opt.param_groups[0]
+    assert group["inverse_method"] == method and group["damping"] == 0.5
+    assert group["factor_decay"] == DEFAULT_HYPERPARAMETERS["kfac"]["factor_decay"]
+
+
+def test_built_optimizers_train_a_model_in_its_current_dtype():
+    x = torch.randn(16, 6, dtype=torch.bfloat16)
+    for text in ("singd:diagonal", "kfac:eigh", "adamw", "sgd"):
+        net = model().to(torch.bfloat16)
+        before = [p.detach().clone() for p in net.parameters()]
+        opt = parse_spec(text).build(net)
+        net(x).square().mean().backward()
+        opt.step()
+        assert all(p.dtype == torch.bfloat16 for p in net.parameters())
+        assert any(not torch.equal(b, p) for b, p in zip(before, net.parameters(), strict=True))
+        if hasattr(opt, "curvature_state"):
+            for view in opt.curvature_state():
+                for factor in view.factors.values():
+                    assert factor.dtype == torch.bfloat16, text
+
+
+def test_dtype_overrides_accept_names_from_toml():
+    opt = parse_spec("kfac:cholesky").build(
+        model(), {"factor_dtype": "bf16", "inverse_dtype": "float64"}
+    )
+    group = opt.param_groups[0]
+    assert group["factor_dtype"] == torch.bfloat16 and group["inverse_dtype"] == torch.float64
+    opt = parse_spec("singd:diagonal").build(
+        model(), {"preconditioner_dtype": ["fp16", "torch.float32"]}
+    )
+    assert opt.param_groups[0]["preconditioner_dtype"] == (torch.float16, torch.float32)
+    with pytest.raises(UsageError, match=r"'factor_dtype' must name a floating dtype.*'int8'"):
+        parse_spec("kfac:eigh").build(model(), {"factor_dtype": "int8"})
+
+
+def test_overrides_cannot_change_what_the_spec_fixes():
+    with pytest.raises(UsageError, match=r"'inverse_method' is set by the spec 'kfac:eigh'"):
+        parse_spec("kfac:eigh").build(model(), {"inverse_method": "inv"})
+    with pytest.raises(UsageError, match=r"'structures' is set by the spec 'singd:diagonal'"):
+        parse_spec("singd:diagonal").build(model(), {"structures": ("dense", "dense")})
+
+
+def test_bad_override_values_get_the_optimizers_own_message():
+    with pytest.raises(ValueError, match=r"damping must be a number >= 0, got -1"):
+        parse_spec("kfac:inv").build(model(), {"damping": -1})
+    with pytest.raises(ValueError, match=r"lr_cov must be a number >= 0, got 'fast'"):
+        parse_spec("ingd").build(model(), {"lr_cov": "fast"})
+
+
+def test_unsupported_layers_go_to_the_fallback_for_kronecker_specs():
+    net = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Linear(5, 3))
+    for text in ("singd:diagonal", "kfac:cholesky"):
+        opt = parse_spec(text).build(net)
+        assert isinstance(opt.fallback, torch.optim.AdamW)
+        covered = {id(p) for g in opt.fallback.param_groups for p in g["params"]}
+        assert covered == {id(net[1].weight), id(net[1].bias)}
