@@ -157,10 +157,10 @@ class SINGD(KroneckerOptimizer):
             get_structure(name)  # raises ValueError listing the valid forms
         group["structures"] = tuple(structures)
         dtypes = group["preconditioner_dtype"]
-        floating = all(
+        pair = isinstance(dtypes, (tuple, list)) and len(dtypes) == 2
+        if not pair or not all(
             d is None or (isinstance(d, torch.dtype) and d.is_floating_point) for d in dtypes
-        )
-        if not (isinstance(dtypes, (tuple, list)) and len(dtypes) == 2 and floating):
+        ):
             raise ValueError(
                 f"preconditioner_dtype{where} must be a pair of floating torch dtypes or "
                 f"None such as (torch.float32, None), got {dtypes!r}."
