@@ -161,6 +161,11 @@ class StructuredMatrix(ABC):
         """A deep copy."""
         return type(self)(self._dim, {k: t.clone() for k, t in self._tensors.items()})
 
+    def __reduce__(self) -> tuple:
+        # Classes such as Block30DiagonalMatrix are made on demand by get_structure, so
+        # pickle by structure name rather than by class path.
+        return _rebuild, (self.name, self._dim, self._tensors)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(dim={self._dim}, dtype={self.dtype}, device={self.device})"
 
@@ -339,6 +344,13 @@ class StructuredMatrix(ABC):
                 f"{self.name} of dim {self._dim} multiplies tensors of shape "
                 f"({self._dim}, n), got {tuple(X.shape)}."
             )
+
+
+def _rebuild(name: str, dim: int, tensors: dict[str, Tensor]) -> StructuredMatrix:
+    """Unpickle a structured matrix (see ``StructuredMatrix.__reduce__``)."""
+    from singd.structures.registry import get_structure  # the registry imports this module
+
+    return get_structure(name).from_tensors(dim, tensors)
 
 
 def _extremes(singular_values: Tensor) -> tuple[Tensor, Tensor]:

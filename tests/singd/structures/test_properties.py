@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import math
+import pickle
 
 import pytest
 import torch
@@ -112,6 +113,13 @@ def test_state_is_plain_tensors_that_load_with_weights_only(name, dim, dtype):
     assert all(type(t) is Tensor for t in loaded.values())
     again = type(S).from_tensors(dim, loaded)
     assert torch.equal(again.to_dense().to(F64), S64)
+
+
+@pytest.mark.parametrize(("name", "dim"), CASES[::3], ids=CASE_IDS[::3])
+def test_pickles_by_name(name, dim):
+    S, S64 = random_structured(name, dim, torch.float32, seed=3)
+    again = pickle.loads(pickle.dumps(S))
+    assert type(again) is type(S) and torch.equal(again.to_dense().to(F64), S64)
 
 
 @parametrize_dtypes
