@@ -23,6 +23,9 @@ are DESIGN.md's; those this module adds:
 - ``seeds_broken`` / ``seeds_total``: over all seeds of the run's configuration (the run
   id with ``s*`` for the seed), how many broke, and how many are planned.
 - ``error``: for a run that crashed, ``"<exception type>: <message>"``; else null.
+- ``warnings``: the distinct warning messages raised while the run was built and trained.
+- ``hyperparameters``: the optimizer's hyperparameters as built (family defaults, then
+  the suite's and the scenario's overrides).
 
 Non-finite numbers are written as null, so the JSON stays valid.
 """
@@ -78,6 +81,7 @@ SUMMARY_FIELDS = (
     "seeds_broken",
     "seeds_total",
     "error",
+    "warnings",
     "hyperparameters",
 )
 """Every run object's keys, in the order written."""

@@ -14,7 +14,8 @@ mean over ranks (so every rank stops at the same step), and rank 0 gathers all r
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from precision_lab.scenarios import get_scenario
 from precision_lab.specs import parse_spec
 from precision_lab.suite import RunPlan
 from probes.memory import optimizer_state_bytes
-from probes.records import Recorder
+from probes.records import Recorder, frame_from_rows
 
 DIVERGENCE_FACTOR = 10.0
 """A run has diverged when its loss exceeds this multiple of its first loss (DESIGN.md)."""
@@ -46,7 +47,7 @@ class Outcome:
     """
 
     summary: dict[str, Any]
-    records: pd.DataFrame
+    records: pd.DataFrame = field(default_factory=lambda: frame_from_rows([]))
     interrupted: bool = False
 
 
@@ -94,6 +95,10 @@ def train(
 ) -> Outcome:
     """Run ``plan`` to the end, to divergence, or to Ctrl-C, and summarize it.
 
+    Warnings raised while building and training (an optimizer moving a layer to its
+    fallback, say) are kept in the summary's ``warnings``, not printed over the progress
+    bar.
+
     Args:
         plan: The run.
         device: Where to train.
@@ -103,6 +108,14 @@ def train(
     Returns:
         The run's summary fields (units: bytes, steps, ms, the loss's nats) and records.
     """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outcome = _train(plan, device=device, every=every, failure_dir=failure_dir)
+    outcome.summary["warnings"] = list(dict.fromkeys(str(w.message) for w in caught))
+    return outcome
+
+
+def _train(plan: RunPlan, *, device: torch.device, every: int, failure_dir: Path | None) -> Outcome:
     rank, world = _world()
     scenario = get_scenario(plan.scenario)
     spec = parse_spec(plan.optimizer)

@@ -34,7 +34,7 @@ from precision_lab.context import LabContext, pass_lab
 from precision_lab.dtypes import dtype_name, parse_dtype
 from precision_lab.errors import EXIT_INTERRUPTED, UsageError, user_errors
 from precision_lab.rundir import RunDirectory
-from precision_lab.runner import train
+from precision_lab.runner import Outcome, train
 from precision_lab.specs import parse_specs
 from precision_lab.suite import BUILTIN_SUITES, MODES, load_suite
 
@@ -133,8 +133,8 @@ def summary_table(runs: list[dict[str, Any]], seeds: bool) -> Table:
         "mode",
         "seed",
         "diverged",
-        "1st non-finite",
-        "events nan/inf/skip/ovf",
+        "non-finite at",
+        "nan/inf/skip/ovf",
         "max cond",
         "opt state",
         "peak mem",
@@ -146,7 +146,7 @@ def summary_table(runs: list[dict[str, Any]], seeds: bool) -> Table:
     if seeds:
         headers.append("seeds broken")
     for header in headers:
-        table.add_column(header, overflow="fold", no_wrap=header in ("scenario", "optimizer"))
+        table.add_column(header, overflow="ellipsis", no_wrap=True)
     for run in runs:
         if not run["finished"] and not run["error"] and run["steps"] == 0:
             status = "[dim]not run[/dim]"
@@ -330,6 +330,8 @@ def _run_all(
                 )
             except KeyboardInterrupt:
                 return True
+            except Exception as err:  # a run that cannot even start is recorded, not fatal
+                outcome = Outcome({"run": plan.run_id, "error": f"{type(err).__name__}: {err}"})
             if run_dir is not None:
                 run_dir.add(outcome.summary, outcome.records)
                 if outcome.summary.get("error"):

@@ -14,6 +14,7 @@ the run it controls in ``control_of``.
 from __future__ import annotations
 
 import tomllib
+import warnings
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 
 from precision_lab.dtypes import dtype_name, parse_dtype
 from precision_lab.errors import UsageError
-from precision_lab.models import MODELS
+from precision_lab.models import MODELS, build_model
 from precision_lab.scenarios import get_scenario
 
 BUILTIN_SUITES = ("quick", "default", "full")
@@ -224,7 +225,27 @@ class Suite:
                                     control = replace(base, control_for=(dtype, mode))
                                     runs.setdefault(control.run_id, control)
                                     runs.setdefault(run.run_id, run)
-        return list(runs.values())
+        plans = list(runs.values())
+        _check_hyperparameters(plans)
+        return plans
+
+
+def _check_hyperparameters(plans: list[RunPlan]) -> None:
+    """Build each optimizer once on the MLP, so a bad hyperparameter value stops the suite
+    before it starts (the optimizers raise ValueError naming the value)."""
+    seen = set()
+    for plan in plans:
+        key = (plan.optimizer, repr(sorted(plan.hyperparameters.items())))
+        if key in seen:
+            continue
+        seen.add(key)
+        spec = _parse_spec(plan.optimizer)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the runs record their warnings themselves
+                spec.build(build_model("mlp", 0), plan.hyperparameters)
+        except (ValueError, TypeError) as err:
+            raise UsageError(f"Optimizer {plan.optimizer!r} in suite: {err}") from None
 
 
 def _wrap(fn, *args):
