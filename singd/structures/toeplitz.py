@@ -6,9 +6,9 @@ so they form commutative groups: ``L(a) L(b) = L((a * b)[:d])``, the product of 
 polynomials truncated to degree d - 1.
 
 Every operation is a convolution or correlation along the dimension, computed with FFTs
-of length 2d (no wrap-around for lags below d): ``S @ X``, ``S^T @ X`` and ``X @ S`` cost
-O(n d log d) for n vectors of length d, never a d x d matrix (the reference builds the
-dense matrix, REFERENCE.md gap 4).
+of a fast length >= 2d - 1 (no wrap-around for lags below d): ``S @ X``, ``S^T @ X`` and
+``X @ S`` cost O(n d log d) for n vectors of length d, never a d x d matrix (the
+reference builds the dense matrix, REFERENCE.md gap 4).
 
 ``P(M)``: ``t[0] = trace(M) / d`` and, for k >= 1, ``t[k]`` = mean of the k-th lower
 diagonal + mean of the k-th upper diagonal (the same rule for both structures).
@@ -22,6 +22,7 @@ runs in float64. Diagonal sums in :meth:`from_dense` accumulate in the same wide
 
 from __future__ import annotations
 
+from functools import cache
 from typing import ClassVar, Self
 
 import torch
@@ -35,15 +36,35 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+@cache
+def fft_length(dim: int) -> int:
+    """The smallest 5-smooth length (2^a 3^b 5^c) >= 2d - 1: long enough that products
+    of two length-d sequences do not wrap around, and fast for pocketfft/cuFFT (a length
+    such as 2 * 257 with a large prime factor is several times slower)."""
+    target = max(2 * dim - 1, 1)
+    best = 1 << (target - 1).bit_length()
+    power5 = 1
+    while power5 < best:
+        power35 = power5
+        while power35 < best:
+            length = power35
+            while length < target:
+                length *= 2
+            best = min(best, length)
+            power35 *= 3
+        power5 *= 5
+    return best
+
+
 def toeplitz_rows(t: Tensor, Y: Tensor, transpose: bool) -> Tensor:
     """Each row y of Y (..., d) times ``L(t)`` or its transpose, as 1-D sequences.
 
     ``transpose=False``: ``L(t) y``, the causal convolution ``sum_{k <= i} t[k] y[i - k]``.
     ``transpose=True``: ``L(t)^T y``, the correlation ``sum_k t[k] y[i + k]`` (the
-    conjugate spectrum of t). Both are exact for lags below d with FFTs of length 2d.
+    conjugate spectrum of t). Both are exact for lags below d with FFTs of length >= 2d - 1.
     """
     dim, wide = Y.shape[-1], _wide(Y.dtype)
-    size = 2 * dim
+    size = fft_length(dim)
     kernel = torch.fft.rfft(t.to(wide), n=size)
     if transpose:
         kernel = kernel.conj()
@@ -54,7 +75,7 @@ def toeplitz_rows(t: Tensor, Y: Tensor, transpose: bool) -> Tensor:
 def cross_correlation(a: Tensor, b: Tensor) -> Tensor:
     """``c[k] = sum_u a[u] b[u + k]`` for lags 0 <= k < d, in the wide dtype."""
     dim = a.shape[-1]
-    size = 2 * dim
+    size = fft_length(dim)
     spectrum = torch.fft.rfft(a, n=size).conj() * torch.fft.rfft(b, n=size)
     return torch.fft.irfft(spectrum, n=size)[:dim]
 
@@ -127,9 +148,10 @@ class ToeplitzMatrix(StructuredMatrix):
     @classmethod
     def from_gram(cls, X: Tensor) -> Self:
         dim, wide = X.shape[1], _wide(X.dtype)
-        spectrum = torch.fft.rfft(X.to(wide), n=2 * dim, dim=1)
+        size = fft_length(dim)
+        spectrum = torch.fft.rfft(X.to(wide), n=size, dim=1)
         power = (spectrum.real**2 + spectrum.imag**2).sum(0)
-        lag_sums = torch.fft.irfft(power, n=2 * dim)[:dim]
+        lag_sums = torch.fft.irfft(power, n=size)[:dim]
         return cls(dim, {"coefficients": _fold_diagonal_sums(lag_sums, dim, X.dtype)})
 
     def _from_inner_identity(self) -> Self:
