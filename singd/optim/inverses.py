@@ -179,16 +179,23 @@ def newton_schulz(matrix: Tensor, *, initial: Tensor | None = None) -> Tensor:
     quadratic phase, so about ``log2(kappa^2 d) + 5`` iterations are needed. The scalar
     ``||M||_1 ||M||_inf`` is computed in float32 (it alone may overflow float16); ``X_0`` is
     rounded once to the factor dtype. A warm start ``initial`` (the previous inverse) is
-    used instead when its residual norm is below 1, which guarantees convergence too.
+    used instead when its residual's spectral norm is below 1, which guarantees
+    convergence too (and takes a few iterations when the factor changed little).
 
     Stopping: after at most `NEWTON_SCHULZ_MAX_ITER` iterations, as soon as ``||R||_F <=
-    d eps`` (nothing left to gain in this dtype), or when ``||R||_F`` has not improved for
-    `NEWTON_SCHULZ_PATIENCE` iterations (the dtype's rounding floor; in exact arithmetic it
-    decreases strictly). The iterate with the smallest ``||R||_F`` is returned if its
-    spectral norm ``||R||_2`` (estimated by power iteration in float32) is below 1: then
-    ``X`` is non-singular and ``||X - M^-1||_2 <= ||R||_2 ||M^-1||_2``. (The Frobenius
-    norm would reject usable float16/bfloat16 inverses of wide factors: rounding noise
-    alone gives ``||R||_F`` about ``sqrt(d)`` times ``||R||_2``.)
+    d eps`` (nothing left to gain in this dtype), or at the dtype's rounding floor: in exact
+    arithmetic ``||R_{k+1}||_F <= ||R_k||_F^2``, so once ``||R_k||_F < 1`` a step that
+    leaves more than twice that bound is dominated by rounding and the next would gain
+    less than a factor 2; before that, when ``||R||_F`` has not improved for
+    `NEWTON_SCHULZ_PATIENCE` iterations.
+
+    Acceptance: the iterate with the smallest ``||R||_F`` is returned if the spectral norm
+    of its residual ``||R||_2`` (estimated by power iteration in float32) is at most
+    `NEWTON_SCHULZ_ACCEPT`: since ``X = M^-1 (I - R)``, ``||X - M^-1||_2 <= ||R||_2
+    ||M^-1||_2``, so the inverse is then right to within half its norm in every direction
+    (merely ``||R||_2 < 1`` would accept an ``X`` that all but ignores a direction). The
+    Frobenius norm would reject usable float16/bfloat16 inverses of wide factors:
+    rounding noise alone makes ``||R||_F`` about ``sqrt(d)`` times ``||R||_2``.
 
     Raises:
         InversionError: The best iterate's residual has ``||R||_2 > 1/2`` or is not finite
@@ -220,7 +227,12 @@ def newton_schulz(matrix: Tensor, *, initial: Tensor | None = None) -> Tensor:
         if not math.isfinite(norm) or norm <= tolerance or stale >= NEWTON_SCHULZ_PATIENCE:
             break
         x = x + x @ r
+        previous = norm
         r, norm = residual(x)
+        if previous < 1 and norm > 2 * previous**2:
+            if norm < best_norm:
+                best, best_r, best_norm = x, r, norm
+            break
         if norm < best_norm:
             best, best_r, best_norm, stale = x, r, norm, 0
         else:
