@@ -73,8 +73,12 @@ SIZE = _Parsed("size", parse_size)
 def baseline_command(lab: LabContext, run_dir: Path, output: Path) -> None:
     """Freeze RUN_DIR's summary figures (every run, float32 controls included) as a baseline."""
     document = write_baseline(run_dir, output)
+    runs = len(document["runs"])
     lab.console.print(
-        f"Wrote baseline of suite {document['suite']!r} ({len(document['runs'])} runs) to {output}."
+        f"Wrote baseline of suite {document['suite']!r} ({runs} runs) to {output}.",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
     )
 
 
