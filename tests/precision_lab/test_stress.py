@@ -1,0 +1,189 @@
+"""``precision-lab stress`` end to end: the quick suite, divergence, Ctrl-C, torchrun."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from precision_lab import load_run
+from precision_lab.cli import cli
+from precision_lab.data import digits
+from precision_lab.rundir import SUMMARY_FIELDS
+from precision_lab.scenarios import get_scenario
+
+TYPES = {
+    "run": str,
+    "model": str,
+    "scenario": str,
+    "optimizer": str,
+    "dtype": str,
+    "mode": str,
+    "seed": int,
+    "steps": int,
+    "finished": bool,
+    "diverged": bool,
+    "nan_events": int,
+    "inf_events": int,
+    "skipped_steps": int,
+    "overflow_events": int,
+    "optimizer_state_bytes": int,
+    "peak_memory_bytes": int,
+    "step_time_ms": float,
+    "failure_cause": str,
+    "seeds_broken": int,
+    "seeds_total": int,
+    "warnings": list,
+    "hyperparameters": dict,
+}
+NULLABLE = {
+    "structure": str,
+    "control_of": str,
+    "first_nonfinite_step": int,
+    "underflow_fraction": float,
+    "max_condition": float,
+    "final_loss": float,
+    "accuracy": float,
+    "fallback_optimizer": str,
+    "control": dict,
+    "error": str,
+}
+
+
+def stress(*args, env=None):
+    return CliRunner().invoke(cli, ["stress", *args], catch_exceptions=False, env=env)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quick") / "run"
+    result = stress("--dtype", "bf16", "--suite", "quick", "--steps", "6", "--out", str(out))
+    return result, out
+
+
+def test_quick_suite_writes_a_valid_run_directory(quick_run):
+    result, out = quick_run
+    assert result.exit_code == 0, result.output
+    assert f"Run directory: {out}" in result.output
+    assert {p.name for p in out.iterdir()} >= {
+        "config.json",
+        "summary.json",
+        "records.parquet",
+        "report.html",
+        "failures",
+    }
+    runs = json.loads((out / "summary.json").read_text())["runs"]
+    assert len(runs) == 12
+    for run in runs:
+        assert list(run) == list(SUMMARY_FIELDS)
+        for field, kind in TYPES.items():
+            assert isinstance(run[field], kind), (field, run[field])
+        for field, kind in NULLABLE.items():
+            assert run[field] is None or isinstance(run[field], kind), (field, run[field])
+        assert run["finished"] and run["error"] is None
+        assert run["dtype"] in ("float32", "bfloat16")
+        assert (run["control_of"] is None) == (run["dtype"] == "bfloat16")
+        assert (run["control"] is None) == (run["dtype"] == "float32")
+        assert isinstance(run["accuracy"], float)  # digits: real data, always measured
+    config = json.loads((out / "config.json").read_text())
+    for key in ("suite", "optimizers", "dtypes", "modes", "seeds", "versions", "device", "command"):
+        assert key in config
+    assert config["dtypes"] == ["bfloat16"] and config["device"] == "cpu"
+
+
+def test_quick_suite_records_load_back(quick_run):
+    _, out = quick_run
+    summary, records = load_run(out)
+    assert len(summary) == 12
+    assert set(records["run"]) == set(summary["run"])
+    loss = records.query("probe == 'train' and metric == 'loss'")
+    finished = summary[~summary["diverged"]]
+    for run_id in finished["run"]:
+        assert loss[loss["run"] == run_id]["step"].tolist() == list(range(6))
+    accuracy = records.query("metric == 'test_accuracy'")
+    assert set(accuracy["run"]) == set(summary["run"])  # digits: every run has one
+    assert {"numerics", "memory", "time", "condition", "train"} <= set(records["probe"])
+    assert (records["dtype"].isin(["float32", "bfloat16", ""])).all()
+
+
+def test_the_table_names_every_run(quick_run):
+    result, _ = quick_run
+    for name in ("singd:diagonal", "kfac:cholesky", "adamw", "near_fp16_max", "float32 ctl"):
+        assert name in result.output
+
+
+def _diverging_suite(tmp_path):
+    path = tmp_path / "diverge.toml"
+    path.write_text(
+        'models = ["mlp"]\nscenarios = ["baseline"]\noptimizers = ["sgd", "adamw"]\n'
+        'dtypes = ["float32"]\nsteps = 8\n[hyperparameters.sgd]\nlr = 1e4\n'
+    )
+    return path
+
+
+def test_a_divergence_is_recorded_and_the_suite_goes_on(tmp_path):
+    out = tmp_path / "run"
+    result = stress("--suite", str(_diverging_suite(tmp_path)), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    summary, _ = load_run(out)
+    sgd, adamw = summary.set_index("optimizer").loc[["sgd", "adamw"]].to_dict("records")
+    assert sgd["diverged"] and sgd["steps"] < 8 and sgd["failure_cause"] == "optimization"
+    assert adamw["finished"] and not adamw["diverged"] and adamw["steps"] == 8
+
+
+def test_ctrl_c_mid_suite_keeps_earlier_runs_and_exits_130(tmp_path, monkeypatch):
+    """KeyboardInterrupt raised inside the third run, via the scenario's data."""
+    scenario = get_scenario("baseline")
+    calls = []
+
+    class Interrupting:
+        def __getattr__(self, name):
+            return getattr(digits(), name)
+
+        def batches(self, batch_size, seed):
+            calls.append(1)
+            for i, batch in enumerate(digits().batches(batch_size, seed)):
+                if len(calls) == 3 and i == 2:
+                    raise KeyboardInterrupt
+                yield batch
+
+    monkeypatch.setattr(scenario, "dataset", lambda: Interrupting())
+    out = tmp_path / "run"
+    result = stress(
+        "--suite", "quick", "--scenarios", "baseline", "--steps", "4", "--out", str(out)
+    )
+    assert result.exit_code == 130
+    assert "Interrupted" in result.output
+    summary, records = load_run(out)
+    assert summary["finished"].tolist() == [True, True, False, False, False, False]
+    assert summary["steps"].tolist() == [4, 4, 2, 0, 0, 0]
+    assert set(records["run"]) == set(summary["run"][:3])
+    assert (out / "report.html").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
+def test_torchrun_two_cpu_ranks_write_one_run_directory(tmp_path):
+    out = tmp_path / "run"
+    command = [
+        *("torchrun", "--nproc-per-node", "2", "-m", "precision_lab", "stress"),
+        *("--dtype", "bf16", "--suite", "quick", "--scenarios", "baseline"),
+        *("--optimizers", "singd:diagonal,adamw", "--steps", "3", "--out", str(out)),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.stdout.count("Run directory:") == 1  # rank 0 alone reports
+    summary, records = load_run(out)
+    assert len(summary) == 4 and summary["finished"].all()
+    assert sorted(records["rank"].unique()) == [0, 1]
+    config = json.loads((out / "config.json").read_text())
+    assert config["world_size"] == 2
+    # Both ranks saw the same (all-reduced) loss, so they stopped at the same step.
+    loss = records.query("metric == 'loss'")
+    per_rank = loss.pivot_table(index=["run", "step"], columns="rank", values="value")
+    pd.testing.assert_series_equal(per_rank[0], per_rank[1], check_names=False)
