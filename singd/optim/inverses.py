@@ -23,9 +23,9 @@ converging. `invert_or_keep` turns a failure into "keep the previous inverse" (t
 identity if there is none, so the layer takes a plain gradient step), raises instead
 when asked to, and saves the failing matrix as a reproducer.
 
-Replaying a reproducer outside training::
+Replaying a reproducer outside training (`singd.optim.replay`)::
 
-    python -m singd.optim.inverses replay FAILURE.pt
+    python -m singd.optim.replay FAILURE.pt
 
 prints the matrix's size, dtype and method, re-runs the inversion on the stored matrix,
 and exits 1 if it fails again (with the reason), 0 if it now succeeds.
@@ -33,10 +33,8 @@ and exits 1 if it fails again (with the reason), 0 if it now succeeds.
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
-import sys
 from pathlib import Path
 
 import torch
@@ -122,10 +120,12 @@ def invert(
     """
     check_method(method)
     check_inverse_dtype(inverse_dtype)
+    if method == "newton-schulz":
+        if not bool(torch.isfinite(matrix).all()):
+            raise InversionError("the matrix has non-finite entries.", matrix, method, matrix.dtype)
+        return newton_schulz(matrix, initial=initial)
     if not bool(torch.isfinite(matrix).all()):
         raise InversionError("the matrix has non-finite entries.", matrix, method, inverse_dtype)
-    if method == "newton-schulz":
-        return newton_schulz(matrix, initial=initial)
     work = matrix.to(inverse_dtype)
     if method == "cholesky":
         factor, info = torch.linalg.cholesky_ex(work)
@@ -350,41 +350,12 @@ def replay(path: str | Path) -> tuple[dict, InversionError | None]:
     if device.startswith("cuda") and not torch.cuda.is_available():
         device = "cpu"
     matrix = record["matrix"].to(device)
+    # Newton-Schulz records its compute dtype, the matrix's; invert() ignores it there.
     inverse_dtype = getattr(torch, record["inverse_dtype"])
-    if record["method"] == "newton-schulz":
+    if inverse_dtype not in INVERSE_DTYPES:
         inverse_dtype = torch.float32
     try:
         invert(matrix, record["method"], inverse_dtype=inverse_dtype)
     except InversionError as error:
         return record, error
     return record, None
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m singd.optim.inverses replay FILE.pt``: exit 1 if the failure recurs."""
-    parser = argparse.ArgumentParser(
-        prog="python -m singd.optim.inverses", description="Replay a failed KFAC inversion."
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("replay", help="re-run the inversion saved in FILE").add_argument("file")
-    args = parser.parse_args(argv)
-    try:
-        record, error = replay(args.file)
-    except (OSError, RuntimeError, KeyError) as err:
-        print(f"cannot read reproducer {args.file}: {err}", file=sys.stderr)
-        return 2
-    print(
-        f"{record['tag']}: {_shape(record['matrix'])} {record['dtype']} matrix, method "
-        f"{record['method']} (computing in {record['inverse_dtype']}), saved on "
-        f"{record['device']} with torch {record['torch_version']}; here torch {torch.__version__}"
-    )
-    print(f"recorded failure: {record['reason']}")
-    if error is None:
-        print("replay: the inversion now succeeds")
-        return 0
-    print(f"replay: fails again: {error.reason}")
-    return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,10 +11,10 @@ from singd.optim.inverses import (
     InversionError,
     invert,
     invert_or_keep,
-    main,
     newton_schulz,
     replay,
 )
+from singd.optim.replay import main
 
 LAPACK_METHODS = ("cholesky", "eigh", "inv")
 FP16_MAX = torch.finfo(torch.float16).max  # 65504
@@ -106,10 +106,13 @@ def test_fp16_overflow_pattern_of_a_dense_inverse_follows_float64_arithmetic(met
 
 @pytest.mark.parametrize("method", INVERSE_METHODS)
 def test_non_finite_input_fails_for_every_method(method):
-    matrix = spd(4, 2.0, dtype=torch.float32)
+    matrix = spd(4, 2.0, dtype=torch.float16)
     matrix[1, 2] = float("nan")
-    with pytest.raises(InversionError, match="non-finite"):
+    with pytest.raises(InversionError, match="non-finite") as info:
         invert(matrix, method)
+    # The compute dtype on record: Newton-Schulz works in the matrix's own dtype.
+    expected = torch.float16 if method == "newton-schulz" else torch.float32
+    assert info.value.inverse_dtype == expected
 
 
 @pytest.mark.parametrize(
@@ -170,26 +173,27 @@ def test_reproducer_loads_with_weights_only_and_replays(tmp_path, capsys):
     assert record["torch_version"] == torch.__version__
     _, error = replay(path)
     assert error is not None and "not positive definite" in error.reason
-    assert main(["replay", str(path)]) == 1
+    assert main([str(path)]) == 1
     assert "fails again: not positive definite" in capsys.readouterr().out
     # The same file, repaired, replays as a success.
     record["matrix"] = bad.abs()
     torch.save(record, path)
-    assert main(["replay", str(path)]) == 0
+    assert main([str(path)]) == 0
 
 
 def test_replay_one_liner_runs_outside_training(tmp_path):
     invert_or_keep(torch.zeros(2, 2), None, "inv", failure_dir=tmp_path, tag="layer")
     done = subprocess.run(
-        [sys.executable, "-m", "singd.optim.inverses", "replay", str(tmp_path / "layer.inv.pt")],
+        [sys.executable, "-m", "singd.optim.replay", str(tmp_path / "layer.inv.pt")],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert done.returncode == 1, done.stderr
     assert "fails again: singular" in done.stdout
+    assert done.stderr == ""  # no runpy warning, no traceback
 
 
 def test_replay_of_a_missing_file_is_exit_2(tmp_path, capsys):
-    assert main(["replay", str(tmp_path / "nope.pt")]) == 2
+    assert main([str(tmp_path / "nope.pt")]) == 2
     assert "cannot read reproducer" in capsys.readouterr().err
