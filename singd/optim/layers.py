@@ -136,7 +136,9 @@ def process_input(x: Tensor, layer: KroneckerLayer, kfac_approx: str) -> Tensor:
     else:
         a = x.flatten(1, -2).mean(1)
     if layer.has_bias:
+        # A fresh tensor: scale it in place (large temporaries cost page faults on CPU).
         a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
+        return a.div_(sqrt(a.shape[0]))
     return a / sqrt(a.shape[0])
 
 

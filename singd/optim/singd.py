@@ -278,8 +278,14 @@ def _natural_gradient(K: StructuredMatrix, C: StructuredMatrix, grad: Tensor) ->
     """``C C^T G K K^T`` in the factors' dtypes, returned in the dtype of ``G``.
 
     Written as ``(K (K^T G^T))^T`` so that only products ``S @ X`` and ``S^T @ X``
-    with the structured factors are needed.
+    with the structured factors are needed. Diagonal factors scale rows and columns by
+    ``c^2`` and ``k^2`` in place: one temporary instead of four, which matters on the
+    CPU, where every large temporary costs fresh pages.
     """
+    if K.name == "diagonal" and C.name == "diagonal":
+        k, c = K.tensors()["diag"], C.tensors()["diag"]
+        nat = grad.to(k.dtype) * (k * k)  # a new tensor even when the dtypes agree
+        return nat.to(c.dtype).mul_((c * c).unsqueeze(1)).to(grad.dtype)
     nat = (K @ K.rmatmat(grad.T.to(K.dtype))).T
     nat = C @ C.rmatmat(nat.to(C.dtype))
     return nat.to(grad.dtype)
