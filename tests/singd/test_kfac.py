@@ -368,3 +368,46 @@ def test_grad_scaler_gives_the_unscaled_update():
         torch.testing.assert_close(a.factors["G"], b.factors["G"], rtol=1e-5, atol=1e-6)
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+def test_conv2d_factors_are_the_unfolded_patch_and_gradient_moments():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1).double()
+    x = torch.randn(5, 3, 6, 6, dtype=torch.float64)
+    opt = KFAC(conv, lr=0.0, damping=0.0, T=1, inverse_method="inv")
+    out = conv(x)
+    out.retain_grad()
+    (out.square().mean()).backward()
+    opt.step()
+    patches = nn.functional.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 27)
+    a = torch.cat([patches, torch.ones(len(patches), 1, dtype=torch.float64)], 1)
+    g = out.grad.flatten(2).transpose(1, 2).reshape(-1, 4) * math.sqrt(5)  # loss_average batch
+    view = opt.curvature_state()[0]
+    torch.testing.assert_close(view.factors["A"], a.T @ a / len(a))
+    torch.testing.assert_close(view.factors["G"], g.T @ g)
+
+
+def test_autocast_bfloat16_keeps_float32_factors_and_the_update_close_to_float32():
+    damping = 1e-2
+    model, twin = mlp(torch.float32), mlp(torch.float32)
+    x, y = batch(dtype=torch.float32)
+    opt = KFAC(model, lr=1.0, momentum=0.0, damping=damping, T=1)
+    twin_opt = KFAC(twin, lr=1.0, momentum=0.0, damping=damping, T=1)
+    before = [p.detach().clone() for p in model.parameters()]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    update = as_matrices([b - p.detach() for b, p in zip(before, model.parameters(), strict=True)])
+    expected = as_matrices(one_step_update(twin, twin_opt, x, y))
+    for view in opt.curvature_state():
+        assert all(f.dtype == torch.float32 for f in view.factors.values())
+    eps = torch.finfo(torch.bfloat16).eps
+    for view in twin_opt.curvature_state():
+        # First-order perturbation of G^-1 Grad A^-1 when a, g and Grad carry bfloat16
+        # rounding (about 2 eps each after a product): kappa(A) + kappa(G) + 1 times it.
+        kappa_A = float(torch.linalg.cond(view.factors["A"].double()))
+        kappa_G = float(torch.linalg.cond(view.factors["G"].double()))
+        e = expected[view.name]
+        error = (update[view.name] - e).abs().max() / e.abs().max()
+        assert error <= 2 * eps * (kappa_A + kappa_G + 1), view.name
