@@ -2,7 +2,7 @@
 
 A command raises `UsageError` with one sentence naming the bad value and what would be
 right; `user_errors` turns it into that sentence on stderr and exit code 2, without a
-traceback.
+traceback, and a Ctrl-C into exit code 130.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
 
 
 def user_errors(command: Callable[P, R]) -> Callable[P, R]:
-    """Decorate a click command so that a `UsageError` it raises exits 2 with its sentence."""
+    """Decorate a click command: a `UsageError` exits 2 with its sentence, and a Ctrl-C the
+    command did not handle itself exits 130 (click alone would print "Aborted!", exit 1)."""
 
     @functools.wraps(command)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -41,5 +42,7 @@ def user_errors(command: Callable[P, R]) -> Callable[P, R]:
             return command(*args, **kwargs)
         except UsageError as err:
             fail(str(err))
+        except KeyboardInterrupt:
+            fail("Interrupted.", EXIT_INTERRUPTED)
 
     return wrapper

@@ -289,9 +289,13 @@ def stress(
         "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     run_dir = RunDirectory(out or _default_out(), config, plans) if rank == 0 else None
-    interrupted = _run_all(plans, suite.every, torch_device, run_dir, lab.progress_console)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    try:
+        interrupted = _run_all(plans, suite.every, torch_device, run_dir, lab.progress_console)
+    except KeyboardInterrupt:  # between two runs: every finished run is already recorded
+        interrupted = True
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     if run_dir is None:
         return
     run_dir.close()
