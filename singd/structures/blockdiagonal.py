@@ -56,24 +56,23 @@ class BlockDiagonalMatrix(StructuredMatrix):
     def to_dense(self) -> Tensor:
         return torch.block_diag(*self._tensors["blocks"].unbind(0), self._tensors["last"])
 
-    def _matmat(self, X: Tensor) -> Tensor:
+    def _blockwise(self, blocks: Tensor, last: Tensor, X: Tensor) -> Tensor:
+        """Each row block of X (d, n) times its block, into one preallocated output."""
         head, rest = self._split(X)
-        out_head = torch.bmm(self._tensors["blocks"], head).reshape(-1, X.shape[1])
-        return torch.cat([out_head, self._tensors["last"] @ rest])
+        out = X.new_empty(X.shape)
+        out_head, out_rest = self._split(out)
+        torch.bmm(blocks, head, out=out_head)
+        torch.mm(last, rest, out=out_rest)
+        return out
+
+    def _matmat(self, X: Tensor) -> Tensor:
+        return self._blockwise(self._tensors["blocks"], self._tensors["last"], X)
 
     def _rmatmat(self, X: Tensor) -> Tensor:
-        head, rest = self._split(X)
-        out_head = torch.bmm(self._tensors["blocks"].mT, head).reshape(-1, X.shape[1])
-        return torch.cat([out_head, self._tensors["last"].T @ rest])
+        return self._blockwise(self._tensors["blocks"].mT, self._tensors["last"].T, X)
 
     def _right_matmat(self, X: Tensor) -> Tensor:
-        # X S: the columns of X in block groups, each times its block.
-        n = X.shape[0]
-        head, rest = self._split(X.T)
-        out_head = torch.bmm(head.mT, self._tensors["blocks"])  # (q, n, N)
-        return torch.cat(
-            [out_head.permute(1, 0, 2).reshape(n, -1), rest.T @ self._tensors["last"]], 1
-        )
+        return self._rmatmat(X.T).T
 
     def _matmul_structured(self, other: Self) -> Self:
         return type(self)(

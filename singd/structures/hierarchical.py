@@ -90,24 +90,35 @@ class HierarchicalMatrix(StructuredMatrix):
         t, m, b = self.split_sizes(self._dim)
         return X[:t], X[t : t + m], X[t + m :]
 
+    # Products write each row block into one preallocated output and accumulate the
+    # thin (K1 or K2 wide) terms in place: the middle block is nearly all of the output,
+    # and temporaries of its size would dominate the cost.
     def _matmat(self, X: Tensor) -> Tensor:
         A, B_m, B_b, C, D, E = self._parts()
         X_t, X_m, X_b = self._split_rows(X)
-        top = A @ X_t + B_m @ X_m + B_b @ X_b
-        return torch.cat([top, C.unsqueeze(1) * X_m, D @ X_m + E @ X_b])
+        out = X.new_empty(X.shape)
+        top, middle, bottom = self._split_rows(out)
+        torch.mm(A, X_t, out=top)
+        top.addmm_(B_m, X_m).addmm_(B_b, X_b)
+        torch.mul(C.unsqueeze(1), X_m, out=middle)
+        torch.mm(D, X_m, out=bottom)
+        bottom.addmm_(E, X_b)
+        return out
 
     def _rmatmat(self, X: Tensor) -> Tensor:
         A, B_m, B_b, C, D, E = self._parts()
         X_t, X_m, X_b = self._split_rows(X)
-        middle = B_m.T @ X_t + C.unsqueeze(1) * X_m + D.T @ X_b
-        return torch.cat([A.T @ X_t, middle, B_b.T @ X_t + E.T @ X_b])
+        out = X.new_empty(X.shape)
+        top, middle, bottom = self._split_rows(out)
+        torch.mm(A.T, X_t, out=top)
+        torch.mul(C.unsqueeze(1), X_m, out=middle)
+        middle.addmm_(B_m.T, X_t).addmm_(D.T, X_b)
+        torch.mm(B_b.T, X_t, out=bottom)
+        bottom.addmm_(E.T, X_b)
+        return out
 
     def _right_matmat(self, X: Tensor) -> Tensor:
-        A, B_m, B_b, C, D, E = self._parts()
-        X_t, X_m, X_b = self._split_rows(X.T)
-        X_t, X_m, X_b = X_t.T, X_m.T, X_b.T
-        middle = X_t @ B_m + X_m * C + X_b @ D
-        return torch.cat([X_t @ A, middle, X_t @ B_b + X_b @ E], 1)
+        return self._rmatmat(X.T).T
 
     def _matmul_structured(self, other: Self) -> Self:
         A, B_m, B_b, C, D, E = self._parts()
