@@ -37,7 +37,7 @@ def reference_terms(model: nn.Sequential, x, y):
 
     def keep(name):
         def hook(module, args, out):
-            inputs[name] = args[0]
+            inputs[name] = args[0].detach()
             out.retain_grad()
             outputs[name] = out
 
