@@ -14,6 +14,10 @@ no middle part), as the reference does.
 
 ``P(M)``: A = M_tt, E = M_bb, the middle diagonal of M, and the one-sided off-diagonal
 blocks folded: B = M_t,mb + M_mb,t^T, D = M_bm + M_mb^T.
+
+``from_inner2`` (not on the optimizer's path) and ``extreme_singular_values`` (a probe's
+diagnostic) use the base class's fallbacks: structured products on the dense d x d input,
+and singular values of the dense matrix in float64.
 """
 
 from __future__ import annotations

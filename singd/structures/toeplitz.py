@@ -18,6 +18,10 @@ X[r, j + k]`` of the rows of X, which one FFT pass gives.
 Precision: torch has no float16/bfloat16 FFT on the CPU (and on CUDA only for power-of-2
 lengths), so the FFTs for half types run in float32 and the result is cast back; float64
 runs in float64. Diagonal sums in :meth:`from_dense` accumulate in the same wider dtype.
+
+``from_inner2`` (not on the optimizer's path) and ``extreme_singular_values`` (a probe's
+diagnostic) use the base class's fallbacks: FFT products on the dense d x d input, and
+singular values of the dense matrix in float64.
 """
 
 from __future__ import annotations

@@ -16,7 +16,9 @@ With p the index of the extra line (d - 1 or 0) and w the line (zero at p), a "r
 structure is ``R = diag(s) + e_p w^T`` and a "column" structure is its transpose
 ``diag(s) + w e_p^T``. Both are closed under products: ``R_1 R_2 = diag(s_1 s_2) +
 e_p (s_1[p] w_2 + w_1 s_2)^T``. ``P(M)`` keeps the diagonal and folds the line:
-``w_j = M[p, j] + M[j, p]``. Every operation is O(d) or O(n d).
+``w_j = M[p, j] + M[j, p]``. Every operation is O(d) or O(n d), except the base class's
+fallbacks used for ``from_inner2`` (O(d^2) structured products on its dense d x d input)
+and ``extreme_singular_values`` (dense float64 singular values, a probe's diagnostic).
 """
 
 from __future__ import annotations
