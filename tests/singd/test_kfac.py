@@ -411,3 +411,68 @@ def test_autocast_bfloat16_keeps_float32_factors_and_the_update_close_to_float32
         e = expected[view.name]
         error = (update[view.name] - e).abs().max() / e.abs().max()
         assert error <= 2 * eps * (kappa_A + kappa_G + 1), view.name
+
+
+def scaled_steps(model, optimizer, batches, scaler):
+    for x, y in batches:
+        scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+
+
+def test_grad_scaler_with_a_scale_that_doubles_every_step_un_scales_G_exactly():
+    batches = [batch(seed=s) for s in range(4)]
+    plain, scaled = mlp(), mlp()
+    plain_opt = KFAC(plain, lr=0.3, damping=1e-2, T=1, factor_decay=0.5)
+    scaled_opt = KFAC(scaled, lr=0.3, damping=1e-2, T=1, factor_decay=0.5, init_grad_scale=4.0)
+    for x, y in batches:
+        one_step_update(plain, plain_opt, x, y)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0, growth_interval=1)
+    scaled_steps(scaled, scaled_opt, batches, scaler)
+    assert scaler.get_scale() == 4.0 * 2**4
+    for a, b in zip(plain_opt.curvature_state(), scaled_opt.curvature_state(), strict=True):
+        torch.testing.assert_close(b.factors["G"], a.factors["G"], rtol=1e-12, atol=1e-14)
+    for p, q in zip(plain.parameters(), scaled.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-14)
+
+
+def test_a_step_the_grad_scaler_skips_leaves_factors_and_inverses_alone():
+    model = mlp(torch.float32)
+    opt = KFAC(model, lr=0.1, T=1, init_grad_scale=2.0**8)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    scaled_steps(model, opt, [batch(dtype=torch.float32)], scaler)
+    before = {v.name: {k: f.clone() for k, f in v.factors.items()} for v in opt.curvature_state()}
+    x, y = batch(dtype=torch.float32, seed=2)
+    x[0, 0] = float("inf")
+    with pytest.warns(UserWarning, match="skipping this step"):
+        scaled_steps(model, opt, [(x, y)], scaler)
+    for view in opt.curvature_state():
+        assert view.counters == {"skipped_steps": 1, "failed_decompositions": 0}
+        for key, factor in view.factors.items():
+            assert torch.equal(factor, before[view.name][key]), (view.name, key)
+    assert opt.state_bytes()["accumulators"] == 0
+
+
+def test_parameter_groups_take_their_own_method_damping_and_dtype():
+    model = mlp(torch.float32)
+    opt = KFAC(
+        model,
+        [
+            {"params": model[0].parameters(), "inverse_method": "eigh", "damping": 0.25},
+            {"params": model[2].parameters(), "factor_dtype": torch.bfloat16},
+        ],
+        lr=0.1,
+        T=1,
+    )
+    one_step_update(model, opt, *batch(dtype=torch.float32))
+    first, second = opt.curvature_state()
+    assert first.damping == {"A": 0.5, "G": 0.5} and first.factors["A"].dtype == torch.float32
+    assert second.damping == {"A": math.sqrt(1e-3), "G": math.sqrt(1e-3)}
+    assert all(f.dtype == torch.bfloat16 for f in second.factors.values())
+    with pytest.raises(ValueError, match=r"inverse_method \(parameter group 1\) must be one of"):
+        groups = [
+            {"params": model[0].parameters()},
+            {"params": model[2].parameters(), "inverse_method": "qr"},
+        ]
+        KFAC(model, groups)
