@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from precision_lab.errors import UsageError
 from precision_lab.specs import DEFAULT_HYPERPARAMETERS, OptimizerSpec, parse_spec
@@ -201,6 +202,40 @@ def _factory(target: str) -> Callable[[], nn.Module]:
     return factory
 
 
+class _NoInit(TorchFunctionMode):
+    """Skips the in-place initialisers (``normal_``, ``uniform_``, ...) while a model is
+    built on the meta device: meta tensors hold no values, and meta ``normal_`` would
+    import torch._dynamo (seconds) only to do nothing."""
+
+    OPS = frozenset(
+        {"normal_", "uniform_", "fill_", "zero_", "trunc_normal_", "copy_", "exponential_"}
+    )
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        # torch.nn.init passes its tensor by keyword, Tensor methods as self.
+        target = args[0] if args else kwargs.get("tensor")
+        if getattr(func, "__name__", "") in self.OPS and getattr(target, "is_meta", False):
+            return target
+        return func(*args, **kwargs)
+
+
+def meta_device():
+    """Build modules on the meta device without running their initialisers."""
+    return _MetaBuild()
+
+
+class _MetaBuild:
+    def __enter__(self) -> None:
+        self._modes = (torch.device("meta"), _NoInit())
+        for mode in self._modes:
+            mode.__enter__()
+
+    def __exit__(self, *exc) -> None:
+        for mode in reversed(self._modes):
+            mode.__exit__(*exc)
+
+
 def build_meta_model(
     model: str, d_model: int = 512, layers: int | None = None, heads: int | None = None
 ) -> nn.Module:
@@ -219,7 +254,7 @@ def build_meta_model(
     """
     if d_model < 1 or (layers is not None and layers < 1):
         raise UsageError(f"Sizes must be positive, got --d-model {d_model} --layers {layers}.")
-    with torch.device("meta"):
+    with meta_device():
         if model in ("mlp", "cnn", "transformer"):
             built = _builtin(model, d_model, layers, heads)
         elif ":" in model:
@@ -259,7 +294,7 @@ def widened_model(name: str, multiplier: int) -> nn.Module:
         if isinstance(default, tuple)
         else default * multiplier
     )
-    with torch.device("meta"):
+    with meta_device():
         return cls(**{first.name: wide})
 
 

@@ -77,6 +77,10 @@ class ReportData:
         self.records = pd.concat(records, ignore_index=True)
         for frame in (self.summary, self.records):
             frame["key"] = frame["source"] + "/" + frame["run"].astype(str)
+        # Records repeat a few names many times: categories filter and group far faster
+        # than Arrow-backed strings.
+        for column in ("source", "run", "key", "probe", "module", "tensor", "metric", "dtype"):
+            self.records[column] = self.records[column].astype("category")
 
 
 def _read_json(path: Path, what: str) -> dict:

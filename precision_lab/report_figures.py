@@ -40,6 +40,25 @@ FACTOR_DASH = {"K": "solid", "A": "solid", "C": "dash", "G": "dash", "KKT": "dot
 FACTOR_DASH |= {"A_inv": "dot", "G_inv": "dashdot"}
 NOT_STACKED = ("total", "factors", "momenta", "inverses")
 """Memory categories drawn through their per-layer factors instead (or not at all)."""
+SEGMENT_COLORS = {
+    "K": "#1f77b4",
+    "A": "#1f77b4",
+    "C": "#ff7f0e",
+    "G": "#ff7f0e",
+    "m_K": "#aec7e8",
+    "A_inv": "#aec7e8",
+    "m_C": "#ffbb78",
+    "G_inv": "#ffbb78",
+    "param_buffers": "#2ca02c",
+    "momentum_buffer": "#2ca02c",
+    "fallback": "#9467bd",
+    "accumulators": "#e377c2",
+    "exp_avg": "#17becf",
+    "exp_avg_sq": "#9edae5",
+    "step": "#7f7f7f",
+}
+"""Stacked memory segments: K-side factors blue, C-side orange, their momenta or
+inverses lighter, heavy-ball buffers green."""
 LAYOUT = {"template": "plotly_white", "margin": {"l": 60, "r": 20, "t": 40, "b": 50}}
 
 
@@ -113,6 +132,8 @@ def _records(data: ReportData, probe: str, metrics: tuple[str, ...]) -> pd.DataF
     (``optimizer``, ``run_dtype``, ``scenario``, ``model``, ``seed``)."""
     rec = data.records
     rec = rec[(rec["probe"] == probe) & rec["metric"].isin(metrics)]
+    # The selection is small: plain strings again, so that labels can be concatenated.
+    rec = rec.astype({c: str for c in rec.select_dtypes("category").columns})
     runs = data.summary[["key", "optimizer", "dtype", "scenario", "model", "seed"]].rename(
         columns={"dtype": "run_dtype"}
     )
@@ -127,6 +148,20 @@ def _source_tag(data: ReportData, source: str) -> str:
     return f" [{source}]" if _multi(data) else ""
 
 
+def _axes(index: int, ncols: int) -> dict[str, str]:
+    """Axis ids of subplot ``index`` (0-based, row-major) in a make_subplots grid."""
+    suffix = "" if index == 0 else str(index + 1)
+    return {"xaxis": f"x{suffix}", "yaxis": f"y{suffix}"}
+
+
+def _spec(fig: go.Figure, traces: list[dict]) -> dict:
+    """A figure as a plain spec: ``fig``'s layout and traces plus ``traces`` given as
+    dicts, which skip Plotly's per-property validation (milliseconds per trace, which
+    adds up to seconds for hundreds of runs)."""
+    spec = fig.to_plotly_json()
+    return {"data": [*spec["data"], *traces], "layout": spec["layout"]}
+
+
 def _grid(n: int, cols: int = 2) -> tuple[int, int]:
     cols = min(cols, n)
     return math.ceil(n / cols), cols
@@ -139,12 +174,14 @@ def _grid(n: int, cols: int = 2) -> tuple[int, int]:
 
 def stability_heatmap(data: ReportData) -> Section:
     """First non-finite step per optimizer x (scenario, dtype), earliest over models and
-    seeds; cells where no run broke are drawn green with "stable"."""
+    seeds. Cells without NaN/Inf are orange where a run diverged through its loss alone
+    (above 10x its first value, DESIGN.md) and green where every run held."""
     sec = Section(
         "stability",
         "Stability: first non-finite step",
-        "Each cell is the earliest step at which any run of that optimizer, scenario and "
-        "dtype produced a NaN or Inf (darker = earlier); green cells never broke.",
+        "Each cell is the earliest step at which a run of that optimizer, scenario and "
+        "dtype met a NaN or Inf (darker red = earlier); orange: diverged without NaN/Inf "
+        "(loss above 10x its start); green: every run held.",
     )
     s = data.summary.copy()
     if s.empty:
@@ -153,45 +190,55 @@ def stability_heatmap(data: ReportData) -> Section:
     s["column"] = s["scenario"].astype(str) + " · " + s["dtype"].map(dtype_short)
     if _multi(data):
         s["column"] = s["source"] + " · " + s["column"]
-    grouped = s.groupby(["optimizer", "column"], sort=True)
-    cells = grouped.agg(
-        first=("first_nonfinite_step", "min"),
-        broke=("first_nonfinite_step", lambda v: int(v.notna().sum())),
-        runs=("run", "size"),
-    ).reset_index()
+    s["diverged_flag"] = s["diverged"].fillna(False).astype(bool)
+    cells = (
+        s.groupby(["optimizer", "column"], sort=True)
+        .agg(
+            first=("first_nonfinite_step", "min"),
+            broke=("first_nonfinite_step", lambda v: int(v.notna().sum())),
+            diverged=("diverged_flag", "sum"),
+            runs=("run", "size"),
+        )
+        .reset_index()
+    )
     rows = sorted(cells["optimizer"].unique())
     cols = sorted(cells["column"].unique())
     z_broke = np.full((len(rows), len(cols)), np.nan)
-    z_ok = np.full((len(rows), len(cols)), np.nan)
+    z_status = np.full((len(rows), len(cols)), np.nan)  # 0 stable, 1 diverged (loss)
     text = np.full((len(rows), len(cols)), "", dtype=object)
     hover = np.full((len(rows), len(cols)), "", dtype=object)
     for c in cells.itertuples():
         i, j = rows.index(c.optimizer), cols.index(c.column)
+        hover[i, j] = f"{c.broke} of {c.runs} run(s) met NaN/Inf, {c.diverged} diverged"
         if c.broke:
             z_broke[i, j] = c.first
-            text[i, j] = f"{int(c.first)}"
+            text[i, j] = f"step {int(c.first)}"
+        elif c.diverged:
+            z_status[i, j] = 1.0
+            text[i, j] = "diverged"
         else:
-            z_ok[i, j] = 0.0
+            z_status[i, j] = 0.0
             text[i, j] = "stable"
-        hover[i, j] = f"{c.broke} of {c.runs} run(s) broke"
     fig = go.Figure()
     common = {"x": cols, "y": rows, "text": text, "texttemplate": "%{text}", "xgap": 2}
     common |= {"ygap": 2, "customdata": hover}
     fig.add_heatmap(
-        z=z_ok,
-        colorscale=[[0, "#d8f3dc"], [1, "#d8f3dc"]],
+        z=z_status,
+        zmin=0,
+        zmax=1,
+        colorscale=[[0, "#d8f3dc"], [0.5, "#d8f3dc"], [0.5, "#ffd8a8"], [1, "#ffd8a8"]],
         showscale=False,
-        hovertemplate="%{y} · %{x}: stable, %{customdata}<extra></extra>",
+        hovertemplate="%{y} · %{x}: %{text}, %{customdata}<extra></extra>",
         **common,
     )
     fig.add_heatmap(
         z=z_broke,
         colorscale="Reds_r",
         colorbar={"title": "step"},
-        hovertemplate="%{y} · %{x}: first NaN/Inf at step %{z}, %{customdata}<extra></extra>",
+        hovertemplate="%{y} · %{x}: first NaN/Inf at %{text}, %{customdata}<extra></extra>",
         **common,
     )
-    fig.update_layout(**LAYOUT, height=max(260, 60 + 34 * len(rows)))
+    fig.update_layout(**LAYOUT, height=max(260, 90 + 34 * len(rows)))
     fig.update_xaxes(tickangle=-30)
     sec.figure = fig
     return sec
@@ -263,22 +310,25 @@ def condition_numbers(data: ReportData) -> Section:
     groups = list(worst.groupby(["optimizer", *keys]))
     thin = Thinning(len(groups))
     shown: set[str] = set()
+    traces = []
     for (opt, source, model, scenario, dtype, tensor), g in groups:
         i = optimizers.index(opt)
         x, y = _xy(g, thin)
         legend = f"{dtype_short(dtype)} {tensor}"
-        fig.add_scatter(
-            x=x,
-            y=y,
-            mode="lines",
-            name=legend,
-            legendgroup=legend,
-            showlegend=legend not in shown,
-            line={"color": DTYPE_COLORS.get(dtype), "dash": FACTOR_DASH[tensor], "width": 1.5},
-            hovertemplate=f"{model} · {scenario} · {legend}{_source_tag(data, source)}"
-            "<br>step %{x}: %{y:.3g}<extra></extra>",
-            row=i // ncols + 1,
-            col=i % ncols + 1,
+        traces.append(
+            {
+                "type": "scatter",
+                "x": x,
+                "y": y,
+                "mode": "lines",
+                "name": legend,
+                "legendgroup": legend,
+                "showlegend": legend not in shown,
+                "line": {"color": DTYPE_COLORS.get(dtype), "dash": FACTOR_DASH[tensor]},
+                "hovertemplate": f"{model} · {scenario} · {legend}{_source_tag(data, source)}"
+                "<br>step %{x}: %{y:.3g}<extra></extra>",
+                **_axes(i, ncols),
+            }
         )
         shown.add(legend)
     # Drawn as traces, not shapes: shapes on a log axis take log10 coordinates.
@@ -286,26 +336,29 @@ def condition_numbers(data: ReportData) -> Section:
     for dtype in sorted(worst["run_dtype"].unique()):
         level = inverse_eps(dtype)
         label = f"1/eps {dtype_short(dtype)}"
+        color = DTYPE_COLORS.get(dtype, "#555")
         for i in range(len(optimizers)):
-            fig.add_scatter(
-                x=span,
-                y=[level, level],
-                mode="lines+text",
-                text=[label, ""],
-                textposition="top right",
-                textfont={"size": 10, "color": DTYPE_COLORS.get(dtype, "#555")},
-                name=label,
-                legendgroup=label,
-                showlegend=i == 0,
-                line={"dash": "dot", "color": DTYPE_COLORS.get(dtype, "#555"), "width": 1},
-                hovertemplate=f"{label} = {level:.3g}<extra></extra>",
-                row=i // ncols + 1,
-                col=i % ncols + 1,
+            traces.append(
+                {
+                    "type": "scatter",
+                    "x": span,
+                    "y": [level, level],
+                    "mode": "lines+text",
+                    "text": [label, ""],
+                    "textposition": "top right",
+                    "textfont": {"size": 10, "color": color},
+                    "name": label,
+                    "legendgroup": label,
+                    "showlegend": i == 0,
+                    "line": {"dash": "dot", "color": color, "width": 1},
+                    "hovertemplate": f"{label} = {level:.3g}<extra></extra>",
+                    **_axes(i, ncols),
+                }
             )
     fig.update_yaxes(type="log", exponentformat="power")
     fig.update_xaxes(title_text="step")
     fig.update_layout(**LAYOUT, height=120 + 300 * nrows)
-    sec.figure = fig
+    sec.figure = _spec(fig, traces)
     sec.notes = thin.notes()
     return sec
 
@@ -426,29 +479,32 @@ def training_curves(data: ReportData) -> Section:
     thin = Thinning(len(groups))
     runs = data.summary.set_index("key")
     shown: set[str] = set()
+    traces = []
     for (metric, key), g in groups:
         run = runs.loc[key]
         x, y = _xy(g, thin)
         legend = dtype_short(run["dtype"])
-        fig.add_scatter(
-            x=x,
-            y=y,
-            mode="lines" if metric == "loss" else "lines+markers",
-            name=legend,
-            legendgroup=legend,
-            showlegend=legend not in shown,
-            line={"color": DTYPE_COLORS.get(run["dtype"]), "width": 1},
-            opacity=0.7,
-            hovertemplate=f"{key}<br>{run['optimizer']} · {run['model']} · {run['scenario']}"
-            "<br>step %{x}: %{y:.4g}<extra></extra>",
-            row=1,
-            col=1 if metric == "loss" else 2,
+        traces.append(
+            {
+                "type": "scatter",
+                "x": x,
+                "y": y,
+                "mode": "lines" if metric == "loss" else "lines+markers",
+                "name": legend,
+                "legendgroup": legend,
+                "showlegend": legend not in shown,
+                "line": {"color": DTYPE_COLORS.get(run["dtype"]), "width": 1},
+                "opacity": 0.7,
+                "hovertemplate": f"{key}<br>{run['optimizer']} · {run['model']} · "
+                f"{run['scenario']}<br>step %{{x}}: %{{y:.4g}}<extra></extra>",
+                **_axes(0 if metric == "loss" else 1, 2),
+            }
         )
         shown.add(legend)
     fig.update_yaxes(type="log", exponentformat="power", row=1, col=1)
     fig.update_xaxes(title_text="step")
     fig.update_layout(**LAYOUT, height=420)
-    sec.figure = fig
+    sec.figure = _spec(fig, traces)
     sec.notes = thin.notes()
     return sec
 
@@ -470,7 +526,7 @@ def memory_by_factor(data: ReportData) -> Section:
         "memory",
         "Optimizer-state memory by factor",
         "Each bar stacks an optimizer's state by factor (summed over layers) and other "
-        "category in MB at the last step; the grey bar in each group is what AdamW would "
+        "category in MB at the last step; the grey 'AdamW (ref)' bar is what AdamW would "
         "hold for the same model.",
     )
     rec = _records(data, "memory", ("bytes", "adamw_state_bytes"))
@@ -481,7 +537,8 @@ def memory_by_factor(data: ReportData) -> Section:
     # Per-layer factor rows summed over layers; the other categories as the optimizer
     # reports them (its factor categories would count the factors twice).
     factors = rec[(rec["module"] != "") & rec["tensor"].isin(FACTOR_DASH | {"m_K": 0, "m_C": 0})]
-    others = rec[(rec["module"] == "") & ~rec["tensor"].isin(NOT_STACKED) & (rec["value"] > 0)]
+    others = rec[(rec["module"] == "") & (rec["value"] > 0)]
+    others = others[(others["metric"] != "bytes") | ~others["tensor"].isin(NOT_STACKED)]
     rec = pd.concat([factors, others])
     per_run = (
         rec.groupby(["key", "source", "model", "run_dtype", "optimizer", "metric", "tensor"])[
@@ -506,12 +563,13 @@ def memory_by_factor(data: ReportData) -> Section:
             x=[g["group"].tolist(), g["optimizer"].tolist()],
             y=(g["value"] / 1e6).to_numpy(np.float32),
             name=tensor,
+            marker_color=SEGMENT_COLORS.get(tensor),
             hovertemplate=f"{tensor}: %{{y:.4g}} MB<extra></extra>",
         )
     if not adamw.empty:
         beside = adamw.groupby("group")["value"].max()
         fig.add_bar(
-            x=[list(beside.index), ["AdamW (same model)"] * len(beside)],
+            x=[list(beside.index), ["AdamW (ref)"] * len(beside)],
             y=(beside / 1e6).to_numpy(np.float32),
             name="AdamW state",
             marker_color="#8c959f",

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import plotly.graph_objects as go
+from plotly.io.json import to_json_plotly
 from plotly.offline import get_plotlyjs
 
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ class Section:
         key: HTML id (letters, digits, dashes).
         title: Heading.
         caption: One line saying how to read the figure.
-        figure: A Plotly figure, or None.
+        figure: A Plotly figure, or its plain ``{"data", "layout"}`` spec, or None.
         html: Trusted HTML to show instead of (or besides) a figure, e.g. a table.
         empty: Why there is nothing to show; replaces the figure when set.
         notes: Further lines under the figure (e.g. where traces were downsampled).
@@ -40,7 +41,7 @@ class Section:
     key: str
     title: str
     caption: str
-    figure: go.Figure | None = None
+    figure: go.Figure | dict | None = None
     html: str = ""
     empty: str = ""
     notes: list[str] = field(default_factory=list)
@@ -96,11 +97,12 @@ rows.forEach(function(r){body.appendChild(r);});});});});
 """
 
 
-def _figure_json(fig: go.Figure) -> str:
+def _figure_json(fig: go.Figure | dict) -> str:
     # "</" inside a <script> block would end it early; "<\\/" is the same JSON string.
     # Plotly writes numpy arrays as base64 typed arrays: float32 display values cost
     # about 5.3 characters each.
-    return fig.to_json(validate=False).replace("</", "<\\/")
+    spec = fig if isinstance(fig, dict) else fig.to_plotly_json()
+    return to_json_plotly(spec).replace("</", "<\\/")
 
 
 def _section_html(sec: Section) -> str:
