@@ -186,7 +186,10 @@ def parse_specs(text: str) -> list[OptimizerSpec]:
 
 
 def _unknown(text: str) -> str:
-    return f"Unknown optimizer spec {text!r}; valid forms are {', '.join(SPEC_FORMS)}."
+    return (
+        f"Unknown optimizer spec {text!r}; valid forms are {', '.join(SPEC_FORMS)}, "
+        "where K and C are structure names such as dense, diagonal or hierarchical15_15."
+    )
 
 
 def _structures(tail: str, text: str) -> tuple[str, str]:
