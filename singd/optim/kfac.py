@@ -74,8 +74,9 @@ class KFAC(KroneckerOptimizer):
         loss_average: ``"batch"``, ``"batch+sequence"`` or ``None`` (a summed loss).
         on_failure: ``"keep"`` (keep the previous inverse and count the failure) or
             ``"raise"`` (raise `singd.optim.inverses.InversionError`).
-        failure_dir: Directory for reproducers of failed inversions (``.pt`` files, see
-            `singd.optim.inverses`); None: none are saved.
+        failure_dir: Directory for reproducers of failed inversions (``.pt`` files named
+            ``LAYER.FACTOR.stepN.METHOD.pt``, see `singd.optim.inverses`; replay one with
+            ``python -m singd.optim.replay FILE.pt``); None: none are saved.
         fallback: Optimizer for parameters no factor covers (see `KroneckerOptimizer`).
         warn_unsupported: With ``fallback=None``, warn about untrained parameters.
         init_grad_scale: First GradScaler scale (or a number of its magnitude).
