@@ -92,7 +92,7 @@ class TriangularArrowMatrix(StructuredMatrix):
         """``R^T X = diag(s) X + w X[p]``."""
         p, others = self._layout(self._dim)
         out = self._tensors["diag"].unsqueeze(1) * X
-        out[others] += self._tensors["line"].unsqueeze(1) * X[p]
+        out[others].addr_(self._tensors["line"], X[p])  # in place: no (d - 1) x n temporary
         return out
 
     def _matmat(self, X: Tensor) -> Tensor:
@@ -100,6 +100,17 @@ class TriangularArrowMatrix(StructuredMatrix):
 
     def _rmatmat(self, X: Tensor) -> Tensor:
         return self._row_transposed_product(X) if self._row_kind() else self._row_product(X)
+
+    def _right_matmat(self, X: Tensor) -> Tensor:
+        # X R = X diag(s) + X[:, p] w^T and X C = X diag(s) + (X w) e_p^T, on X's own
+        # (n, d) layout.
+        p, others = self._layout(self._dim)
+        out = X * self._tensors["diag"]
+        if self._row_kind():
+            out[:, others].addr_(X[:, p], self._tensors["line"])
+        else:
+            out[:, p] += X[:, others] @ self._tensors["line"]
+        return out
 
     def _matmul_structured(self, other: Self) -> Self:
         # A column structure is the transpose of a row structure: C_1 C_2 = (R_2 R_1)^T.
