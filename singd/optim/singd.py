@@ -216,10 +216,12 @@ class SINGD(KroneckerOptimizer):
             coef_KK = damping * C_tC.average_trace().item()
             coef_HC = scale_K * H_K.average_trace().item() * scale_C
             coef_CC = damping * K_tK.average_trace().item()
-        scale = 0.5 * ((1.0 - alpha1) if group["normalize_lr_cov"] else 1.0)
-        # H_K and H_C are consumed here, so they become m_K' and m_C' in place.
-        m_K = H_K.mul_(coef_HK).add_(K_tK, alpha=coef_KK).diag_add_(-1.0).mul_(scale)
-        m_C = H_C.mul_(coef_HC).add_(C_tC, alpha=coef_CC).diag_add_(-1.0).mul_(scale)
+        c = 0.5 * ((1.0 - alpha1) if group["normalize_lr_cov"] else 1.0)
+        # H_K and H_C are consumed here, so they become m_K' and m_C' in place; c is
+        # folded into the coefficients (for c = 0.5 that is exact: bit for bit the same
+        # as scaling afterwards).
+        m_K = H_K.mul_(c * coef_HK).add_(K_tK, alpha=c * coef_KK).diag_add_(-c)
+        m_C = H_C.mul_(c * coef_HC).add_(C_tC, alpha=c * coef_CC).diag_add_(-c)
         if alpha1 != 0.0:
             state["m_K"] = m_K.add_(state["m_K"], alpha=alpha1)
             state["m_C"] = m_C.add_(state["m_C"], alpha=alpha1)
