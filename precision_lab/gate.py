@@ -11,8 +11,10 @@ Checks and their defaults (all figures as DESIGN.md defines them):
 memory.optimizer_state_bytes  fails when ``cur > base (1 + memory_tolerance)``; default 0: the
                               bytes are a deterministic function of the shapes and structures.
 memory.peak_memory_bytes      fails when ``cur > base (1 + peak_tolerance) + peak_floor``;
-                              default 10% + 64 MiB, because the CPU's resident-set high-water
-                              mark moves by tens of MiB with the allocator and the page cache.
+                              default 10% + a floor by the baseline's device: 64 MiB on the
+                              CPU, whose resident-set high-water mark moves by tens of MiB
+                              with the allocator and the page cache; 2 MiB on CUDA, whose
+                              allocator peak repeats up to its 2 MiB block rounding.
 stability.diverged            fails when the run diverges and its baseline did not.
 stability.nan_events,         fails when the count (steps with any NaN / Inf in a watched
 stability.inf_events          tensor) is positive where the baseline's was 0.
@@ -302,6 +304,11 @@ class AccuracyAtLeast(Learning, AtLeast):
     """``accuracy`` may fall by at most ``tolerance * baseline``."""
 
 
+def default_peak_floor(device: str | None) -> float:
+    """Absolute peak-memory slack in bytes: 2 MiB on CUDA, 64 MiB elsewhere (module doc)."""
+    return 2 * MIB if device is not None and device.startswith("cuda") else 64 * MIB
+
+
 @dataclass(frozen=True)
 class Tolerances:
     """The gate's thresholds, as fractions (0.1 = 10%) or factors.
@@ -309,7 +316,8 @@ class Tolerances:
     Attributes:
         memory: allowed relative growth of optimizer-state bytes.
         peak: allowed relative growth of peak memory, on top of ``peak_floor``.
-        peak_floor: allowed absolute growth of peak memory (bytes).
+        peak_floor: allowed absolute growth of peak memory (bytes); None: by the
+            baseline's device (``default_peak_floor``).
         condition_factor: allowed growth factor of the largest condition number.
         nonfinite: allowed relative advance of the first non-finite step.
         underflow: allowed absolute growth of the underflow fraction.
@@ -320,18 +328,23 @@ class Tolerances:
 
     memory: float = 0.0
     peak: float = 0.10
-    peak_floor: float = 64 * MIB
+    peak_floor: float | None = None
     condition_factor: float = 10.0
     nonfinite: float = 0.20
     underflow: float = 0.01
     loss: float = 0.05
     max_slowdown: float | None = None
 
-    def checks(self) -> list[Check]:
-        """The checks these thresholds define, in the order tables list them."""
+    def checks(self, device: str | None = None) -> list[Check]:
+        """The checks these thresholds define, in the order tables list them.
+
+        Args:
+            device: the baseline's device, which sets the peak floor when it is None.
+        """
+        floor = default_peak_floor(device) if self.peak_floor is None else self.peak_floor
         return [
             AtMost("memory", "optimizer_state_bytes", tolerance=self.memory),
-            AtMost("memory", "peak_memory_bytes", tolerance=self.peak, floor=self.peak_floor),
+            AtMost("memory", "peak_memory_bytes", tolerance=self.peak, floor=floor),
             NoneWhereNone("stability", "diverged"),
             NoneWhereNone("stability", "error"),
             NoneWhereNone("stability", "nan_events"),
@@ -539,7 +552,7 @@ def gate(
             "suite and dtype."
         )
     verdicts: list[Verdict] = []
-    checks = tolerances.checks()
+    checks = tolerances.checks(baseline.environment.get("device"))
     for key, base_run in baseline.runs.items():
         run = current.runs.get(key)
         if run is None:

@@ -21,7 +21,7 @@ from precision_lab.gate import (
     Tolerances,
     gate,
 )
-from tests.precision_lab.gate_runs import MIB, base_runs, find, write_run_dir
+from tests.precision_lab.gate_runs import CONFIG, MIB, base_runs, find, write_run_dir
 from tests.precision_lab.test_baseline import assert_one_sentence_error
 
 MLP_SINGD = "mlp/baseline/singd:diagonal/bfloat16/pure/seed0"
@@ -397,3 +397,28 @@ IMPROVEMENTS = [
 def test_improvement_boundaries(check, current, baseline, expected):
     assert check.improves(current, baseline) == expected
     assert check.fails(current, baseline) is None
+
+
+@pytest.mark.parametrize(("device", "code"), [("cpu", 0), ("cuda:0", 1)])
+def test_peak_floor_follows_the_baselines_device(tmp_path, device, code):
+    config = {**CONFIG, "device": device}
+    base = write_run_dir(tmp_path / "base", base_runs(), config)
+    path = tmp_path / "baseline.json"
+    assert CliRunner().invoke(cli, ["baseline", str(base), "-o", str(path)]).exit_code == 0
+    runs = base_runs()
+    # 3 MiB above 110% of the baseline: within the CPU's 64 MiB, beyond CUDA's 2 MiB.
+    find(runs, "r0")["peak_memory_bytes"] = 310 * MIB * 1.1 + 3 * MIB
+    run_dir = write_run_dir(tmp_path / "new", runs, config)
+    result = CliRunner().invoke(cli, ["gate", str(run_dir), "--baseline", str(path)])
+    assert result.exit_code == code, result.output
+    explicit = ["gate", str(run_dir), "--baseline", str(path), "--peak-floor", "4MiB"]
+    assert CliRunner().invoke(cli, explicit).exit_code == 0
+
+
+def test_environment_differences_are_noted_not_failed(tmp_path, baseline_file):
+    config = {**CONFIG, "versions": {**CONFIG["versions"], "torch": "2.99.0"}}
+    run_dir = write_run_dir(tmp_path / "new", base_runs(), config)
+    result = CliRunner().invoke(cli, ["gate", str(run_dir), "--baseline", str(baseline_file)])
+    assert result.exit_code == 0, result.output
+    assert "note: The baseline's versions differ" in result.output
+    assert "2.99.0" in result.output
