@@ -476,3 +476,20 @@ def test_parameter_groups_take_their_own_method_damping_and_dtype():
             {"params": model[2].parameters(), "inverse_method": "qr"},
         ]
         KFAC(model, groups)
+
+
+def test_summed_loss_with_loss_average_none_uses_the_unscaled_gradient_factor():
+    damping = 1e-2
+    model, (x, y) = mlp(), batch()
+    reference = reference_terms(mlp(), x, y)  # for the mean loss: G = B gz^T gz
+    opt = KFAC(model, lr=1.0, momentum=0.0, damping=damping, T=1, loss_average=None)
+    before = [p.detach().clone() for p in model.parameters()]
+    nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+    opt.step()
+    update = as_matrices([b - p.detach() for b, p in zip(before, model.parameters(), strict=True)])
+    n = len(x)
+    for name, (A, G_mean, grad_mean) in reference.items():
+        # Summed loss: output gradients n times the mean loss's, G = gz^T gz unscaled.
+        G, grad = n * G_mean, n * grad_mean
+        expected = damped_inverse(G, damping) @ grad @ damped_inverse(A, damping)
+        torch.testing.assert_close(update[name], expected, rtol=1e-9, atol=1e-12)
