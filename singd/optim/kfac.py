@@ -21,7 +21,10 @@ Factors, every ``T`` steps (on steps with ``steps % T == 0``), in ``factor_dtype
   (`singd.optim.inverses`): LAPACK in ``inverse_dtype`` then cast to ``factor_dtype``
   (an inverse beyond the dtype's range is stored as inf), or Newton-Schulz entirely in
   ``factor_dtype``. A failed inversion keeps the previous inverse (the identity before
-  the first), is counted in ``failed_decompositions`` and saved to ``failure_dir``.
+  the first), is counted in ``failed_decompositions`` (one per factor and update) and
+  saved to ``failure_dir``. A factor that overflowed stays non-finite (a moving average
+  does not recover from inf), so each later inversion of it fails too and the last good
+  inverse stays in use: the counter keeps growing, which is how the probes see it.
 
 Parameter update with the gradient ``Grad = [dW | db]`` (``d_C x d_K``), computed in
 ``factor_dtype`` and cast back: the natural gradient ``nat = G_inv Grad A_inv``, then,
