@@ -493,3 +493,23 @@ def test_summed_loss_with_loss_average_none_uses_the_unscaled_gradient_factor():
         G, grad = n * G_mean, n * grad_mean
         expected = damped_inverse(G, damping) @ grad @ damped_inverse(A, damping)
         torch.testing.assert_close(update[name], expected, rtol=1e-9, atol=1e-12)
+
+
+def test_an_overflowed_float16_factor_keeps_failing_and_keeps_the_last_good_inverse():
+    model = nn.Linear(3, 2)
+    opt = KFAC(model, lr=0.0, damping=1e-2, T=1, factor_dtype=torch.float16)
+    small = torch.tensor([[1.0, 0.5, -0.5], [0.2, 1.0, 0.3]])
+    huge = torch.tensor([[400.0, 0.0, 0.0], [400.0, 0.0, 0.0]])  # 400^2 = 160000 > 65504
+    counts = []
+    for x in (small, huge, small, small):
+        model(x).sum().backward()  # output gradients of 1: only A sees the huge input
+        opt.step()
+        opt.zero_grad()
+        view = opt.curvature_state()[0]
+        counts.append(view.counters["failed_decompositions"])
+        if len(counts) == 1:
+            good = view.factors["A_inv"].clone()
+    assert counts == [0, 1, 2, 3]  # A fails at every update from the overflow on
+    assert torch.isinf(view.factors["A"]).any()
+    assert torch.equal(view.factors["A_inv"], good)
+    assert torch.isfinite(view.factors["G_inv"]).all()
