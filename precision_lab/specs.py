@@ -76,7 +76,7 @@ class OptimizerSpec:
     text: str
     family: str
     structures: tuple[str, str] | None
-    fixed: Mapping[str, Any] = field(default_factory=dict)
+    fixed: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     @property
     def structure(self) -> str | None:

@@ -82,6 +82,11 @@ def test_every_documented_form_parses(text, canonical, family, structures, fixed
     assert parse_spec(spec.text) == spec
 
 
+def test_specs_are_hashable_and_equal_by_their_canonical_text():
+    assert len({parse_spec("kfac:eigh"), parse_spec(" KFAC:eigh"), parse_spec("ingd")}) == 2
+    assert parse_spec("singd:dense") != parse_spec("ingd")  # same optimizer, other name
+
+
 def test_structure_label_is_one_name_when_k_and_c_agree():
     assert parse_spec("singd:diagonal").structure == "diagonal"
     assert parse_spec("singd:hierarchical15_15/dense").structure == "hierarchical15_15/dense"
