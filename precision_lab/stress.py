@@ -301,7 +301,7 @@ def stress(
     run_dir.close()
     if not lab.console.is_terminal:
         # Piped output would get rich's 80 columns: too few for this table to stay readable.
-        lab.console.width = max(lab.console.width, 200)
+        lab.console.width = max(lab.console.width, 240)
     lab.console.print(summary_table(run_dir.summary(), seeds=len(suite.seeds) > 1))
     lab.console.print(f"Run directory: {run_dir.path}", soft_wrap=True)
     if interrupted:

@@ -43,12 +43,18 @@ def test_adamw_learns_the_digits():
     assert list(accuracy) == [s["accuracy"]]
 
 
-def test_singd_trains_the_transformer_fallback_layers():
-    """LayerNorm/Embedding/attention weights are trained by SINGD's fallback."""
-    p = plan("singd:diagonal", "singd", model="transformer", steps=3, hyperparameters={"lr": 0.03})
-    out = runner.train(p, device=CPU, every=10)
+def test_singd_trains_every_transformer_parameter():
+    """LayerNorm, Embedding and attention weights move too: SINGD's fallback trains them."""
+    p = plan("singd:diagonal", "singd", model="transformer", steps=2, hyperparameters={"lr": 0.03})
+    out = runner.train(p, device=CPU, every=1)
     assert out.summary["fallback_optimizer"] == "AdamW"
     assert out.summary["finished"] and out.summary["error"] is None
+    moved = out.records.query("tensor == 'update' and metric == 'amax' and step == 0")
+    names = {n for n, _ in runner.build_model("transformer", 0).named_parameters()}
+    assert set(moved["module"]) == names
+    assert (moved["value"] > 0).all()
+    for fallback in ("position.weight", "blocks.0.norm1.weight", "blocks.0.attn.in_proj_weight"):
+        assert fallback in names
 
 
 def test_divergence_stops_the_run_and_is_recorded():

@@ -165,6 +165,21 @@ def test_ctrl_c_mid_suite_keeps_earlier_runs_and_exits_130(tmp_path, monkeypatch
     assert (out / "report.html").exists()
 
 
+def test_seeds_are_counted_per_configuration(tmp_path):
+    out = tmp_path / "run"
+    result = stress(
+        *("--suite", str(_diverging_suite(tmp_path)), "--seeds", "0,1,2", "--out", str(out))
+    )
+    assert result.exit_code == 0, result.output
+    assert "seeds broken" in result.output
+    summary, _ = load_run(out)
+    assert (summary["seeds_total"] == 3).all()
+    sgd = summary[summary["optimizer"] == "sgd"]
+    assert (sgd["seeds_broken"] == sgd["diverged"].sum()).all() and sgd["diverged"].all()
+    assert (summary[summary["optimizer"] == "adamw"]["seeds_broken"] == 0).all()
+    assert " 3/3 " in result.output and " 0/3 " in result.output
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
 def test_torchrun_two_cpu_ranks_write_one_run_directory(tmp_path):
