@@ -436,12 +436,21 @@ def _coverage(key: RunKey, status: str, message: str) -> Verdict:
     )
 
 
-def _environment_notes(current: RunSet, baseline: RunSet) -> list[str]:
+def _notes(current: RunSet, baseline: RunSet) -> list[str]:
+    """What differs in how the figures were made: a reader judges those changes, not the gate."""
     notes = []
     for name in ("versions", "device"):
         was, now = baseline.environment.get(name), current.environment.get(name)
         if was and now and was != now:
             notes.append(f"The baseline's {name} differ from this run's: {was} -> {now}.")
+    for key, base_run in baseline.runs.items():
+        was = base_run.get("hyperparameters")
+        now = current.runs.get(key, {}).get("hyperparameters")
+        if was and now and was != now:
+            changed = {name: (was.get(name), now.get(name)) for name in was.keys() | now.keys()}
+            changed = {name: pair for name, pair in sorted(changed.items()) if pair[0] != pair[1]}
+            shown = ", ".join(f"{name} {a!r} -> {b!r}" for name, (a, b) in changed.items())
+            notes.append(f"{key.label} ran with other hyperparameters: {shown}.")
     return notes
 
 
@@ -570,7 +579,7 @@ def gate(
         time_verdicts, timing = compare_step_times(current, against, tolerances.max_slowdown)
         verdicts.extend(time_verdicts)
     verdicts.sort(key=lambda v: (STATUS_ORDER[v.status], v.run, v.check))
-    return GateResult(verdicts=verdicts, notes=_environment_notes(current, baseline), timing=timing)
+    return GateResult(verdicts=verdicts, notes=_notes(current, baseline), timing=timing)
 
 
 _FRACTION = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(%?)\s*$")

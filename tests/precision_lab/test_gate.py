@@ -415,10 +415,16 @@ def test_peak_floor_follows_the_baselines_device(tmp_path, device, code):
     assert CliRunner().invoke(cli, explicit).exit_code == 0
 
 
-def test_environment_differences_are_noted_not_failed(tmp_path, baseline_file):
+def test_environment_and_hyperparameter_changes_are_noted_not_failed(tmp_path, baseline_file):
     config = {**CONFIG, "versions": {**CONFIG["versions"], "torch": "2.99.0"}}
-    run_dir = write_run_dir(tmp_path / "new", base_runs(), config)
+    runs = base_runs()
+    find(runs, "r0")["hyperparameters"] = {"lr": 0.02, "damping": 1e-3}
+    run_dir = write_run_dir(tmp_path / "new", runs, config)
     result = CliRunner().invoke(cli, ["gate", str(run_dir), "--baseline", str(baseline_file)])
     assert result.exit_code == 0, result.output
     assert "note: The baseline's versions differ" in result.output
     assert "2.99.0" in result.output
+    assert (
+        f"note: {MLP_SINGD} ran with other hyperparameters: damping None -> 0.001, lr 0.01 -> 0.02."
+        in result.output
+    )
