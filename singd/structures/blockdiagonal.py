@@ -58,6 +58,10 @@ class BlockDiagonalMatrix(StructuredMatrix):
 
     def _blockwise(self, blocks: Tensor, last: Tensor, X: Tensor) -> Tensor:
         """Each row block of X (d, n) times its block, into one preallocated output."""
+        if blocks.shape[0] == 0:
+            # One block covers the whole factor: the dense product, bit for bit the
+            # dense structure's result (REFERENCE.md gap 1 promises exactly dense).
+            return last @ X
         head, rest = self._split(X)
         out = X.new_empty(X.shape)
         out_head, out_rest = self._split(out)
@@ -72,6 +76,8 @@ class BlockDiagonalMatrix(StructuredMatrix):
         return self._blockwise(self._tensors["blocks"].mT, self._tensors["last"].T, X)
 
     def _right_matmat(self, X: Tensor) -> Tensor:
+        if self._tensors["blocks"].shape[0] == 0:
+            return X @ self._tensors["last"]  # as dense, bit for bit (see _blockwise)
         return self._rmatmat(X.T).T
 
     def _matmul_structured(self, other: Self) -> Self:
