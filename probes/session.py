@@ -61,7 +61,7 @@ from probes.stats import STAT_METRICS, STAT_UNITS, tensor_stats
 log = logging.getLogger(__name__)
 
 PROBES = ("condition", "numerics", "memory", "time")
-DEFAULT_EVERY = {"condition": 100, "numerics": 100, "memory": 50, "time": 1}
+DEFAULT_EVERY = {"condition": 200, "numerics": 100, "memory": 50, "time": 1}
 """Default cadences in iterations, chosen for the overhead budget (benchmarks/)."""
 USS_EVERY = 10
 """USS costs milliseconds: read it every this many memory readings."""
@@ -159,6 +159,8 @@ class ProbeSession:
         self._probe_ms: list[float] = []
         self._optimizer_state_bytes: int | None = None
         self._memory_readings = 0
+        self._flags = StepFlags(self.run_dtype)
+        self._by_name = {self._names[id(p)]: p for p in params}
         self._final_peak: int | None = None
         self._skip_count = self._skipped_counter()
         self._begin_iteration()
@@ -190,7 +192,7 @@ class ProbeSession:
             return
         self._attached = False
         try:
-            if self._backward_seen and self._nonfinite():
+            if self._backward_seen and self._flags.nonfinite(self._allowed):
                 self._close(skipped=True)
             # The peak is process-wide: freeze it before another session resets it.
             self._final_peak = self._peak_memory()
@@ -209,8 +211,8 @@ class ProbeSession:
     # Hooks
     # ------------------------------------------------------------------------------
     def _begin_iteration(self) -> None:
-        self._flags = StepFlags(self.run_dtype)
-        self._stats: list[tuple[Label, str, Tensor]] = []
+        self._flags.reset()
+        self._stats: list[tuple[Label, str, list[float]]] = []
         self._full = "numerics" in self.probes and self.step % self.every["numerics"] == 0
         self._iter_start: float | None = None
         self._opt_start: float | None = None
@@ -219,26 +221,20 @@ class ProbeSession:
         self._before: dict[int, Tensor] = {}
         self._probe_s = 0.0
 
+    def _measure(self, label: Label, tensor: Tensor) -> None:
+        self._stats.append((label, dtype_name(tensor.dtype), tensor_stats(tensor, self.run_dtype)))
+
     def _watch(self, label: Label, tensor: Tensor) -> None:
         self._flags.add(label, tensor)
         if self._full:
-            self._stats.append(
-                (label, dtype_name(tensor.dtype), tensor_stats(tensor, self.run_dtype))
-            )
+            self._measure(label, tensor)
 
-    def _watch_many(self, labels: list[Label], tensors: list[Tensor]) -> None:
-        self._flags.add_many(labels, tensors)
-        if self._full:
-            for label, tensor in zip(labels, tensors, strict=True):
-                self._stats.append(
-                    (label, dtype_name(tensor.dtype), tensor_stats(tensor, self.run_dtype))
-                )
-
+    @torch.no_grad()
     def _on_forward_pre(self, module, args) -> None:
         if not self._attached:
             return
         start = time.perf_counter()
-        if self._backward_seen and self._opt_start is None and self._nonfinite():
+        if self._backward_seen and self._opt_start is None and self._flags.nonfinite(self._allowed):
             self._close(skipped=True)
         if self._iter_start is None:
             self._iter_start = start
@@ -249,13 +245,15 @@ class ProbeSession:
             if not self._attached:
                 return
             start = time.perf_counter()
-            for i, tensor in enumerate(_floating_tensors(output)):
-                suffix = f".{i}" if i else ""
-                self._watch((name, "activation" + suffix, "forward"), tensor)
-                if tensor.requires_grad and torch.is_grad_enabled():
-                    tensor.register_hook(
-                        self._grad_hook((name, "output_grad" + suffix, "backward"))
-                    )
+            grad_enabled = torch.is_grad_enabled()
+            with torch.no_grad():
+                for i, tensor in enumerate(_floating_tensors(output)):
+                    suffix = f".{i}" if i else ""
+                    self._watch((name, "activation" + suffix, "forward"), tensor)
+                    if tensor.requires_grad and grad_enabled:
+                        tensor.register_hook(
+                            self._grad_hook((name, "output_grad" + suffix, "backward"))
+                        )
             self._probe_s += time.perf_counter() - start
 
         return hook
@@ -266,11 +264,40 @@ class ProbeSession:
                 return
             start = time.perf_counter()
             self._backward_seen = True
-            self._watch(label, grad)
+            with torch.no_grad():
+                self._watch(label, grad)
             self._probe_s += time.perf_counter() - start
 
         return hook
 
+    def _grads(self) -> tuple[list[Label], list[Tensor]]:
+        with_grad = [p for p in self._params if p.grad is not None]
+        labels = [(self._names[id(p)], "grad", "backward") for p in with_grad]
+        return labels, [p.grad for p in with_grad]
+
+    def _factors(self, layers: list) -> tuple[list[Label], list[Tensor]]:
+        labels, tensors = [], []
+        for layer in layers:
+            for fname, factor in layer.factors.items():
+                for t in _factor_tensors(factor):
+                    labels.append((layer.name, fname, "step"))
+                    tensors.append(t)
+        return labels, tensors
+
+    def _momenta(self) -> tuple[list[Label], list[Tensor]]:
+        labels, tensors = [], []
+        for p in self._params:
+            state = self.optimizer.state.get(p, {})
+            for key in MOMENTUM_KEYS:
+                if isinstance(state.get(key), Tensor):
+                    labels.append((self._names[id(p)], "momentum", "step"))
+                    tensors.append(state[key])
+        return labels, tensors
+
+    def _updates(self) -> tuple[list[Label], list[Tensor]]:
+        return [(self._names[id(p)], "update", "step") for p in self._params], self._params
+
+    @torch.no_grad()
     def _on_step_pre(self, optimizer, args, kwargs) -> None:
         if not self._attached:
             return
@@ -278,50 +305,45 @@ class ProbeSession:
         self._backward_seen = True
         if self._iter_start is None:
             self._iter_start = start
-        with_grad = [p for p in self._params if p.grad is not None]
-        names = [self._names[id(p)] for p in with_grad]
-        self._watch_many([(n, "grad", "backward") for n in names], [p.grad for p in with_grad])
         if self._full:
-            for n, p in zip(names, with_grad, strict=True):
-                self._stats.append(
-                    ((n, "weight", "step"), dtype_name(p.dtype), tensor_stats(p, self.run_dtype))
-                )
-                self._before[id(p)] = p.detach().clone()
+            for label, grad in zip(*self._grads(), strict=True):
+                self._measure(label, grad)
+                param = self._by_name[label[0]]
+                self._measure((label[0], "weight", "step"), param)
+                self._before[id(param)] = param.detach().clone()
         self._opt_start = time.perf_counter()
         self._probe_s += self._opt_start - start
 
+    @torch.no_grad()
     def _on_step_post(self, optimizer, args, kwargs) -> None:
+        """Check factors and parameters; if either is not finite, find the origin.
+
+        Gradients and momenta are read only then (they are still alive after the step),
+        which halves the bytes read per step: a non-finite gradient or momentum makes a
+        non-finite update in the same step (SGD, AdamW, SINGD and KFAC all add them into
+        the parameters), so the check on the parameters cannot miss one.
+        """
         if not self._attached:
             return
         start = time.perf_counter()
         self._opt_ms = (start - self._opt_start) * 1e3 if self._opt_start else math.nan
         layers = self._curvature() if self._curvature is not None else []
-        labels: list[Label] = []
-        tensors: list[Tensor] = []
-        for layer in layers:
-            for fname, factor in layer.factors.items():
-                for t in _factor_tensors(factor):
-                    labels.append((layer.name, fname, "step"))
-                    tensors.append(t)
-        for p in self._params:
-            state = optimizer.state.get(p, {})
-            for key in MOMENTUM_KEYS:
-                if isinstance(state.get(key), Tensor):
-                    labels.append((self._names[id(p)], "momentum", "step"))
-                    tensors.append(state[key])
-        self._watch_many(labels, tensors)
-        self._flags.add_many(
-            [(self._names[id(p)], "update", "step") for p in self._params],
-            [p for p in self._params],
-        )
-        for p in self._params:
-            before = self._before.get(id(p))
-            if before is not None:
-                delta = p.detach() - before
-                label = (self._names[id(p)], "update", "step")
-                self._stats.append(
-                    (label, dtype_name(delta.dtype), tensor_stats(delta, self.run_dtype))
-                )
+        flags = self._flags
+        base = len(flags)
+        flags.add_many(*self._factors(layers))
+        flags.add_many(*self._updates())
+        if flags.nonfinite(self._allowed, start=base):
+            flags.truncate(base)
+            for part in (self._grads(), self._factors(layers), self._momenta(), self._updates()):
+                flags.add_many(*part)
+        if self._full:
+            for part in (self._factors(layers), self._momenta()):
+                for label, tensor in zip(*part, strict=True):
+                    self._measure(label, tensor)
+            for p in self._params:
+                before = self._before.get(id(p))
+                if before is not None:
+                    self._measure((self._names[id(p)], "update", "step"), p - before)
         skip_count = self._skipped_counter(layers)
         skipped = skip_count > self._skip_count
         self._skip_count = skip_count
@@ -340,20 +362,14 @@ class ProbeSession:
     def _allowed(self, module: str) -> bool:
         return self._allow_inf is not None and self._allow_inf.search(module) is not None
 
-    def _nonfinite(self) -> bool:
-        return any(
-            f.nan or (f.inf and not self._allowed(f.label[0])) for f in self._flags.resolve()
-        )
-
     def _close(self, *, skipped: bool, layers: list | None = None) -> None:
         start = time.perf_counter()
         step, rec = self.step, self.recorder
-        flags = self._flags.resolve()
         if skipped:
             self.skipped_steps += 1
             rec.add(step, "numerics", "skipped_step", 1.0, phase="step", unit="count")
         else:
-            self._count_events(step, flags)
+            self._count_events(step)
         self._record_stats(step)
         if self._due("condition") and self._curvature is not None:
             layers = self._curvature() if layers is None else layers
@@ -389,16 +405,19 @@ class ProbeSession:
     def _due(self, probe: str) -> bool:
         return probe in self.every and self.step % self.every[probe] == 0
 
-    def _count_events(self, step: int, flags) -> None:
-        bad = [f for f in flags if f.nan or (f.inf and not self._allowed(f.label[0]))]
-        self.nan_events += any(f.nan for f in bad)
-        self.inf_events += any(f.inf for f in bad)
-        self.overflow_events += any(f.overflow for f in flags)
-        for f in bad:
-            if f.label in self._origins:
+    def _count_events(self, step: int) -> None:
+        flags = self._flags
+        bad = flags.nonfinite(self._allowed)
+        values = flags.values()
+        self.nan_events += any(math.isnan(values[i]) for i in bad)
+        self.inf_events += any(math.isinf(values[i]) for i in bad)
+        self.overflow_events += flags.overflow()
+        for i in bad:
+            label = flags.labels[i]
+            if label in self._origins:
                 continue
-            self._origins.add(f.label)
-            module, tensor, phase = f.label
+            self._origins.add(label)
+            module, tensor, phase = label
             self.recorder.add(
                 step, "numerics", "first_nonfinite", step, module=module, tensor=tensor, phase=phase
             )
@@ -406,18 +425,7 @@ class ProbeSession:
                 self._first = NonFinite(step, module, tensor, phase)
 
     def _record_stats(self, step: int) -> None:
-        if not self._stats:
-            return
-        by_device: dict[torch.device, list[int]] = {}
-        for i, (_, _, v) in enumerate(self._stats):
-            by_device.setdefault(v.device, []).append(i)
-        values: list[list[float]] = [[]] * len(self._stats)
-        for idx in by_device.values():
-            for i, row in zip(
-                idx, torch.stack([self._stats[i][2] for i in idx]).tolist(), strict=True
-            ):
-                values[i] = row
-        for ((module, tensor, phase), dt, _), row in zip(self._stats, values, strict=True):
+        for (module, tensor, phase), dt, row in self._stats:
             for metric, value in zip(STAT_METRICS, row, strict=True):
                 self.recorder.add(
                     step,

@@ -7,13 +7,17 @@ import pytest
 import torch
 
 from probes.limits import limits, parse_dtype
-from probes.stats import STAT_METRICS, tensor_stats
+from probes.stats import STAT_METRICS, exact_stats, tensor_stats
 
 LOW = [torch.float16, torch.bfloat16]
 
 
 def _stats(x: torch.Tensor, run: torch.dtype) -> dict[str, float]:
-    return dict(zip(STAT_METRICS, tensor_stats(x, run).tolist(), strict=True))
+    """The shortcut statistics, checked against the always-counting ones on the way."""
+    fast = tensor_stats(x, run)
+    exact = exact_stats(x, run)
+    assert fast == pytest.approx(exact, rel=0, abs=0, nan_ok=True)
+    return dict(zip(STAT_METRICS, fast, strict=True))
 
 
 ALL = [torch.float32, torch.float16, torch.bfloat16]
@@ -91,7 +95,7 @@ def _mixed_values(dtype: torch.dtype, n: int = 4000) -> torch.Tensor:
 @pytest.mark.parametrize("run", LOW)
 def test_stats_match_numpy_reference(own, run):
     x = _mixed_values(own)
-    got = dict(zip(STAT_METRICS, tensor_stats(x, run).tolist(), strict=True))
+    got = _stats(x, run)
     want = _reference(x.to(torch.float64).numpy(), own, run)
     for metric in STAT_METRICS:
         assert got[metric] == pytest.approx(want[metric], rel=1e-12, nan_ok=True), metric
@@ -146,3 +150,32 @@ def test_stats_do_not_modify_the_tensor():
     before = x.clone()
     tensor_stats(x, torch.bfloat16)
     assert torch.equal(x.view(torch.int16), before.view(torch.int16))
+
+
+def _cases(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 7, generator=gen)
+    big = x.clone()
+    big[5, 3] = torch.finfo(dtype).max * 0.75
+    return {
+        "healthy": x,
+        "relu_zeros": x.clamp(min=0),
+        "all_zero": torch.zeros(9),
+        "tiny_values": x * 1e-6,  # below float16's tiny, normal in float32/bfloat16
+        "one_overflow_risk": big,
+        "cast_overflow": x * 7e4,  # beyond float16's range, fine in bfloat16
+    }
+
+
+@pytest.mark.parametrize("own", ALL)
+@pytest.mark.parametrize("run", LOW)
+@pytest.mark.parametrize(
+    "case",
+    ["healthy", "relu_zeros", "all_zero", "tiny_values", "one_overflow_risk", "cast_overflow"],
+)
+def test_shortcut_equals_counting_and_numpy(own, run, case):
+    x = _cases(own)[case].to(own)
+    got = _stats(x, run)  # asserts tensor_stats == exact_stats bit for bit
+    want = _reference(x.to(torch.float64).numpy(), own, run)
+    for metric in STAT_METRICS:
+        assert got[metric] == pytest.approx(want[metric], rel=1e-12, nan_ok=True), metric
