@@ -94,31 +94,31 @@ class HierarchicalMatrix(StructuredMatrix):
         t, m, b = self.split_sizes(self._dim)
         return X[:t], X[t : t + m], X[t + m :]
 
-    # Products write each row block into one preallocated output and accumulate the
-    # thin (K1 or K2 wide) terms in place: the middle block is nearly all of the output,
-    # and temporaries of its size would dominate the cost.
+    # The thin blocks act through two GEMMs with inner dimension d (S X) or K1 + K2
+    # (S^T X) over the whole output, and the diagonal through one in-place pass: the
+    # middle block is nearly all of the output, so the number of passes over it, not the
+    # arithmetic, sets the cost.
     def _matmat(self, X: Tensor) -> Tensor:
-        A, B_m, B_b, C, D, E = self._parts()
-        X_t, X_m, X_b = self._split_rows(X)
+        A, _, _, C, D, E = self._parts()
+        t, m, _ = self.split_sizes(self._dim)
         out = X.new_empty(X.shape)
         top, middle, bottom = self._split_rows(out)
-        torch.mm(A, X_t, out=top)
-        top.addmm_(B_m, X_m).addmm_(B_b, X_b)
-        torch.mul(C.unsqueeze(1), X_m, out=middle)
-        torch.mm(D, X_m, out=bottom)
-        bottom.addmm_(E, X_b)
+        # rows t: [A | B] X; rows b: [D | E] X[t:]; rows m: c * X_m
+        torch.mm(torch.cat([A, self._tensors["B"]], 1), X, out=top)
+        torch.mm(torch.cat([D, E], 1), X[t:], out=bottom)
+        torch.mul(C.unsqueeze(1), X[t : t + m], out=middle)
         return out
 
     def _rmatmat(self, X: Tensor) -> Tensor:
-        A, B_m, B_b, C, D, E = self._parts()
+        A, _, _, C, D, E = self._parts()
+        t, m, b = self.split_sizes(self._dim)
         X_t, X_m, X_b = self._split_rows(X)
         out = X.new_empty(X.shape)
-        top, middle, bottom = self._split_rows(out)
-        torch.mm(A.T, X_t, out=top)
-        torch.mul(C.unsqueeze(1), X_m, out=middle)
-        middle.addmm_(B_m.T, X_t).addmm_(D.T, X_b)
-        torch.mm(B_b.T, X_t, out=bottom)
-        bottom.addmm_(E.T, X_b)
+        torch.mm(A.T, X_t, out=out[:t])
+        # rows m and b: B^T X_t + [D | E]^T X_b in one GEMM, then the diagonal c * X_m.
+        thin = torch.cat([self._tensors["B"], torch.cat([D, E], 1)], 0)  # (K1 + K2, d - K1)
+        torch.mm(thin.T, torch.cat([X_t, X_b], 0), out=out[t:])
+        out[t : t + m].addcmul_(C.unsqueeze(1), X_m)
         return out
 
     def _right_matmat(self, X: Tensor) -> Tensor:
