@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from precision_lab.baseline import RunKey, RunSet
@@ -335,13 +335,15 @@ class Tolerances:
     loss: float = 0.05
     max_slowdown: float | None = None
 
-    def checks(self, device: str | None = None) -> list[Check]:
-        """The checks these thresholds define, in the order tables list them.
+    def for_device(self, device: str | None) -> Tolerances:
+        """These thresholds with the peak floor set for the baseline's device if unset."""
+        if self.peak_floor is not None:
+            return self
+        return replace(self, peak_floor=default_peak_floor(device))
 
-        Args:
-            device: the baseline's device, which sets the peak floor when it is None.
-        """
-        floor = default_peak_floor(device) if self.peak_floor is None else self.peak_floor
+    def checks(self) -> list[Check]:
+        """The checks these thresholds define, in the order tables list them."""
+        floor = default_peak_floor(None) if self.peak_floor is None else self.peak_floor
         return [
             AtMost("memory", "optimizer_state_bytes", tolerance=self.memory),
             AtMost("memory", "peak_memory_bytes", tolerance=self.peak, floor=floor),
@@ -387,6 +389,7 @@ class GateResult:
     verdicts: list[Verdict]
     notes: list[str] = field(default_factory=list)
     timing: dict[str, Any] | None = None
+    tolerances: dict[str, Any] = field(default_factory=dict)
 
     @property
     def failures(self) -> list[Verdict]:
@@ -409,6 +412,7 @@ class GateResult:
             "counts": self.counts(),
             "failures": [verdict.message for verdict in self.failures],
             "notes": self.notes,
+            "tolerances": self.tolerances,
             "checks": [asdict(verdict) for verdict in self.verdicts],
             "timing": self.timing,
         }
@@ -561,7 +565,8 @@ def gate(
             "suite and dtype."
         )
     verdicts: list[Verdict] = []
-    checks = tolerances.checks(baseline.environment.get("device"))
+    tolerances = tolerances.for_device(baseline.environment.get("device"))
+    checks = tolerances.checks()
     for key, base_run in baseline.runs.items():
         run = current.runs.get(key)
         if run is None:
@@ -579,7 +584,7 @@ def gate(
         time_verdicts, timing = compare_step_times(current, against, tolerances.max_slowdown)
         verdicts.extend(time_verdicts)
     verdicts.sort(key=lambda v: (STATUS_ORDER[v.status], v.run, v.check))
-    return GateResult(verdicts=verdicts, notes=_notes(current, baseline), timing=timing)
+    return GateResult(verdicts, _notes(current, baseline), timing, asdict(tolerances))
 
 
 _FRACTION = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(%?)\s*$")

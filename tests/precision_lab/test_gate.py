@@ -62,6 +62,16 @@ def test_identical_run_passes(tmp_path, baseline_file):
     assert "fail" not in result.output.split("gate passed")[1]
     data = json.loads(gate_cli(tmp_path, baseline_file, None, "--json").output)
     assert data["passed"] is True
+    assert data["tolerances"] == {
+        "memory": 0.0,
+        "peak": 0.1,
+        "peak_floor": 64 * MIB,
+        "condition_factor": 10.0,
+        "nonfinite": 0.2,
+        "underflow": 0.01,
+        "loss": 0.05,
+        "max_slowdown": None,
+    }
     # Five runs, eleven checks each; the diverged baseline's two learning checks are skipped.
     assert data["counts"] == {"fail": 0, "better": 0, "new": 0, "ok": 53, "skip": 2}
 
