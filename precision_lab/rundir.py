@@ -8,7 +8,7 @@
       summary.json     {"schema": 1, "runs": [one object per run]}, rewritten after every run
       records.parquet  the long table: every probe row plus ``train`` rows
       report.html      the report
-      failures/        KFAC's reproducers of failed decompositions
+      failures/        KFAC's reproducers of failed decompositions, in failures/<run id>/
 
 Every planned run is in summary.json from the start, ``finished: false`` until it has
 run, so a suite stopped by Ctrl-C or a crash says what it did not do. Field definitions

@@ -103,7 +103,8 @@ def train(
         plan: The run.
         device: Where to train.
         every: Cadence, in steps, of the probes' expensive metrics.
-        failure_dir: Where KFAC writes reproducers of failed decompositions.
+        failure_dir: Where KFAC writes reproducers of failed decompositions, under
+            ``<failure_dir>/<run id>/``.
 
     Returns:
         The run's summary fields (units: bytes, steps, ms, the loss's nats) and records.
@@ -130,7 +131,8 @@ def _train(plan: RunPlan, *, device: torch.device, every: int, failure_dir: Path
         model = nn.parallel.DistributedDataParallel(model)
     overrides = dict(plan.hyperparameters)
     if spec.family == "kfac" and failure_dir is not None:
-        overrides.setdefault("failure_dir", str(failure_dir))
+        # One folder per run (the run id's parts as nested folders): runs never mix.
+        overrides.setdefault("failure_dir", str(failure_dir.joinpath(*plan.run_id.split("/"))))
     optimizer = spec.build(model, overrides)
     scaler = (
         torch.amp.GradScaler(device.type) if mode == "mixed" and dtype == torch.float16 else None

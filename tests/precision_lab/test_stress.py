@@ -180,6 +180,18 @@ def test_seeds_are_counted_per_configuration(tmp_path):
     assert " 3/3 " in result.output and " 0/3 " in result.output
 
 
+def test_kfac_failures_land_in_the_runs_own_folder(tmp_path):
+    """near_fp16_max in float16: KFAC's A overflows, its inversion fails, a reproducer is
+    saved under failures/<run id>/."""
+    out = tmp_path / "run"
+    args = ("--dtype", "fp16", "--suite", "quick", "--scenarios", "near_fp16_max")
+    result = stress(*args, "--optimizers", "kfac:cholesky", "--steps", "2", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    run = out / "failures" / "mlp" / "near_fp16_max" / "kfac:cholesky" / "float16" / "pure" / "s0"
+    files = list(run.iterdir())
+    assert files and all(p.suffix == ".pt" for p in files)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
 def test_torchrun_two_cpu_ranks_write_one_run_directory(tmp_path):
