@@ -70,7 +70,7 @@ def _not_finite(figure: str, value: Any) -> str:
 
 
 def format_value(figure: str, value: Any) -> str:
-    """A figure for a table cell: bytes in B or MiB, steps as integers, null as a dash."""
+    """A figure for a table cell: bytes in B or MiB, counts as integers, null as ``null``."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -201,6 +201,10 @@ class NoneWhereNone(Check):
             return None
         shown = "yes" if current is True else format_value(self.figure, current)
         return f"{self.figure} is {shown} where the baseline had none"
+
+    def improves(self, current: Any, baseline: Any) -> bool:
+        # Only "none where there were some" is progress; fewer broken steps is chaos.
+        return bool(baseline) and not current
 
 
 @dataclass(frozen=True)

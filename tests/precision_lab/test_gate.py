@@ -394,6 +394,8 @@ IMPROVEMENTS = [
     (AtLeast("learning", "accuracy", tolerance=0.05), 1.04, 1.0, False),
     (AtLeast("learning", "accuracy", tolerance=0.05), 1.06, 1.0, True),
     (NoneWhereNone("stability", "nan_events"), 0, 3, True),
+    (NoneWhereNone("stability", "nan_events"), 2, 3, False),
+    (NoneWhereNone("stability", "diverged"), False, True, True),
     (NotEarlier("stability", "first_nonfinite_step", tolerance=0.2), None, 10, True),
     (NotEarlier("stability", "first_nonfinite_step", tolerance=0.2), 11, 10, True),
     (GrowthFactor("stability", "max_condition", factor=10), 1.1e2, 1e3, False),
