@@ -65,6 +65,10 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _percent(fraction: float) -> str:
+    return f"{fraction * 100:g}%"
+
+
 def _not_finite(figure: str, value: Any) -> str:
     return f"{figure} is {format_value(figure, value)} (non-finite or not recorded)"
 
@@ -90,7 +94,8 @@ def format_value(figure: str, value: Any) -> str:
 class Check:
     """One comparison of one figure between a run and its baseline.
 
-    Subclasses define ``fails`` and, where "better" is not simply "smaller", ``improves``.
+    Subclasses define ``fails`` and ``improves``, and ``change`` where a relative change
+    is not the natural measure.
 
     Attributes:
         category: ``memory``, ``stability`` or ``learning``.
@@ -110,8 +115,8 @@ class Check:
         raise NotImplementedError
 
     def improves(self, current: Any, baseline: Any) -> bool:
-        """Whether ``current`` is better than ``baseline`` (smaller, unless overridden)."""
-        return _is_number(current) and _is_number(baseline) and current < baseline
+        """Whether ``current`` is better than ``baseline`` beyond the check's tolerance."""
+        raise NotImplementedError
 
     def change(self, current: Any, baseline: Any) -> str:
         """The change from baseline to current, relative where that means something."""
@@ -148,7 +153,7 @@ class AtMost(Check):
         limit = baseline + self.tolerance * abs(baseline) + self.floor
         if current <= limit:
             return None
-        allowed = f"tolerance {self.tolerance:.0%}"
+        allowed = f"tolerance {_percent(self.tolerance)}"
         if self.floor:
             allowed += f" + {format_value(self.figure, self.floor)}"
         return (
@@ -179,7 +184,7 @@ class AtLeast(Check):
             return None
         return (
             f"{self.figure} {format_value(self.figure, current)} is below "
-            f"{format_value(self.figure, limit)} (tolerance {self.tolerance:.0%})"
+            f"{format_value(self.figure, limit)} (tolerance {_percent(self.tolerance)})"
         )
 
     def improves(self, current: Any, baseline: Any) -> bool:
@@ -223,13 +228,13 @@ class NotEarlier(Check):
             return None
         return (
             f"{self.figure} is step {current}, earlier than step {limit:.4g} "
-            f"(baseline step {baseline}, tolerance {self.tolerance:.0%})"
+            f"(baseline step {baseline}, tolerance {_percent(self.tolerance)})"
         )
 
     def improves(self, current: Any, baseline: Any) -> bool:
         if baseline is None:
             return False
-        return current is None or current > baseline
+        return current is None or current > baseline * (1 + self.tolerance)
 
 
 @dataclass(frozen=True)
