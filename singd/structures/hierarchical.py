@@ -110,19 +110,30 @@ class HierarchicalMatrix(StructuredMatrix):
         return out
 
     def _rmatmat(self, X: Tensor) -> Tensor:
-        A, _, _, C, D, E = self._parts()
-        t, m, b = self.split_sizes(self._dim)
+        A, _, _, C, _, _ = self._parts()
+        t, m, _ = self.split_sizes(self._dim)
         X_t, X_m, X_b = self._split_rows(X)
         out = X.new_empty(X.shape)
         torch.mm(A.T, X_t, out=out[:t])
         # rows m and b: B^T X_t + [D | E]^T X_b in one GEMM, then the diagonal c * X_m.
-        thin = torch.cat([self._tensors["B"], torch.cat([D, E], 1)], 0)  # (K1 + K2, d - K1)
-        torch.mm(thin.T, torch.cat([X_t, X_b], 0), out=out[t:])
+        torch.mm(self._thin().T, torch.cat([X_t, X_b], 0), out=out[t:])
         out[t : t + m].addcmul_(C.unsqueeze(1), X_m)
         return out
 
     def _right_matmat(self, X: Tensor) -> Tensor:
-        return self._rmatmat(X.T).T
+        # X S on X's own (n, d) layout, the same two GEMMs and one diagonal pass.
+        A, _, _, C, _, _ = self._parts()
+        t, m, _ = self.split_sizes(self._dim)
+        X_t, X_m, X_b = X[:, :t], X[:, t : t + m], X[:, t + m :]
+        rest = torch.cat([X_t, X_b], 1) @ self._thin()
+        rest[:, :m].addcmul_(X_m, C)
+        return torch.cat([X_t @ A, rest], 1)
+
+    def _thin(self) -> Tensor:
+        """``[[B], [D | E]]`` of shape (K1 + K2, d - K1): the rows of S^T beyond K1 that
+        are not the diagonal, as one matrix."""
+        _, _, _, _, D, E = self._parts()
+        return torch.cat([self._tensors["B"], torch.cat([D, E], 1)], 0)
 
     def _matmul_structured(self, other: Self) -> Self:
         A, B_m, B_b, C, D, E = self._parts()
