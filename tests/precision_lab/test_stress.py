@@ -116,22 +116,29 @@ def test_the_table_names_every_run(quick_run):
         assert name in result.output
 
 
-def _diverging_suite(tmp_path):
+def _diverging_suite(tmp_path, dtypes='dtypes = ["float32"]'):
     path = tmp_path / "diverge.toml"
     path.write_text(
         'models = ["mlp"]\nscenarios = ["baseline"]\noptimizers = ["sgd", "adamw"]\n'
-        'dtypes = ["float32"]\nsteps = 8\n[hyperparameters.sgd]\nlr = 1e4\n'
+        f"{dtypes}\nsteps = 8\n[hyperparameters.sgd]\nlr = 1e4\n"
     )
     return path
 
 
 def test_a_divergence_is_recorded_and_the_suite_goes_on(tmp_path):
+    """SGD at lr 1e4: its float16 forward overflows at step 1 (a NaN loss); AdamW after it
+    runs to the end."""
     out = tmp_path / "run"
-    result = stress("--suite", str(_diverging_suite(tmp_path)), "--out", str(out))
+    suite = _diverging_suite(tmp_path, 'dtypes = ["float16"]\nmodes = ["mixed"]')
+    result = stress("--suite", str(suite), "--out", str(out))
     assert result.exit_code == 0, result.output
     summary, _ = load_run(out)
-    sgd, adamw = summary.set_index("optimizer").loc[["sgd", "adamw"]].to_dict("records")
-    assert sgd["diverged"] and sgd["steps"] < 8 and sgd["failure_cause"] == "optimization"
+    runs = summary.set_index("run")
+    sgd = runs.loc["mlp/baseline/sgd/float16/mixed/s0"]
+    assert sgd["diverged"] and sgd["steps"] < 8 and sgd["first_nonfinite_step"] == 1
+    assert sgd["failure_cause"] == "optimization"  # its float32 control diverged as well
+    assert runs.loc["mlp/baseline/sgd/float32/pure/s0/control-float16-mixed", "diverged"]
+    adamw = runs.loc["mlp/baseline/adamw/float16/mixed/s0"]
     assert adamw["finished"] and not adamw["diverged"] and adamw["steps"] == 8
 
 
