@@ -477,6 +477,11 @@ def compare_step_times(
         below 1; never ``fail``), and a summary with the geometric mean of the ratios, which
         fails only when ``max_slowdown`` is given and the mean exceeds it.
     """
+    if reference.suite != current.suite:
+        raise UsageError(
+            f"--against ran suite {reference.suite!r} but the run directory ran "
+            f"{current.suite!r}: compare step times of the same suite."
+        )
     verdicts, ratios = [], []
     for key, run in current.runs.items():
         other = reference.runs.get(key)

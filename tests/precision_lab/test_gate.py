@@ -338,6 +338,12 @@ def test_step_times_against_a_run_of_the_same_job(tmp_path, baseline_file):
     assert held.exit_code == 0, held.output
 
 
+def test_against_another_suite_exits_2(tmp_path, baseline_file):
+    other = write_run_dir(tmp_path / "other", base_runs(), {**CONFIG, "suite": "default"})
+    result = gate_cli(tmp_path, baseline_file, None, "--against", str(other))
+    assert_one_sentence_error(result, "--against", "'default'", "'quick'")
+
+
 def test_max_slowdown_needs_against(tmp_path, baseline_file):
     result = gate_cli(tmp_path, baseline_file, None, "--max-slowdown", "1.5")
     assert_one_sentence_error(result, "--against")
