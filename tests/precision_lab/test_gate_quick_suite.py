@@ -17,6 +17,8 @@ from click.testing import CliRunner
 from precision_lab.baseline import read_run_dir
 from precision_lab.cli import cli
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="session")
 def quick_run(tmp_path_factory) -> Path:
