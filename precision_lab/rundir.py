@@ -11,21 +11,9 @@
       failures/        KFAC's reproducers of failed decompositions, in failures/<run id>/
 
 Every planned run is in summary.json from the start, ``finished: false`` until it has
-run, so a suite stopped by Ctrl-C or a crash says what it did not do. Field definitions
-are DESIGN.md's; those this module adds:
-
-- ``failure_cause``: ``none`` when the run did not break; ``precision`` when it broke and
-  its float32 control (same model, data, seed, hyperparameters) did not; ``optimization``
-  when the control broke too, or for a float32 run that broke. A run *broke* when it
-  diverged or crashed (``error`` set). Null while the run or its control is unfinished.
-- ``control``: the control's figures (``CONTROL_FIELDS``) beside the run's; null for a
-  float32 run.
-- ``seeds_broken`` / ``seeds_total``: over all seeds of the run's configuration (the run
-  id with ``s*`` for the seed), how many broke, and how many are planned.
-- ``error``: for a run that crashed, ``"<exception type>: <message>"``; else null.
-- ``warnings``: the distinct warning messages raised while the run was built and trained.
-- ``hyperparameters``: the optimizer's hyperparameters as built (family defaults, then
-  the suite's and the scenario's overrides).
+run, so a suite stopped by Ctrl-C or a crash says what it did not do. Every field's
+definition is in `FIELDS` (DESIGN.md's where it names the field), and summary.json
+repeats them under ``fields``.
 
 Non-finite numbers are written as null, so the JSON stays valid.
 """
@@ -50,41 +38,53 @@ from probes.records import ARROW_SCHEMA, COLUMNS, read_parquet
 
 SUMMARY_SCHEMA = 1
 
-SUMMARY_FIELDS = (
-    "run",
-    "model",
-    "scenario",
-    "optimizer",
-    "structure",
-    "dtype",
-    "mode",
-    "seed",
-    "control_of",
-    "steps",
-    "finished",
-    "diverged",
-    "first_nonfinite_step",
-    "nan_events",
-    "inf_events",
-    "skipped_steps",
-    "overflow_events",
-    "underflow_fraction",
-    "max_condition",
-    "optimizer_state_bytes",
-    "peak_memory_bytes",
-    "final_loss",
-    "accuracy",
-    "step_time_ms",
-    "failure_cause",
-    "fallback_optimizer",
-    "control",
-    "seeds_broken",
-    "seeds_total",
-    "error",
-    "warnings",
-    "hyperparameters",
-)
-"""Every run object's keys, in the order written."""
+FIELDS: dict[str, str] = {
+    "run": "the run's id: model/scenario/optimizer/dtype/mode/s<seed>[/control-<dtype>-<mode>]",
+    "model": "mlp, cnn or transformer",
+    "scenario": "the scenario's name (docs/suites.md)",
+    "optimizer": "the optimizer's canonical spec string",
+    "structure": "SINGD's structure, K or K/C; dense for KFAC; null for AdamW and SGD",
+    "dtype": "the run's dtype, torch name",
+    "mode": "pure: model and optimizer state in the dtype; mixed: float32 master weights, "
+    "autocast, GradScaler for float16",
+    "seed": "seed of the weights and of the batch order",
+    "control_of": "for a float32 control, the id of the run it controls; else null",
+    "steps": "optimizer steps taken (fewer than planned when the run diverged or stopped)",
+    "finished": "the run ran to its end or to its divergence",
+    "diverged": "the loss became non-finite or exceeded 10x its first value (the run stops)",
+    "first_nonfinite_step": "first step with a NaN/Inf loss or watched tensor; null if none",
+    "nan_events": "steps with any NaN in a watched tensor, skipped steps excluded",
+    "inf_events": "steps with any Inf in a watched tensor, skipped steps excluded",
+    "skipped_steps": "steps skipped on infinite gradients (GradScaler or the optimizer)",
+    "overflow_events": "steps with a finite watched value above half the dtype's maximum (or "
+    "one that would overflow when cast to the run's dtype), skipped steps excluded",
+    "underflow_fraction": "largest fraction, over watched tensors, of nonzero values that are "
+    "subnormal or flush to zero in the dtype",
+    "max_condition": "largest condition number of any preconditioner factor seen; null "
+    "without factors",
+    "optimizer_state_bytes": "bytes of optimizer state at the end, fallback optimizer included (B)",
+    "peak_memory_bytes": "CUDA allocator peak, or the process's resident-memory high-water "
+    "mark, reset per run (B)",
+    "final_loss": "training loss of the last step taken (nats)",
+    "accuracy": "test accuracy on the digits at the end, in [0, 1]; null for synthetic data",
+    "step_time_ms": "median wall-clock time of a training step, probes included (ms)",
+    "failure_cause": "none, precision (the run broke, its float32 control held) or "
+    "optimization (the control broke too, or a float32 run broke); a run broke when it "
+    "diverged or crashed; null while it or its control is unfinished",
+    "fallback_optimizer": "optimizer of the parameters no Kronecker factor covers; null for "
+    "AdamW and SGD",
+    "control": "the float32 control's figures beside this run's; null for a float32 run",
+    "seeds_broken": "over the seeds of this configuration, how many broke",
+    "seeds_total": "how many seeds of this configuration the suite plans",
+    "error": "for a run that crashed, '<exception type>: <message>'; else null",
+    "warnings": "distinct warnings raised while the run was built and trained",
+    "hyperparameters": "the optimizer's hyperparameters as built (family defaults, then the "
+    "suite's and the scenario's overrides)",
+}
+"""Every run object's keys in the order written, with their definitions (DESIGN.md's for
+the fields it names); summary.json carries them under ``fields``."""
+
+SUMMARY_FIELDS = tuple(FIELDS)
 
 CONTROL_FIELDS = (
     "run",
@@ -219,7 +219,8 @@ class RunDirectory:
         return out
 
     def write_summary(self) -> None:
-        _write_json(self.path / "summary.json", {"schema": SUMMARY_SCHEMA, "runs": self.summary()})
+        summary = {"schema": SUMMARY_SCHEMA, "fields": FIELDS, "runs": self.summary()}
+        _write_json(self.path / "summary.json", summary)
 
     def close(self) -> None:
         """Finish records.parquet (its footer) and write report.html."""

@@ -67,6 +67,8 @@ def test_summary_after_every_run_with_controls_and_seed_counts(tmp_path):
     text = (tmp_path / "run" / "summary.json").read_text()
     runs = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))["runs"]
     assert all(list(r) == list(SUMMARY_FIELDS) for r in runs)
+    fields = json.loads(text)["fields"]
+    assert list(fields) == list(SUMMARY_FIELDS) and all(len(d) > 10 for d in fields.values())
     control, run = runs[0], runs[1]
     assert control["control_of"] == run["run"] and control["control"] is None
     assert run["control"]["run"] == control["run"] and run["control"]["final_loss"] == 0.5
