@@ -2,7 +2,8 @@
 
 Each figure is embedded as JSON in a ``<script type="application/json">`` block and drawn
 by one loop calling ``Plotly.newPlot``, so plotly.js appears once however many figures
-there are. The page records what it drew in ``<body data-figures-rendered=N>`` and shows
+there are. The overview table sorts on a click of a header (numbers as numbers, empty cells last in
+either direction). The page records what it drew in ``<body data-figures-rendered=N>`` and shows
 any script error in a visible banner, so a reader (and a headless browser in the tests)
 can tell a broken page from an empty one.
 """
@@ -89,9 +90,10 @@ function(h){delete h.dataset.dir;});th.dataset.dir=dir;var body=t.tBodies[0];
 var rows=Array.from(body.rows);rows.sort(function(a,b){
 var x=a.cells[col].dataset.v??a.cells[col].textContent,
 y=b.cells[col].dataset.v??b.cells[col].textContent;
-var nx=parseFloat(x),ny=parseFloat(y),c;
-if(!isNaN(nx)&&!isNaN(ny)){c=nx-ny;}else if(!isNaN(nx)){c=-1;}else if(!isNaN(ny)){c=1;}
-else{c=x.localeCompare(y);}return dir==='asc'?c:-c;});
+if(x===''||y===''){return (x==='')-(y==='');}
+var nx=Number(x),ny=Number(y),c;
+c=(!isNaN(nx)&&!isNaN(ny))?nx-ny:String(x).localeCompare(String(y));
+return dir==='asc'?c:-c;});
 rows.forEach(function(r){body.appendChild(r);});});});});
 })();
 """

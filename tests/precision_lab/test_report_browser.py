@@ -68,23 +68,37 @@ def test_comparison_page_shows_both_runs(loaded):
     assert "bf16-run · large-lr · bf16" in heatmap and "fp16-run · large-lr · fp16" in heatmap
 
 
-def test_a_script_error_would_be_caught(tmp_path):
-    """The check above can fail: a page with a broken script shows up in both channels."""
+def test_a_script_error_would_be_caught(comparison_page, tmp_path):
+    """The check above can fail: a broken script shows in the console and the banner."""
     page = tmp_path / "broken.html"
-    html = write_report_html_with_error(tmp_path)
-    page.write_text(html)
+    html = comparison_page.read_text()
+    page.write_text(html.replace("</body>", "<script>notAFunction();</script></body>"))
     run = browser.load(page)
     assert any("not defined" in e for e in run.errors)
     assert "Script error" in run.dom
-
-
-def write_report_html_with_error(tmp_path) -> str:
-    run = make_run_dir(tmp_path / "run", optimizers=("adamw",), steps=5, broken=None)
-    html = write_report([run], tmp_path / "ok.html").read_text()
-    return html.replace("</body>", "<script>notAFunction();</script></body>")
 
 
 def test_screenshot_is_kept_for_review(comparison_page):
     png = browser.screenshot(comparison_page, browser.artifacts_dir() / "report-comparison.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert png.stat().st_size > 100_000  # a blank page of this size is far smaller
+
+
+def test_overview_sorts_on_a_header_click(comparison_page, tmp_path):
+    """Clicking "first NaN/Inf step" twice sorts descending: the two broken runs (steps 23
+    and 7) come first, the runs without a value last."""
+    click = (
+        "<script>var th=Array.from(document.querySelectorAll('#overview-table th'))"
+        ".find(function(h){return h.textContent==='first NaN/Inf step';});"
+        "th.click();th.click();</script>"
+    )
+    page = tmp_path / "sorted.html"
+    page.write_text(comparison_page.read_text().replace("</body>", click + "</body>"))
+    run = browser.load(page)
+    assert run.errors == []
+    body = re.search(r'id="overview-table".*?<tbody>(.*?)</tbody>', run.dom, re.S).group(1)
+    rows = re.findall(r"<tr[^>]*>(.*?)</tr>", body, re.S)
+    column = [h for h in re.findall(r"<th[^>]*>(.*?)</th>", run.dom)].index("first NaN/Inf step")
+    values = [re.findall(r"<td[^>]*>(.*?)</td>", r)[column] for r in rows]
+    assert values[:2] == ["23", "7"] and set(values[2:]) == {"–"}
+    assert 'data-dir="desc"' in run.dom
