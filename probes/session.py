@@ -5,27 +5,29 @@ step returns (a step post-hook), or, when a step is never called (``GradScaler.s
 skips ``optimizer.step`` on infinite gradients), when the next forward begins after a
 backward whose readings were not finite. A backward followed by a forward with finite
 readings is gradient accumulation and stays in the same iteration. An iteration is a
-*skipped step* when it ended without a step, or when the optimizer's own
-``skipped_steps`` counter (``curvature_state()``) rose during its step (SINGD and KFAC
-take the step call and skip inside it under a GradScaler); its readings do not count as
-NaN/Inf/overflow events.
+*skipped step* when it ended without a step, or when its step was called with torch's
+GradScaler verdict ``optimizer.found_inf`` set (SINGD and KFAC take the call and skip
+inside it); its readings do not count as NaN/Inf/overflow events.
 
-Each iteration, whatever the cadences, every watched tensor gets one fused ``amax``
-reduction (`probes.flags`): module outputs (``activation``, forward) and their gradients
-(``output_grad``, backward) of every leaf module or module with its own parameters,
-parameter gradients (``grad``, backward), curvature factors (factor name, step),
-momenta (``momentum``: ``momentum_buffer``, ``exp_avg`` in ``optimizer.state``, step)
-and the parameters after the step (``update``, step: a non-finite update makes a
-non-finite parameter). They are brought to the host once per iteration, so the first
-non-finite tensor is found in execution order with its step, module, tensor and phase.
-Parameter tensors are named by their qualified parameter name (``0.weight``).
+Each iteration, whatever the cadences, these tensors get one fused ``aminmax`` each
+(`probes.flags`), brought to the host once per iteration: the outputs (``activation``,
+forward) and output gradients (``output_grad``, backward) of every leaf module and every
+module with parameters of its own, and the parameters after the step (``update``, step:
+a non-finite update makes a non-finite parameter). When the parameters are not finite,
+the parameter gradients (``grad``, backward), the curvature factors (factor name, step)
+and the momenta (``momentum``: ``momentum_buffer``, ``exp_avg`` of ``optimizer.state``,
+step) are read too, in that execution order, so the first non-finite tensor is found with
+its step, module, tensor and phase (see `ProbeSession._on_step_post` for why that is
+enough, and its one exception, KFAC's ``A`` and ``G``). Parameter-level tensors are named
+by their qualified parameter name (``0.weight``).
 
 At their cadences (step ``s`` with ``s % every == 0``) the probes record full rows:
-``numerics`` (`probes.stats`; also ``weight`` before the step and ``update`` = the
-parameter's change over the step), ``condition`` (`probes.condition`), ``memory``
-(`probes.memory`, `probes.device_memory`) and ``time`` (per iteration: ``step_time_ms``
-from the iteration's first forward to the end of its step, the optimizer step's share
-``optimizer_time_ms`` and the time spent in this session's hooks ``probe_time_ms``).
+``numerics`` (`probes.stats` of all the tensors above, factors included, plus ``weight``
+before the step and ``update`` = the parameter's change over the step), ``condition``
+(`probes.condition`), ``memory`` (`probes.memory`, `probes.device_memory`) and ``time``
+(per iteration: ``step_time_ms`` from the iteration's first forward to the end of its
+step, the optimizer step's share ``optimizer_time_ms`` and the time spent in this
+session's hooks ``probe_time_ms``; wall clock, ms).
 """
 
 from __future__ import annotations
@@ -61,11 +63,36 @@ from probes.stats import STAT_METRICS, STAT_UNITS, tensor_stats
 log = logging.getLogger(__name__)
 
 PROBES = ("condition", "numerics", "memory", "time")
-DEFAULT_EVERY = {"condition": 200, "numerics": 100, "memory": 50, "time": 1}
+DEFAULT_EVERY = {"condition": 200, "numerics": 200, "memory": 100, "time": 1}
 """Default cadences in iterations, chosen for the overhead budget (benchmarks/)."""
 USS_EVERY = 10
 """USS costs milliseconds: read it every this many memory readings."""
 MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")
+FINITE_PRESERVING = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Hardtanh,
+    nn.Hardsigmoid,
+    nn.Hardswish,
+    nn.SiLU,
+    nn.GELU,
+    nn.ELU,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.Flatten,
+    nn.Unflatten,
+)
+"""Parameter-free elementwise modules whose outputs, and whose input gradients, are finite
+whenever their inputs and output gradients are (bounded derivatives): a NaN or Inf cannot
+be born in them, so their hooks (which cost as much as a small layer's) are attached only
+in the numerics probe's full iterations. Exact types: a subclass may compute otherwise."""
 CONDITION_TENSORS = ("K", "C", "KKT", "CCT", "A", "G", "A_inv", "G_inv")
 
 
@@ -162,7 +189,6 @@ class ProbeSession:
         self._flags = StepFlags(self.run_dtype)
         self._by_name = {self._names[id(p)]: p for p in params}
         self._final_peak: int | None = None
-        self._skip_count = self._skipped_counter()
         self._begin_iteration()
         self._attached = True
         self._handles = self._register()
@@ -178,9 +204,15 @@ class ProbeSession:
 
     def _register(self) -> list:
         handles = [self.model.register_forward_pre_hook(self._on_forward_pre)]
+        self._occasional: list[tuple[str, nn.Module]] = []
+        self._occasional_handles: list = []
         for name, module in self.model.named_modules():
             own_params = next(module.parameters(recurse=False), None) is not None
-            if own_params or next(module.children(), None) is None:
+            if not (own_params or next(module.children(), None) is None):
+                continue
+            if type(module) in FINITE_PRESERVING:
+                self._occasional.append((name, module))
+            else:
                 handles.append(module.register_forward_hook(self._forward_hook(name)))
         handles.append(self.optimizer.register_step_pre_hook(self._on_step_pre))
         handles.append(self.optimizer.register_step_post_hook(self._on_step_post))
@@ -197,9 +229,9 @@ class ProbeSession:
             # The peak is process-wide: freeze it before another session resets it.
             self._final_peak = self._peak_memory()
         finally:
-            for handle in self._handles:
+            for handle in self._handles + self._occasional_handles:
                 handle.remove()
-            self._handles = []
+            self._handles, self._occasional_handles = [], []
 
     def __enter__(self) -> ProbeSession:
         return self
@@ -217,6 +249,7 @@ class ProbeSession:
         self._iter_start: float | None = None
         self._opt_start: float | None = None
         self._opt_ms = math.nan
+        self._scaler_skipped = False
         self._backward_seen = False
         self._before: dict[int, Tensor] = {}
         self._probe_s = 0.0
@@ -238,6 +271,11 @@ class ProbeSession:
             self._close(skipped=True)
         if self._iter_start is None:
             self._iter_start = start
+        if self._full and self._occasional and not self._occasional_handles:
+            self._occasional_handles = [
+                module.register_forward_hook(self._forward_hook(name))
+                for name, module in self._occasional
+            ]
         self._probe_s += time.perf_counter() - start
 
     def _forward_hook(self, name: str):
@@ -305,6 +343,10 @@ class ProbeSession:
         self._backward_seen = True
         if self._iter_start is None:
             self._iter_start = start
+        # torch's GradScaler hands optimizers that skip by themselves (SINGD, KFAC) its
+        # verdict as the attribute ``found_inf``; others it never calls on infinities.
+        found_inf = getattr(optimizer, "found_inf", None)
+        self._scaler_skipped = found_inf is not None and bool(found_inf)
         if self._full:
             for label, grad in zip(*self._grads(), strict=True):
                 self._measure(label, grad)
@@ -316,45 +358,44 @@ class ProbeSession:
 
     @torch.no_grad()
     def _on_step_post(self, optimizer, args, kwargs) -> None:
-        """Check factors and parameters; if either is not finite, find the origin.
+        """Check the parameters; if they are not finite, find the origin.
 
-        Gradients and momenta are read only then (they are still alive after the step),
-        which halves the bytes read per step: a non-finite gradient or momentum makes a
-        non-finite update in the same step (SGD, AdamW, SINGD and KFAC all add them into
-        the parameters), so the check on the parameters cannot miss one.
+        Gradients, factors and momenta are read only then (they are still alive after
+        the step), and at the numerics cadence: a non-finite gradient, momentum or SINGD
+        factor makes a non-finite update in the same step (SGD, AdamW, SINGD and KFAC
+        all add them into the parameters), so the check on the parameters cannot miss
+        one. KFAC's ``A`` and ``G`` reach the update only through the inverses, every
+        ``T`` steps (and a failed inversion keeps the previous inverse), so a non-finite
+        ``A`` or ``G`` is seen at the next numerics cadence or failed update.
         """
         if not self._attached:
             return
         start = time.perf_counter()
         self._opt_ms = (start - self._opt_start) * 1e3 if self._opt_start else math.nan
-        layers = self._curvature() if self._curvature is not None else []
         flags = self._flags
         base = len(flags)
-        flags.add_many(*self._factors(layers))
+        layers = None
+        if self._full and self._curvature is not None:
+            layers = self._curvature()
+            flags.add_many(*self._factors(layers))
         flags.add_many(*self._updates())
         if flags.nonfinite(self._allowed, start=base):
             flags.truncate(base)
-            for part in (self._grads(), self._factors(layers), self._momenta(), self._updates()):
+            if layers is None and self._curvature is not None:
+                layers = self._curvature()
+            for part in (self._grads(), self._factors(layers or []), self._momenta()):
                 flags.add_many(*part)
+            flags.add_many(*self._updates())
         if self._full:
-            for part in (self._factors(layers), self._momenta()):
+            for part in (self._factors(layers or []), self._momenta()):
                 for label, tensor in zip(*part, strict=True):
                     self._measure(label, tensor)
             for p in self._params:
                 before = self._before.get(id(p))
                 if before is not None:
                     self._measure((self._names[id(p)], "update", "step"), p - before)
-        skip_count = self._skipped_counter(layers)
-        skipped = skip_count > self._skip_count
-        self._skip_count = skip_count
         self._probe_s += time.perf_counter() - start
-        self._close(skipped=skipped, layers=layers)
-
-    def _skipped_counter(self, layers: list | None = None) -> int:
-        if self._curvature is None:
-            return 0
-        layers = self._curvature() if layers is None else layers
-        return sum(int(layer.counters.get("skipped_steps", 0)) for layer in layers)
+        self._close(skipped=self._scaler_skipped, layers=layers)
 
     # ------------------------------------------------------------------------------
     # Closing an iteration
@@ -399,6 +440,9 @@ class ProbeSession:
             rec.add(step, "time", "step_time_ms", step_ms, tensor="step", unit="ms")
             rec.add(step, "time", "optimizer_time_ms", self._opt_ms, tensor="step", unit="ms")
             rec.add(step, "time", "probe_time_ms", probe_ms, tensor="step", unit="ms")
+        for handle in self._occasional_handles:
+            handle.remove()
+        self._occasional_handles = []
         self.step += 1
         self._begin_iteration()
 
