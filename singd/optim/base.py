@@ -32,10 +32,12 @@ Distributed training (torch.distributed initialised, world size > 1):
 
 - Without the DDP wrapper (as the published SINGD): input-side curvature terms are
   averaged over ranks, output-side terms averaged (``loss_average`` set) or summed
-  (``None``), once per update just before it; natural gradients are averaged or summed
-  likewise; fallback gradients too. Input rows are always normalised by their count,
-  so averaging is what equals one process on the whole batch; the published package
-  sums them for ``loss_average=None``.
+  (``None``), once per update just before it (un-scaled by each rank's own GradScaler
+  scale first, since the ranks' scalers may disagree); natural gradients are averaged
+  or summed likewise; fallback gradients too. Ranks agree on skipping a step when any
+  of them found infs (a MAX all-reduce of ``found_inf``). Input rows are always
+  normalised by their count, so averaging is what equals one process on the whole
+  batch; the published package sums them for ``loss_average=None``.
 - Inside ``DistributedDataParallel``: the wrapped model is accepted and unwrapped for
   the layers. DDP has already averaged the gradients, so only the curvature terms are
   all-reduced; for ``loss_average=None`` gradients are multiplied by the world size,
@@ -409,6 +411,11 @@ class KroneckerOptimizer(Optimizer):
             scale = getattr(self, "grad_scale", None)
             self.set_current_grad_scale(1.0 if scale is None else float(scale))
         found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and self._world() > 1 and not self._ddp:
+            # Each rank's scaler saw only its own gradients: agree on skipping, or the
+            # ranks would call different collectives and hang.
+            found_inf = torch.as_tensor(float(found_inf)).reshape(1)
+            dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
         if found_inf is not None and bool(found_inf):
             warnings.warn("Gradients hold infs or NaNs; skipping this step.", stacklevel=2)
             for layer in self._layers:
@@ -453,7 +460,10 @@ class KroneckerOptimizer(Optimizer):
             if layer.passes > 0 and self.steps % self.param_groups[layer.group_index]["T"] == 0
         ]
         if world > 1:
-            self._all_reduce_accumulators(due)
+            # Each rank's scaler has its own scale: un-scale the output-side terms locally
+            # before they are mixed, so every rank ends with the same, un-scaled sum.
+            self._all_reduce_accumulators(due, grad_unscaling)
+            grad_unscaling = 1.0
         for layer in due:
             self._update_preconditioner(layer, grad_unscaling)
             layer.passes = 0
@@ -512,14 +522,17 @@ class KroneckerOptimizer(Optimizer):
         self.fallback.step()
 
     # ----------------------------------------------------------- distributed
-    def _all_reduce_accumulators(self, layers: list[KroneckerLayer]) -> None:
-        """All-reduce the accumulated curvature terms of ``layers`` in one call per kind."""
-        entries = []  # (layer state, key, structured?, tensors, average?)
+    def _all_reduce_accumulators(self, layers: list[KroneckerLayer], grad_unscaling: float) -> None:
+        """All-reduce the accumulated curvature terms of ``layers`` in one call per kind,
+        output-side terms multiplied by ``grad_unscaling`` first."""
+        entries = []  # (layer state, key, tensors, average?)
         for layer in layers:
             state = self._factors[layer.name]
             average_output = self.param_groups[layer.group_index]["loss_average"] is not None
             for key, side in self.ACCUMULATORS.items():
                 value = state[key]
+                if side == "output" and grad_unscaling != 1.0:
+                    value.mul_(grad_unscaling)
                 tensors = value.tensors() if isinstance(value, StructuredMatrix) else {"": value}
                 entries.append((state, key, tensors, side == "input" or average_output))
         for average in (True, False):
@@ -591,6 +604,13 @@ class KroneckerOptimizer(Optimizer):
                         "The checkpoint was saved with a schedule (callable) for lr_cov; "
                         "build the optimizer with that schedule again before loading it."
                     )
+        current = {layer.name for layer in self._layers} | set(self._fallback_layers)
+        known = set(saved["layers"]) | set(saved["fallback_layers"])
+        if current != known:
+            raise ValueError(
+                f"The checkpoint covers layers {sorted(known)} but this optimizer covers "
+                f"{sorted(current)}; load it into an optimizer built on the same model."
+            )
         names = [n for n in saved["fallback_layers"] if n not in self._fallback_layers]
         if names:
             self._move_to_fallback(names)

@@ -190,3 +190,11 @@ def test_curvature_view_preconditions_like_the_dense_formula():
         torch.testing.assert_close(result, C @ C.T @ G @ K @ K.T, rtol=1e-12, atol=1e-14)
         assert view.damping == {"K": 0.001, "C": 0.001}
         assert view.counters == {"skipped_steps": 0, "failed_decompositions": 0}
+
+
+def test_a_checkpoint_of_another_model_is_refused():
+    model, optimizer, scaler = build()
+    train(model, optimizer, scaler, range(1))
+    other = SINGD(nn.Sequential(nn.Linear(5, 3)), T=3, lr_cov=lr_cov_schedule)
+    with pytest.raises(ValueError, match="built on the same model"):
+        other.load_state_dict(optimizer.state_dict())
