@@ -139,3 +139,17 @@ def test_a_missing_real_run_fails_coverage(quick_run, quick_baseline, tmp_path):
     assert data["failures"] == [
         f"{_label(removed[0])}: run is in the baseline but missing from {tmp_path / 'edited'}"
     ]
+
+
+def test_the_committed_float32_baseline_still_holds(quick_run):
+    """This session's quick run against reports/baselines/quick-suite-fp32.json.
+
+    A change that moves the figures fails here as it fails CI: refresh the baselines
+    deliberately (reports/baselines/README.md). Peak memory is left out (a floor of
+    1 TiB): inside pytest it is the resident memory of a process that has run other
+    tests, not of a fresh ``precision-lab stress`` as in CI.
+    """
+    committed = Path(__file__).resolve().parents[2] / "reports/baselines/quick-suite-fp32.json"
+    args = ["gate", str(quick_run), "--baseline", str(committed), "--peak-floor", "1024GiB"]
+    result = CliRunner().invoke(cli, [*args, "--json"])
+    assert result.exit_code == 0, json.loads(result.output)["failures"]
