@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import platform
-import sys
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from precision_lab.errors import EXIT_INTERRUPTED, UsageError, user_errors
 from precision_lab.rundir import RunDirectory
 from precision_lab.runner import Outcome, train
 from precision_lab.specs import parse_specs
-from precision_lab.suite import BUILTIN_SUITES, MODES, load_suite
+from precision_lab.suite import BUILTIN_SUITES, load_suite
 
 
 def _names(text: str | None, what: str) -> list[str] | None:
@@ -91,6 +91,19 @@ def _init_distributed(device: torch.device) -> None:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def _command_line(ctx: click.Context) -> str:
+    """The command as a user would retype it: the options given, whatever launched it
+    (console script, ``python -m``, torchrun, a test)."""
+    words = ["precision-lab", "stress"]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if value is None or value == () or value == param.get_default(ctx):
+            continue
+        for item in value if param.multiple else (value,):
+            words += [param.opts[0], str(item)]
+    return shlex.join(words)
 
 
 def _versions() -> dict[str, str]:
@@ -246,9 +259,6 @@ def stress(
     out: Path | None,
 ) -> None:
     """Run a stress suite and write a run directory (summary, records, report)."""
-    for mode in modes:
-        if mode not in MODES:
-            raise UsageError(f"Unknown mode {mode!r}; expected one of {', '.join(MODES)}.")
     parsed_dtypes = []
     for name in dtypes:
         try:
@@ -285,7 +295,7 @@ def stress(
         "versions": _versions(),
         "device": str(torch_device),
         "world_size": world,
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": _command_line(click.get_current_context()),
         "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     run_dir = RunDirectory(out or _default_out(), config, plans) if rank == 0 else None

@@ -93,6 +93,10 @@ def test_quick_suite_writes_a_valid_run_directory(quick_run):
     for key in ("suite", "optimizers", "dtypes", "modes", "seeds", "versions", "device", "command"):
         assert key in config
     assert config["dtypes"] == ["bfloat16"] and config["device"] == "cpu"
+    assert (
+        config["command"]
+        == f"precision-lab stress --dtype bf16 --suite quick --steps 6 --out {out}"
+    )
 
 
 def test_quick_suite_records_load_back(quick_run):
