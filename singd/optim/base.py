@@ -80,6 +80,10 @@ from singd.optim.layers import (
 from singd.structures import get_structure
 from singd.structures.base import StructuredMatrix
 
+_NO_LAYER = (
+    "model has no nn.Linear or nn.Conv2d layer whose weight is among the optimized "
+    "parameters; use a model with such a layer or another optimizer."
+)
 FallbackFactory = Callable[[list[dict[str, Any]]], Optimizer]
 DEFAULT_FALLBACK = "adamw"
 
@@ -153,6 +157,8 @@ class KroneckerOptimizer(Optimizer):
                 f"from parameter groups, got {fallback!r}."
             )
         check_number(init_grad_scale, "init_grad_scale", open_low=True)
+        if not any(isinstance(m, SUPPORTED_LAYERS) for m in module.modules()):
+            raise ValueError(_NO_LAYER)
         self._fallback_factory = _adamw if fallback == DEFAULT_FALLBACK else fallback
         self._warn_unsupported = warn_unsupported
 
@@ -167,10 +173,7 @@ class KroneckerOptimizer(Optimizer):
         self._factors: dict[str, dict[str, StructuredMatrix | Tensor]] = {}
         self._layers = self._find_layers(module)
         if not self._layers:
-            raise ValueError(
-                "model has no nn.Linear or nn.Conv2d layer whose weight is among the "
-                "optimized parameters; use a model with such a layer or another optimizer."
-            )
+            raise ValueError(_NO_LAYER)
         covered = {id(p) for layer in self._layers for p in layer.params}
         self._fallback_params: list[list[Tensor]] = [
             [p for p in g["params"] if id(p) not in covered] for g in self.param_groups

@@ -60,9 +60,16 @@ def test_bad_value_in_a_parameter_group_names_the_group():
         SINGD(model, groups)
 
 
-def test_model_without_supported_layer():
+@pytest.mark.parametrize("fallback", ["adamw", None])
+def test_model_without_supported_layer(fallback):
     with pytest.raises(ValueError, match="model has no nn.Linear or nn.Conv2d layer"):
-        SINGD(nn.Sequential(nn.LayerNorm(3), nn.Embedding(4, 3)))
+        SINGD(nn.Sequential(nn.LayerNorm(3), nn.Embedding(4, 3)), fallback=fallback)
+
+
+def test_params_without_a_supported_layer():
+    model = mlp()
+    with pytest.raises(ValueError, match="whose weight is among the optimized parameters"):
+        SINGD(model, [model[0].bias])
 
 
 def test_weight_and_bias_in_different_groups():
