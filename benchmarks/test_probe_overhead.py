@@ -1,0 +1,102 @@
+"""What the probes cost: step time with and without a probe session, interleaved.
+
+Workload: `benchmarks/mlp_step.py` (MLP 256-512-512-10, batch 128, float32, one thread)
+trained by SINGD with its default preconditioner period (T=10) and diagonal or dense
+factors. A measurement alternates blocks of ``STEPS`` training steps without probes and
+with a fresh ``probes.attach`` session, ``REPEATS`` times; a block's figure is its mean
+CPU time per step (``time.process_time``: what the step costs this process, robust to
+the other jobs sharing the machine; the wall clock is kept beside it). The overhead is
+``median(with) / median(without) - 1``. ``STEPS`` is a multiple of the default cadences,
+so each block pays its share of every probe (condition numbers, full numerics, memory).
+
+Budgets (issue 4): default probes at default cadences cost at most 5% with diagonal
+factors and 10% with dense ones. ``every=1`` (every probe every step) is measured and
+reported, not judged. Run: ``pytest benchmarks/test_probe_overhead.py -s`` or
+``python benchmarks/test_probe_overhead.py``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import warnings
+
+import mlp_step
+import pytest
+import torch
+
+import probes
+from singd import SINGD
+
+STEPS = 200
+REPEATS = 5
+BUDGET = {"diagonal": 0.05, "dense": 0.10}
+
+
+def _block(step, n: int) -> tuple[float, float]:
+    """Mean (CPU, wall) seconds per step over ``n`` steps."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    for _ in range(n):
+        step()
+    return (time.process_time() - cpu) / n, (time.perf_counter() - wall) / n
+
+
+def measure_overhead(
+    structure: str, every: int | None, steps: int = STEPS, repeats: int = REPEATS
+) -> dict[str, float]:
+    """Interleaved medians of step time with and without probes (ms) and the overhead.
+
+    Returns:
+        ``without_ms``, ``with_ms`` (median CPU ms per step), ``overhead`` (fraction),
+        ``wall_overhead`` (the same from the wall clock) and ``probe_share`` (the
+        session's own ``probe_overhead_fraction``, median over blocks).
+    """
+    model, x, y = mlp_step.build()
+    optimizer = SINGD(model, lr=1e-3, structures=(structure, structure))
+    step = mlp_step.make_step(model, optimizer, x, y)
+    _block(step, 20)  # warm-up: allocator, first preconditioner update
+    without, with_probes, shares = [], [], []
+    for _ in range(repeats):
+        without.append(_block(step, steps))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            session = probes.attach(model, optimizer, every=every)
+        with session:
+            with_probes.append(_block(step, steps))
+        shares.append(session.summary()["probe_overhead_fraction"])
+    cpu_without = statistics.median(c for c, _ in without)
+    cpu_with = statistics.median(c for c, _ in with_probes)
+    wall_without = statistics.median(w for _, w in without)
+    wall_with = statistics.median(w for _, w in with_probes)
+    return {
+        "without_ms": cpu_without * 1e3,
+        "with_ms": cpu_with * 1e3,
+        "overhead": cpu_with / cpu_without - 1,
+        "wall_overhead": wall_with / wall_without - 1,
+        "probe_share": statistics.median(shares),
+    }
+
+
+@pytest.mark.parametrize("structure", ["diagonal", "dense"])
+def test_default_probes_within_budget(benchmark, structure):
+    result = benchmark.pedantic(measure_overhead, args=(structure, None), rounds=1, iterations=1)
+    benchmark.extra_info.update(result)
+    print(f"\n{structure} default cadences: {result}")
+    assert result["overhead"] <= BUDGET[structure], result
+
+
+@pytest.mark.parametrize("structure", ["diagonal", "dense"])
+def test_every_step_overhead_reported(benchmark, structure):
+    result = benchmark.pedantic(
+        measure_overhead, args=(structure, 1), kwargs={"steps": 20}, rounds=1, iterations=1
+    )
+    benchmark.extra_info.update(result)
+    print(f"\n{structure} every=1: {result}")
+    assert result["overhead"] > 0
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    for structure in ("diagonal", "dense"):
+        for every, steps in ((None, STEPS), (1, 20)):
+            print(structure, every, measure_overhead(structure, every, steps=steps), flush=True)

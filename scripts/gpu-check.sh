@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# One short run that checks the probes' whole GPU path (about 2 minutes, at most 5):
+#   1. the CUDA-marked tests of tests/probes (allocator and NVML rows, UUID matching,
+#      NaN origins and statistics on the GPU, mixed-precision training);
+#   2. a short float16 (autocast + GradScaler) and bfloat16 (pure) SINGD training with
+#      every probe at every step, printing what NVML and the allocator reported.
+# Fails loudly, with exit code 1, where torch sees no GPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
+
+python - <<'PY'
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    sys.exit(
+        "gpu-check: FAILED: torch sees no CUDA device (torch.cuda.is_available() is False, "
+        f"torch {torch.__version__}, built for CUDA {torch.version.cuda}); "
+        "run this script on a machine with an NVIDIA GPU."
+    )
+props = torch.cuda.get_device_properties(torch.cuda.current_device())
+print(f"gpu-check: {props.name}, {props.total_memory / 2**30:.1f} GiB, uuid {props.uuid}")
+PY
+
+echo "gpu-check: CUDA tests"
+timeout 180 python -m pytest tests/probes -m cuda -q -p no:cacheprovider -rs
+
+echo "gpu-check: float16 and bfloat16 training with every probe"
+timeout 90 python - <<'PY'
+import math
+import warnings
+
+import torch
+from torch import nn
+
+import probes
+from singd import SINGD
+
+torch.manual_seed(0)
+for dtype, mode in ((torch.float16, "mixed"), (torch.bfloat16, "pure")):
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 10)).cuda()
+    if mode == "pure":
+        model = model.to(dtype)
+    optimizer = SINGD(model, lr=1e-3, T=1, structures=("dense", "diagonal"))
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    x = torch.randn(128, 256, device="cuda")
+    y = torch.randint(0, 10, (128,), device="cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning from the probes is a failure here
+        session = probes.attach(model, optimizer, every=1, dtype=dtype, run=f"{mode}-{dtype}")
+    with session:
+        for _ in range(20):
+            optimizer.zero_grad()
+            with torch.autocast("cuda", dtype=dtype, enabled=mode == "mixed"):
+                loss = nn.functional.cross_entropy(model(x.to(next(model.parameters()).dtype)).float(), y)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+    frame = session.to_frame()
+    memory = frame[(frame["probe"] == "memory") & frame["tensor"].isin(["cuda", "nvml"])]
+    last = memory[memory["step"] == memory["step"].max()]
+    print(f"\n{mode} {dtype}: loss {loss.item():.4f}")
+    for row in last.itertuples():
+        value = f"{row.value / 2**20:10.1f} MiB" if row.unit == "B" else f"{row.value:10.0f}"
+        print(f"  {row.tensor:5s} {row.metric:20s} {value}   {row.module}")
+    summary = session.summary()
+    for key in ("steps", "nan_events", "skipped_steps", "underflow_fraction", "max_condition",
+                "peak_memory_bytes", "step_time_ms", "probe_overhead_fraction"):
+        print(f"  {key:24s} {summary[key]}")
+    assert summary["peak_memory_bytes"] and summary["peak_memory_bytes"] > 0
+    assert set(frame["probe"]) == {"condition", "numerics", "memory", "time"}
+    assert math.isfinite(loss.item())
+print("\ngpu-check: OK")
+PY
