@@ -17,8 +17,8 @@ The model has a LayerNorm, so the fallback optimizer's gradient reduction is cov
 
 Other optimizers join by adding a factory to `OPTIMIZER_FACTORIES`: a picklable callable
 `model -> optimizer` given the (possibly DDP-wrapped) model and the loss's
-`loss_average`, e.g. `partial(KFAC, lr=...)`. The two processes are spawned once per
-factory (about 10 s on two cores) and run every case.
+`loss_average`, e.g. `partial(KFAC, lr=...)`. The two processes are spawned once (a few
+seconds) and run every optimizer on every case.
 """
 
 from __future__ import annotations
@@ -86,13 +86,17 @@ def train(factory, mode: str, loss_average: str | None, dtype: torch.dtype, rank
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
-def _worker(rank: int, port: int, factory, out: str) -> None:
+def _worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
     )
     try:
-        results = {case: train(factory, *case, rank, WORLD) for case in CASES}
+        results = {
+            (name, case): train(factory, *case, rank, WORLD)
+            for name, factory in OPTIMIZER_FACTORIES.items()
+            for case in CASES
+        }
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -104,29 +108,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module", params=sorted(OPTIMIZER_FACTORIES))
-def distributed_run(request, tmp_path_factory):
-    """Spawn the two ranks once per optimizer; return (factory, results of rank 0, 1)."""
-    factory = OPTIMIZER_FACTORIES[request.param]
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    """Spawn the two ranks once for every optimizer and case; return each rank's results."""
     out = tmp_path_factory.mktemp("ranks")
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # the spawned ranks inherit it
-    mp.spawn(_worker, args=(_free_port(), factory, str(out)), nprocs=WORLD, join=True)
-    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
-    return factory, ranks
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
+@pytest.mark.parametrize("name", sorted(OPTIMIZER_FACTORIES))
 @pytest.mark.parametrize("case", CASES, ids=[f"{m}-{a or 'sum'}-{str(d)[6:]}" for m, a, d in CASES])
-def test_two_ranks_equal_one_process_on_the_whole_batch(distributed_run, case):
-    factory, ranks = distributed_run
+def test_two_ranks_equal_one_process_on_the_whole_batch(ranks, name, case):
     mode, loss_average, dtype = case
-    for name, value in ranks[0][case].items():
-        assert torch.equal(value, ranks[1][case][name]), f"ranks disagree on {name}"
+    distributed = ranks[0][name, case]
+    for param, value in distributed.items():
+        assert torch.equal(value, ranks[1][name, case][param]), f"ranks disagree on {param}"
 
     torch.set_num_threads(1)
-    single = train(factory, "bare", loss_average, dtype, rank=0, world=1)
+    single = train(OPTIMIZER_FACTORIES[name], "bare", loss_average, dtype, rank=0, world=1)
     initial = {n: p.detach() for n, p in build_model(dtype).named_parameters()}
-    diff = sum(float((ranks[0][case][n] - single[n]).double().square().sum()) for n in single)
+    diff = sum(float((distributed[n] - single[n]).double().square().sum()) for n in single)
     norm = sum(float((single[n] - initial[n]).double().square().sum()) for n in single)
     error = (diff / norm) ** 0.5
     assert norm > 0
-    assert error <= TOLERANCE[dtype], f"{case}: relative update error {error:.2e}"
+    assert error <= TOLERANCE[dtype], f"{name} {case}: relative update error {error:.2e}"
