@@ -3,7 +3,7 @@
 Every supported layer keeps two structured factors, ``K`` (``d_K x d_K``, input side)
 and ``C`` (``d_C x d_C``, output side), whose products ``K K^T`` and ``C C^T`` approximate
 the inverses of the Kronecker factors of the (empirical) Fisher, and updates them
-without any matrix inversion (paper, Figure 1 and eq. (5)); ``I`` below is the identity
+without any matrix inversion (the paper's SINGD update); ``I`` below is the identity
 and ``avg(M) = trace(M) / dim``.
 
 Curvature terms, from the rows ``a`` and ``g`` of `singd.optim.layers`, every T steps:
