@@ -237,7 +237,9 @@ def write_table(rows: dict[str, dict[str, Any]], load_before, load_after) -> Non
     lines.append("")
     lines.append(
         f"Medians of interleaved rounds, CPU time (time.process_time); ratios also by wall "
-        f"clock. torch {machine['torch']}, {machine['processor']}, one thread; 1-minute load "
-        f"average {load_before[0]:.1f} before, {load_after[0]:.1f} after."
+        f"clock. GFLOP: matrix products FlopCounterMode sees in one step (it does not count "
+        f"FFTs, which our Toeplitz products use). torch {machine['torch']}, "
+        f"{machine['processor']}, one thread; 1-minute load average {load_before[0]:.1f} "
+        f"before, {load_after[0]:.1f} after."
     )
     (RESULTS / "singd_step.md").write_text("\n".join(lines) + "\n")
