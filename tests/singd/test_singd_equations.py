@@ -222,7 +222,8 @@ def test_structures_differ_from_dense():
 
 def test_one_block_covering_every_layer_is_dense_bit_for_bit():
     """REFERENCE.md gap 1: the published block-diagonal treats K as symmetric and drifts
-    from dense (a weight difference of 1.4 after 30 steps here); ours is dense."""
+    from dense (REFERENCE.md measured a largest weight difference of 1.4 after 30 steps
+    on an MLP 37-21-7 with lr = lr_cov = 0.05); ours is dense."""
     runs = {}
     for structure in ("dense", "block64diagonal"):
         torch.manual_seed(0)
