@@ -181,7 +181,7 @@ def stability_heatmap(data: ReportData) -> Section:
         "Stability: first non-finite step",
         "Each cell is the earliest step at which a run of that optimizer, scenario and "
         "dtype met a NaN or Inf (darker red = earlier); orange: diverged without NaN/Inf "
-        "(loss above 10x its start); green: every run held.",
+        "(loss above 10x its start); green: every run held; blank: not in the suite.",
     )
     s = data.summary.copy()
     if s.empty:
@@ -448,6 +448,15 @@ def range_fractions(data: ReportData) -> Section:
                 col=col,
             )
             shown.add(name)
+        if not (part["value"] > 0).any():
+            fig.add_annotation(
+                text="all zero in every run",
+                showarrow=False,
+                xref=f"x{col if col > 1 else ''} domain",
+                yref=f"y{col if col > 1 else ''} domain",
+                x=0.5,
+                y=0.5,
+            )
     fig.update_yaxes(type="log", exponentformat="power")
     fig.update_layout(**LAYOUT, barmode="group", height=420)
     sec.figure = fig

@@ -121,7 +121,7 @@ def scaling_section(data: ReportData) -> Section:
         "Model scaling: optimizer-state memory against size",
         "Lines are the storage formulas, markers the bytes this run measured (they sit on "
         "their line when the formula holds); left: one factor against its dimension d, "
-        "right: each suite model widened 1x-256x; pick the state dtype above, drag the "
+        "right: a suite model widened 1x-256x; pick the model and state dtype above, drag the "
         "slider to read off a wider model.",
     )
     s = data.summary
@@ -151,7 +151,8 @@ def scaling_section(data: ReportData) -> Section:
         subplot_titles=["one factor: bytes vs dimension d", "whole model: state vs parameters"],
         horizontal_spacing=0.08,
     )
-    groups: list[int] = []  # itemsize of each trace, for the dtype selector
+    # (itemsize, model or None for the per-factor panel) of each trace, for the selector
+    groups: list[tuple[int, str | None]] = []
     for size in itemsizes:
         for name in structures:
             entries = np.array([get_structure(name).storage_entries(int(d)) for d in DIMENSIONS])
@@ -166,7 +167,7 @@ def scaling_section(data: ReportData) -> Section:
                 row=1,
                 col=1,
             )
-            groups.append(size)
+            groups.append((size, None))
         for model in models:
             params = [sh.params for sh in shapes[model]]
             for o in specs:
@@ -177,19 +178,16 @@ def scaling_section(data: ReportData) -> Section:
                     x=np.array(params, dtype=np.float64),
                     y=np.array(totals, dtype=np.float64),
                     mode="lines",
-                    name=f"{o} · {model} (formula)",
+                    name=f"{o} (formula)",
                     legendgroup=f"o-{o}",
-                    line={
-                        "color": o_color[o],
-                        "dash": ("solid", "dash", "dot")[models.index(model) % 3],
-                    },
+                    line={"color": o_color[o]},
                     customdata=np.array(WIDTH_MULTIPLIERS),
                     hovertemplate=f"{o} · {model} ×%{{customdata}}: %{{x:.3s}} params, "
                     "%{y:.4s}B<extra></extra>",
                     row=1,
                     col=2,
                 )
-                groups.append(size)
+                groups.append((size, model))
     measured = _measured_factors(data)
     modes = s["mode"] if "mode" in s else ["pure"] * len(s)
     notes = []
@@ -208,11 +206,11 @@ def scaling_section(data: ReportData) -> Section:
                 row=1,
                 col=1,
             )
-            groups.append(size)
+            groups.append((size, None))
         runs = s.assign(itemsize=[_itemsize(d, m) for d, m in zip(s["dtype"], modes, strict=True)])
         runs = runs[(runs["itemsize"] == size) & runs["optimizer_state_bytes"].notna()]
-        for o, g in runs.groupby("optimizer"):
-            x = [shapes[m][0].params for m in g["model"]]
+        for (o, model), g in runs.groupby(["optimizer", "model"]):
+            x = [shapes[model][0].params] * len(g)
             fig.add_scatter(
                 x=np.array(x, dtype=np.float64),
                 y=g["optimizer_state_bytes"].to_numpy(np.float64),
@@ -225,28 +223,32 @@ def scaling_section(data: ReportData) -> Section:
                 row=1,
                 col=2,
             )
-            groups.append(size)
+            groups.append((size, model))
     if measured.empty:
         notes.append("No per-factor bytes were recorded, so the left panel shows formulas only.")
     default = 2 if any(_itemsize(d, "pure") == 2 for d in s["dtype"]) else 4
-    for trace, size in zip(fig.data, groups, strict=True):
-        trace.visible = size == default
+    choices = [(model, size) for model in models for size in itemsizes]
+
+    def visible(model: str, size: int) -> list[bool]:
+        return [g_size == size and g_model in (None, model) for g_size, g_model in groups]
+
+    for trace, shown in zip(fig.data, visible(models[0], default), strict=True):
+        trace.visible = shown
     fig.update_layout(
         updatemenus=[
             {
-                "type": "buttons",
-                "direction": "right",
+                "type": "dropdown",
                 "x": 0,
-                "y": 1.16,
+                "y": 1.17,
                 "xanchor": "left",
-                "active": itemsizes.index(default),
+                "active": choices.index((models[0], default)),
                 "buttons": [
                     {
-                        "label": ITEMSIZE_LABEL[size],
+                        "label": f"{model} · {ITEMSIZE_LABEL[size]}",
                         "method": "restyle",
-                        "args": [{"visible": [g == size for g in groups]}],
+                        "args": [{"visible": visible(model, size)}],
                     }
-                    for size in itemsizes
+                    for model, size in choices
                 ],
             }
         ],
@@ -257,7 +259,7 @@ def scaling_section(data: ReportData) -> Section:
     fig.update_yaxes(title_text="bytes (B)", col=1)
     fig.update_xaxes(title_text="factor dimension d", col=1)
     fig.update_xaxes(title_text="model parameters", col=2)
-    fig.update_layout(template="plotly_white", height=640, margin={"t": 110, "b": 190})
+    fig.update_layout(template="plotly_white", height=760, margin={"t": 110, "b": 300})
     sec.figure = fig
     sec.notes = notes
     return sec
@@ -276,12 +278,13 @@ def _width_slider(fig, models, specs, parsed, shapes) -> dict:
         lines, shapes_at = [], []
         for model in models:
             sh = shapes[model][i]
-            cells = ", ".join(
+            cells = [
                 f"{o} {mb(sum(state_bytes(parsed[o], sh, torch.float32).values()))}"
                 f" / {mb(sum(state_bytes(parsed[o], sh, torch.bfloat16).values()))}"
                 for o in specs
-            )
-            lines.append(f"<b>{model} ×{k}</b> ({sh.params:.3g} params): {cells}")
+            ]
+            rows = [", ".join(cells[i : i + 4]) for i in range(0, len(cells), 4)]
+            lines.append(f"<b>{model} ×{k}</b> ({sh.params:.3g} params): " + "<br>   ".join(rows))
             shapes_at.append(
                 {
                     "type": "line",
@@ -299,7 +302,7 @@ def _width_slider(fig, models, specs, parsed, shapes) -> dict:
             "xref": "paper",
             "yref": "paper",
             "x": 0,
-            "y": -0.42,
+            "y": -0.5,
             "xanchor": "left",
             "yanchor": "top",
             "align": "left",
