@@ -144,6 +144,20 @@ def _multi(data: ReportData) -> bool:
     return len(data.sources) > 1
 
 
+SOURCE_PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2")
+
+
+def _color(data: ReportData, dtype: str, source: str) -> str | None:
+    """One run directory: the dtype's colour. Several: one colour per (source, dtype), so
+    that "before" and "after" of the same dtype stay apart."""
+    if not _multi(data):
+        return DTYPE_COLORS.get(dtype)
+    pairs = sorted(set(zip(data.summary["source"], data.summary["dtype"], strict=True)))
+    order = {src.label: i for i, src in enumerate(data.sources)}
+    pairs.sort(key=lambda p: (order[p[0]], p[1]))
+    return SOURCE_PALETTE[pairs.index((source, dtype)) % len(SOURCE_PALETTE)]
+
+
 def _source_tag(data: ReportData, source: str) -> str:
     return f" [{source}]" if _multi(data) else ""
 
@@ -270,7 +284,7 @@ def event_counts(data: ReportData) -> Section:
             y=y,
             mode="lines+markers",
             name=dtype_short(dtype) + _source_tag(data, source),
-            line={"color": DTYPE_COLORS.get(dtype)},
+            line={"color": _color(data, dtype, source)},
         )
     fig.update_layout(**LAYOUT, height=360, xaxis_title="step", yaxis_title="runs with NaN/Inf")
     sec.figure = fig
@@ -314,7 +328,7 @@ def condition_numbers(data: ReportData) -> Section:
     for (opt, source, model, scenario, dtype, tensor), g in groups:
         i = optimizers.index(opt)
         x, y = _xy(g, thin)
-        legend = f"{dtype_short(dtype)} {tensor}"
+        legend = f"{dtype_short(dtype)} {tensor}{_source_tag(data, source)}"
         traces.append(
             {
                 "type": "scatter",
@@ -324,8 +338,8 @@ def condition_numbers(data: ReportData) -> Section:
                 "name": legend,
                 "legendgroup": legend,
                 "showlegend": legend not in shown,
-                "line": {"color": DTYPE_COLORS.get(dtype), "dash": FACTOR_DASH[tensor]},
-                "hovertemplate": f"{model} · {scenario} · {legend}{_source_tag(data, source)}"
+                "line": {"color": _color(data, dtype, source), "dash": FACTOR_DASH[tensor]},
+                "hovertemplate": f"{model} · {scenario} · {legend}"
                 "<br>step %{x}: %{y:.3g}<extra></extra>",
                 **_axes(i, ncols),
             }
@@ -389,7 +403,7 @@ def _boxes(
         fig.add_box(
             x=cats,
             name=name_of(dtype, source),
-            marker_color=DTYPE_COLORS.get(dtype),
+            marker_color=_color(data, dtype, source),
             **{k: [s[k] for s in stats] for k in stats[0]},
         )
     fig.update_layout(**LAYOUT, boxmode="group", height=420)
@@ -443,7 +457,7 @@ def range_fractions(data: ReportData) -> Section:
                 name=name,
                 legendgroup=name,
                 showlegend=name not in shown,
-                marker_color=DTYPE_COLORS.get(dtype),
+                marker_color=_color(data, dtype, source),
                 row=1,
                 col=col,
             )
@@ -474,7 +488,8 @@ def training_curves(data: ReportData) -> Section:
         "training",
         "Loss and test accuracy",
         "Training loss per run (left, log scale) and test accuracy on the digits (right); "
-        "colour is the dtype, hover shows the run; a line that stops has diverged.",
+        "colour is the dtype (and run directory, when comparing), hover shows the run; a "
+        "line that stops has diverged.",
     )
     rec = _records(data, "train", ("loss", "test_accuracy"))
     if rec.empty:
@@ -492,7 +507,7 @@ def training_curves(data: ReportData) -> Section:
     for (metric, key), g in groups:
         run = runs.loc[key]
         x, y = _xy(g, thin)
-        legend = dtype_short(run["dtype"])
+        legend = dtype_short(run["dtype"]) + _source_tag(data, run["source"])
         traces.append(
             {
                 "type": "scatter",
@@ -502,7 +517,7 @@ def training_curves(data: ReportData) -> Section:
                 "name": legend,
                 "legendgroup": legend,
                 "showlegend": legend not in shown,
-                "line": {"color": DTYPE_COLORS.get(run["dtype"]), "width": 1},
+                "line": {"color": _color(data, run["dtype"], run["source"]), "width": 1},
                 "opacity": 0.7,
                 "hovertemplate": f"{key}<br>{run['optimizer']} · {run['model']} · "
                 f"{run['scenario']}<br>step %{{x}}: %{{y:.4g}}<extra></extra>",
@@ -608,7 +623,7 @@ def peak_memory(data: ReportData) -> Section:
             x=list(m.index),
             y=(m / 1e6).to_numpy(np.float32),
             name=dtype_short(dtype) + _source_tag(data, source),
-            marker_color=DTYPE_COLORS.get(dtype),
+            marker_color=_color(data, dtype, source),
         )
     fig.update_layout(**LAYOUT, barmode="group", height=400, yaxis_title="peak MB (1e6 B)")
     sec.figure = fig

@@ -65,7 +65,7 @@ table.sortable th[data-dir=asc]::after{content:" \\25B2"}
 table.sortable th[data-dir=desc]::after{content:" \\25BC"}
 tr.broken td{background:#ffebe9}td.num{text-align:right;font-variant-numeric:tabular-nums}
 div.scroll{max-height:520px;overflow:auto;border:1px solid #d0d7de}
-code{background:#f6f8fa;padding:1px 4px}
+code{background:#f6f8fa;padding:1px 4px}pre{white-space:pre-wrap;font-size:.85em;margin:4px 0}
 """
 
 # Registered before plotly.js so that an error anywhere on the page is shown.

@@ -94,7 +94,17 @@ def overview_table(data: ReportData) -> Section:
     return sec
 
 
-ENVIRONMENT_FIELDS = ("suite", "optimizers", "dtypes", "modes", "seeds", "device", "versions")
+ENVIRONMENT_FIELDS = ("device", "versions", "seeds", "dtypes", "modes", "optimizers")
+"""config.json keys shown first (after the command); the others follow, the suite last."""
+
+
+def _suite(suite: object) -> str:
+    """The suite as its TOML text where config.json holds it, else as JSON."""
+    if isinstance(suite, dict) and isinstance(suite.get("text"), str):
+        head = ", ".join(f"{k}: {v}" for k, v in suite.items() if k != "text")
+        return f"{html.escape(head)}<pre>{html.escape(suite['text'])}</pre>"
+    text = suite if isinstance(suite, str) else json.dumps(suite, indent=1)
+    return f"<pre>{html.escape(text)}</pre>"
 
 
 def _pretty(value: object) -> str:
@@ -125,21 +135,17 @@ def environment_table(data: ReportData) -> Section:
         command = cfg.get("command", "")
         if isinstance(command, list):
             command = " ".join(str(c) for c in command)
+        first = [k for k in ENVIRONMENT_FIELDS if k in cfg]
+        rest = sorted(k for k in cfg if k not in (*ENVIRONMENT_FIELDS, "command", "suite"))
         rows = [
             f"<tr><th>command</th><td><code>{html.escape(str(command))}</code></td></tr>",
             *(
-                f"<tr><th>{name}</th><td>{_pretty(cfg[name])}</td></tr>"
-                for name in ENVIRONMENT_FIELDS
-                if name in cfg and name != "suite"
+                f"<tr><th>{html.escape(k)}</th><td>{_pretty(cfg[k])}</td></tr>"
+                for k in (*first, *rest)
             ),
         ]
         if "suite" in cfg:
-            suite = (
-                json.dumps(cfg["suite"], indent=1)
-                if not isinstance(cfg["suite"], str)
-                else cfg["suite"]
-            )
-            rows.append(f"<tr><th>suite</th><td><pre>{html.escape(suite)}</pre></td></tr>")
+            rows.append(f"<tr><th>suite</th><td>{_suite(cfg['suite'])}</td></tr>")
         blocks.append(
             f"<h3>{html.escape(src.label)}</h3><table class='data'>{''.join(rows)}</table>"
         )

@@ -169,6 +169,20 @@ def test_comparison_page_holds_both_sources(comparison):
     assert "step 7" in json.dumps(stability) and "step 23" in json.dumps(stability)
 
 
+def test_before_and_after_of_one_dtype_stay_apart(bf16_run, tmp_path):
+    """Two run directories of the same dtype (a before/after comparison): every curve's
+    legend names its directory, and the two directories' bf16 lines differ in colour."""
+    after = make_run_dir(tmp_path / "after", broken=None, seed=3)
+    data = load_report_data([bf16_run, after])
+    spec = next(s.figure for s in build_sections(data) if s.key == "training")
+    colors = {}
+    for trace in spec["data"]:
+        assert trace["name"].endswith(("[bf16]", "[after]")), trace["name"]
+        colors.setdefault(trace["name"], set()).add(trace["line"]["color"])
+    assert all(len(c) == 1 for c in colors.values())
+    assert colors["bf16 [bf16]"] != colors["bf16 [after]"]
+
+
 def test_thinning_keeps_every_bucket_extreme():
     """Against a slow reference: each bucket's min and max are among the kept points,
     spikes survive, short traces pass untouched, and the note says what happened."""
