@@ -97,24 +97,26 @@ class HierarchicalMatrix(StructuredMatrix):
     # The thin blocks act through two GEMMs with inner dimension d (S X) or K1 + K2
     # (S^T X) over the whole output, and the diagonal through one in-place pass: the
     # middle block is nearly all of the output, so the number of passes over it, not the
-    # arithmetic, sets the cost.
+    # arithmetic, sets the cost. The output takes X's layout (empty_like), so that for a
+    # transposed X, as in the natural gradient, the diagonal pass reads and writes in
+    # the same order (a strided pass is ~10x slower); the few K1 or K2 rows are computed
+    # apart and copied in, since GEMMs into a row slice of that layout are slow.
     def _matmat(self, X: Tensor) -> Tensor:
         A, _, _, C, D, E = self._parts()
         t, m, _ = self.split_sizes(self._dim)
-        out = X.new_empty(X.shape)
-        top, middle, bottom = self._split_rows(out)
+        out = torch.empty_like(X)
         # rows t: [A | B] X; rows b: [D | E] X[t:]; rows m: c * X_m
-        torch.mm(torch.cat([A, self._tensors["B"]], 1), X, out=top)
-        torch.mm(torch.cat([D, E], 1), X[t:], out=bottom)
-        torch.mul(C.unsqueeze(1), X[t : t + m], out=middle)
+        out[:t] = torch.cat([A, self._tensors["B"]], 1) @ X
+        out[t + m :] = torch.cat([D, E], 1) @ X[t:]
+        torch.mul(C.unsqueeze(1), X[t : t + m], out=out[t : t + m])
         return out
 
     def _rmatmat(self, X: Tensor) -> Tensor:
         A, _, _, C, _, _ = self._parts()
         t, m, _ = self.split_sizes(self._dim)
         X_t, X_m, X_b = self._split_rows(X)
-        out = X.new_empty(X.shape)
-        torch.mm(A.T, X_t, out=out[:t])
+        out = torch.empty_like(X)
+        out[:t] = A.T @ X_t
         # rows m and b: B^T X_t + [D | E]^T X_b in one GEMM, then the diagonal c * X_m.
         torch.mm(self._thin().T, torch.cat([X_t, X_b], 0), out=out[t:])
         out[t : t + m].addcmul_(C.unsqueeze(1), X_m)
