@@ -26,7 +26,6 @@ from precision_lab.report_figures import build_figure_sections
 from precision_lab.report_page import Section, render_page, sources_html
 from precision_lab.report_scaling import scaling_section
 from precision_lab.report_tables import environment_table, overview_table
-from probes.records import read_parquet
 
 SUMMARY_FILE = "summary.json"
 RECORDS_FILE = "records.parquet"
@@ -115,29 +114,19 @@ def read_run_dir(path: str | Path, label: str | None = None) -> RunSource:
             f"Run directory {str(path)!r} does not exist: pass a directory written by "
             "`precision-lab stress` (it holds summary.json and records.parquet)."
         )
-    summary_path = path / SUMMARY_FILE
-    if not summary_path.is_file():
-        raise UsageError(
-            f"{str(path)!r} has no {SUMMARY_FILE}, so it is not a run directory: pass a "
-            "directory written by `precision-lab stress`."
-        )
-    summary = _read_json(summary_path, SUMMARY_FILE)
-    runs = summary.get("runs")
-    if not isinstance(runs, list) or not all(isinstance(r, dict) and "run" in r for r in runs):
-        raise UsageError(
-            f"{summary_path} has no valid 'runs' list (each run an object with a 'run' id), "
-            "as the summary schema requires."
-        )
-    records_path = path / RECORDS_FILE
-    if not records_path.is_file():
-        raise UsageError(f"{str(path)!r} has no {RECORDS_FILE}: the run directory is incomplete.")
+    # rundir writes reports with write_report, so it is imported here, not at the top.
+    from precision_lab.rundir import load_run
+
     try:
-        records = read_parquet(records_path)
+        frame, records = load_run(path)
     except ValueError as err:
-        raise UsageError(str(err)) from err
+        raise UsageError(str(err)) from None
+    if len(frame) and "run" not in frame.columns:
+        raise UsageError(
+            f"{path / SUMMARY_FILE} has runs without a 'run' id, as the summary schema requires."
+        )
     config_path = path / CONFIG_FILE
     config = _read_json(config_path, CONFIG_FILE) if config_path.is_file() else None
-    frame = pd.DataFrame(runs)
     frame["run"] = frame["run"].astype(str)
     return RunSource(label or path.resolve().name, path, frame, records, config)
 

@@ -266,7 +266,7 @@ def test_default_suite_sized_report_stays_under_8_mb(tmp_path):
     [
         (lambda p: (p / "summary.json").unlink(), "has no summary.json"),
         (lambda p: (p / "summary.json").write_text("{not json"), "is not valid JSON"),
-        (lambda p: (p / "summary.json").write_text('{"runs": 3}'), "no valid 'runs' list"),
+        (lambda p: (p / "summary.json").write_text('{"runs": 3}'), "not a precision-lab summary"),
         (lambda p: (p / "records.parquet").write_bytes(b"PAR1 garbage"), "not a readable Parquet"),
         (lambda p: (p / "records.parquet").unlink(), "has no records.parquet"),
         (lambda p: (p / "config.json").write_text("[1, 2]"), "must be an object"),
