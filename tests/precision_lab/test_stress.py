@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -118,6 +119,17 @@ def test_the_table_names_every_run(quick_run):
     result, _ = quick_run
     for name in ("singd:diagonal", "kfac:cholesky", "adamw", "near_fp16_max", "float32 ctl"):
         assert name in result.output
+
+
+def test_default_out_is_a_timestamped_folder_under_reports_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ("--suite", "quick", "--scenarios", "baseline", "--optimizers", "adamw")
+    result = stress(*args, "--dtype", "fp32", "--steps", "1")
+    assert result.exit_code == 0, result.output
+    (run,) = (tmp_path / "reports" / "runs").iterdir()
+    assert re.fullmatch(r"\d{8}-\d{6}", run.name)
+    assert f"Run directory: {run.relative_to(tmp_path)}" in result.output
+    assert len(load_run(run)[0]) == 1  # float32 only: no control
 
 
 def _diverging_suite(tmp_path, dtypes='dtypes = ["float32"]'):
