@@ -358,7 +358,10 @@ class KroneckerOptimizer(Optimizer):
         raise NotImplementedError
 
     def _precondition(self, layer: KroneckerLayer, grad: Tensor) -> Tensor:
-        """The preconditioned ``d_C x d_K`` gradient, in the dtype of ``grad``."""
+        """The preconditioned ``d_C x d_K`` gradient, in the dtype of ``grad``.
+
+        ``grad`` is the optimizer's own copy: it may be overwritten and returned.
+        """
         raise NotImplementedError
 
     def _clear_accumulators(self, layer: KroneckerLayer) -> None:
@@ -475,11 +478,11 @@ class KroneckerOptimizer(Optimizer):
                 self._clear_accumulators(layer)
         directions = []
         for layer in active:
-            grad = gradient_matrix(layer)
+            grad = gradient_matrix(layer)  # a new tensor: scaled in place
             if divisor != 1.0:
-                grad = grad / divisor
+                grad.div_(divisor)
             if self._ddp and self.param_groups[layer.group_index]["loss_average"] is None:
-                grad = grad * world
+                grad.mul_(world)
             directions.append(self._precondition(layer, grad))
         if world > 1 and not self._ddp:
             self._all_reduce_by_loss(active, directions)
@@ -490,9 +493,10 @@ class KroneckerOptimizer(Optimizer):
         """``p <- p - lr * buf`` with ``buf = momentum * buf + (direction + wd * p)``."""
         group = self.param_groups[layer.group_index]
         weight_decay, momentum, lr = group["weight_decay"], group["momentum"], group["lr"]
+        # `direction` is the optimizer's own tensor, so weight decay goes in in place.
         for p, d in zip(layer.params, split_matrix(layer, direction), strict=True):
             if weight_decay != 0.0:
-                d = d.add(p, alpha=weight_decay)
+                d = d.add_(p, alpha=weight_decay)
             if momentum != 0.0:
                 state = self.state[p]
                 if "momentum_buffer" not in state:

@@ -171,12 +171,14 @@ def process_grad_output(
 
 
 def gradient_matrix(layer: KroneckerLayer) -> Tensor:
-    """The layer's gradient as the ``d_C x d_K`` matrix ``[dW | db]``."""
+    """The layer's gradient as the ``d_C x d_K`` matrix ``[dW | db]``.
+
+    Always a new tensor (never a view of ``.grad``), so callers may work in it in place.
+    """
     grad = layer.module.weight.grad
-    grad = grad.flatten(1) if grad.dim() > 2 else grad
     if layer.has_bias:
-        grad = torch.cat([grad, layer.module.bias.grad.unsqueeze(1)], dim=1)
-    return grad
+        return torch.cat([grad.flatten(1), layer.module.bias.grad.unsqueeze(1)], dim=1)
+    return grad.flatten(1).clone()
 
 
 def split_matrix(layer: KroneckerLayer, mat: Tensor) -> list[Tensor]:

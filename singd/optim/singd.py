@@ -285,8 +285,9 @@ def _natural_gradient(K: StructuredMatrix, C: StructuredMatrix, grad: Tensor) ->
     CPU, where every large temporary costs fresh pages.
     """
     if K.name == "diagonal" and C.name == "diagonal":
+        # `grad` is the optimizer's own copy (see `_precondition`): scaled in place.
         k, c = K.tensors()["diag"], C.tensors()["diag"]
-        nat = grad.to(k.dtype) * (k * k)  # a new tensor even when the dtypes agree
+        nat = grad.to(k.dtype).mul_(k * k)
         return nat.to(c.dtype).mul_((c * c).unsqueeze(1)).to(grad.dtype)
     nat = (K @ K.rmatmat(grad.T.to(K.dtype))).T
     nat = C @ C.rmatmat(nat.to(C.dtype))
@@ -295,6 +296,7 @@ def _natural_gradient(K: StructuredMatrix, C: StructuredMatrix, grad: Tensor) ->
 
 def _cast_preconditioner(K: StructuredMatrix, C: StructuredMatrix) -> Callable[[Tensor], Tensor]:
     def precondition(grad: Tensor) -> Tensor:
-        return _natural_gradient(K.to(dtype=grad.dtype), C.to(dtype=grad.dtype), grad)
+        # A copy: the natural gradient may work in its argument, the reader's tensor.
+        return _natural_gradient(K.to(dtype=grad.dtype), C.to(dtype=grad.dtype), grad.clone())
 
     return precondition

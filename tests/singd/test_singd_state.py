@@ -160,10 +160,11 @@ def test_state_bytes_are_the_structures_storage(structure, alpha1):
         assert expected < sum(d * d for d in dims) * 4
 
 
-def test_curvature_view_preconditions_like_the_dense_formula():
+@pytest.mark.parametrize("structures", [("hierarchical2_2", "triltoeplitz"), ("diagonal",) * 2])
+def test_curvature_view_preconditions_like_the_dense_formula(structures):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Conv2d(1, 2, 2))
-    optimizer = SINGD(model, structures=("hierarchical2_2", "triltoeplitz"), T=1, lr_cov=0.2)
+    optimizer = SINGD(model, structures=structures, T=1, lr_cov=0.2)
 
     def loss():
         return model[:2](torch.randn(4, 6)).square().sum() + model[2](torch.randn(2, 1, 3, 3)).sum()
@@ -186,6 +187,7 @@ def test_curvature_view_preconditions_like_the_dense_formula():
         expected_grad = torch.cat([module.weight.grad.flatten(1), module.bias.grad[:, None]], 1)
         assert torch.equal(view.gradient, expected_grad)
         result = view.precondition(G)
+        assert torch.equal(G, view.gradient.double())  # the argument is left alone
         assert result.dtype == torch.float64
         torch.testing.assert_close(result, C @ C.T @ G @ K @ K.T, rtol=1e-12, atol=1e-14)
         assert view.damping == {"K": 0.001, "C": 0.001}
