@@ -122,6 +122,32 @@ def test_pickles_by_name(name, dim):
     assert type(again) is type(S) and torch.equal(again.to_dense().to(F64), S64)
 
 
+@parametrize_cases
+def test_results_own_exactly_their_stored_bytes(name, dim):
+    """No stored tensor is a view into a larger buffer (an FFT's padding, a dense
+    matrix): ``nbytes`` is then the memory held and a saved state holds nothing more."""
+    cls = get_structure(name)
+    S, _ = random_structured(name, dim, torch.float32, seed=17)
+    T, _ = random_structured(name, dim, torch.float32, seed=18)
+    X = torch.randn(ROWS, dim)
+    A = random_symmetric(dim, torch.Generator().manual_seed(19)).float()
+    results = {
+        "from_dense": cls.from_dense(A),
+        "from_gram": cls.from_gram(X),
+        "from_inner(X)": S.from_inner(X),
+        "from_inner()": S.from_inner(),
+        "from_inner2": S.from_inner2(A),
+        "S @ T": S @ T,
+        "eye": cls.eye(dim),
+        "zeros": cls.zeros(dim),
+        "clone": S.clone(),
+        "to": S.to(dtype=torch.float64),
+    }
+    for operation, result in results.items():
+        held = sum(t.untyped_storage().nbytes() for t in result.tensors().values())
+        assert held == result.nbytes, f"{operation} holds {held} B for {result.nbytes} B"
+
+
 @parametrize_dtypes
 @parametrize_cases
 def test_matmat_and_rmatmat(name, dim, dtype):
