@@ -4,8 +4,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pandas as pd
 import pytest
@@ -213,6 +215,29 @@ def test_kfac_failures_land_in_the_runs_own_folder(tmp_path):
     run = out / "failures" / "mlp" / "near_fp16_max" / "kfac:cholesky" / "float16" / "pure" / "s0"
     files = list(run.iterdir())
     assert files and all(p.suffix == ".pt" for p in files)
+
+
+@pytest.mark.slow
+def test_sigint_to_a_real_process_saves_and_exits_130(tmp_path):
+    """Ctrl-C as a terminal sends it: SIGINT to the process, once a run is recorded."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "precision_lab", "stress", "--suite", "quick"]
+    command += ["--dtype", "bf16", "--steps", "400", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    deadline = time.monotonic() + 90
+    summary = out / "summary.json"
+    while time.monotonic() < deadline:
+        if summary.exists() and '"finished": true' in summary.read_text():
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr.decode()[-2000:]
+    assert b"Traceback" not in stderr
+    runs, records = load_run(out)
+    assert runs["finished"].iloc[0] and not runs["finished"].iloc[-1]
+    assert set(records["run"]) <= set(runs["run"]) and len(records)
 
 
 @pytest.mark.slow
