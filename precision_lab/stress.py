@@ -258,7 +258,13 @@ def stress(
     device: str,
     out: Path | None,
 ) -> None:
-    """Run a stress suite and write a run directory (summary, records, report)."""
+    """Run a stress suite: each run in a low-precision dtype beside its float32 control.
+
+    Writes a run directory (config.json, summary.json, records.parquet, report.html,
+    failures/) and prints a summary table and the directory's path. A run that diverges
+    is stopped and recorded; the suite goes on. Exit codes: 0 done, 2 bad input,
+    130 interrupted (what ran is saved).
+    """
     parsed_dtypes = []
     for name in dtypes:
         try:
