@@ -125,6 +125,9 @@ def scaling_section(data: ReportData) -> Section:
         "slider to read off a wider model.",
     )
     s = data.summary
+    if s.empty:
+        sec.empty = "No runs in the summary, so there is nothing to place on the formulas."
+        return sec
     specs = sorted({o for o in s["optimizer"].astype(str)})
     try:
         parsed = {o: parse_spec(o) for o in specs}

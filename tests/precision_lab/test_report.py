@@ -16,6 +16,7 @@ from precision_lab.cli import cli
 from precision_lab.errors import UsageError
 from precision_lab.report import build_sections, load_report_data, write_report
 from precision_lab.report_figures import MAX_POINTS_PER_TRACE, Thinning, inverse_eps
+from probes.records import frame_from_rows, write_parquet
 from tests.precision_lab.synthetic_runs import make_run_dir
 
 MB = 1e6
@@ -102,6 +103,19 @@ def test_sections_without_data_say_so(tmp_path):
     assert "No NaN or Inf" in sections["events"].empty
     html = write_report([run], tmp_path / "r.html").read_text()
     assert 'class="empty"' in html and "No condition numbers" in html
+
+
+def test_a_run_directory_without_runs_still_gets_a_page(tmp_path):
+    """A suite interrupted before its first run finished: every figure says why it is
+    empty, and the command succeeds."""
+    run = make_run_dir(tmp_path / "run", optimizers=("adamw",), steps=2, broken=None)
+    (run / "summary.json").write_text('{"schema": 1, "runs": []}')
+    write_parquet(frame_from_rows([]), run / "records.parquet")
+    result = CliRunner().invoke(cli, ["report", str(run)])
+    assert result.exit_code == 0, result.output
+    sections = build_sections(load_report_data([run]))
+    assert all(s.figure is None for s in sections)
+    assert sum(bool(s.empty) for s in sections) == 9
 
 
 def test_broken_runs_are_highlighted_and_counted(bf16_run, tmp_path):
