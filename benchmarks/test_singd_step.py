@@ -7,16 +7,17 @@ Run (not part of the default test run, whose testpaths is tests/):
 
 Workload (`mlp_step.py`): one training step of an MLP 256-512-512-10, batch 128, T=1,
 float32, one thread. The reference runs in its own virtual environment as a long-lived
-subprocess (`reference_step.py`); every timed round of ours is preceded by one timed
-step of the reference (pytest-benchmark's `setup`), so both see the same machine load.
-Each step is timed twice: CPU time (`time.process_time`, what the step costs) and wall
-clock (`time.perf_counter`, which adds any wait for a core: on a machine shared with
-other jobs it is mostly noise). Each side's median over its rounds is compared:
-`ratio = median_ours / median_reference` (dimensionless), by CPU time and by wall clock.
-SINGD with diagonal factors is paired with AdamW the same way. FLOP counts are those
-torch's FlopCounterMode sees dispatched in one step (matrix products, 2 per
-multiply-add; FFTs and elementwise work are not counted), and GFLOP/s = FLOP / median
-CPU time / 1e9. pytest-benchmark's own table shows our steps' wall clock.
+subprocess (`reference_step.py`). The two alternate in blocks of consecutive steps (5
+reference steps, then 5 of ours, ...; see `paired`), so both see the same machine load
+while each runs back to back as a training loop does. Each step is timed twice: CPU time
+(`time.process_time`, what the step costs) and wall clock (`time.perf_counter`, which
+adds any wait for a core: on a machine shared with other jobs it is mostly noise). Each
+side's median over its steps is compared: `ratio = median_ours / median_reference`
+(dimensionless), by CPU time and by wall clock. SINGD with diagonal factors is paired
+with AdamW the same way. FLOP counts are those torch's FlopCounterMode sees dispatched
+in one step (matrix products, 2 per multiply-add; FFTs and elementwise work are not
+counted), and GFLOP/s = FLOP / median CPU time / 1e9. pytest-benchmark's own table
+shows the wall clock of our blocks of 5 steps.
 
 Targets (issue 2): ratio <= 0.8 with diagonal and hierarchical15_15 factors, <= 0.1 with
 Toeplitz factors, <= 1.0 with dense ones; SINGD-diagonal <= 1.3x AdamW. They are
@@ -54,9 +55,12 @@ TARGETS = {
 }
 ADAMW_TARGET = 1.3
 # The reference's Toeplitz step takes about a second: fewer rounds there.
-ROUNDS = {"triltoeplitz": 7, "triutoeplitz": 7}
-DEFAULT_ROUNDS = 30
-WARMUP = 2
+# Rounds of (BLOCK reference steps, then BLOCK of ours); the reference's Toeplitz step
+# takes about a second, so fewer rounds there.
+BLOCK = 5
+ROUNDS = {"triltoeplitz": 3, "triutoeplitz": 3}
+DEFAULT_ROUNDS = 10
+WARMUP = 1
 
 
 class ReferenceProcess:
@@ -121,18 +125,26 @@ def adamw_step():
 
 
 def paired(benchmark, step, partner, rounds: int) -> dict[str, float] | None:
-    """Time `step` under pytest-benchmark, each round preceded by one `partner()` step.
+    """Alternate blocks of `BLOCK` partner steps and `BLOCK` of ours, under pytest-benchmark.
 
-    Both are timed by `mlp_step.timed` (the partner times itself and returns
-    `(wall, cpu)` seconds). Returns the medians in seconds, warm-up rounds excluded:
-    `ours_wall`, `ours_cpu`, `partner_wall`, `partner_cpu`; None when benchmarking is
-    disabled (`--benchmark-disable` runs the step once and measures nothing).
+    A training loop runs its steps back to back, so each side runs a block of
+    consecutive steps; alternating the blocks gives both sides the same machine load.
+    The first step of every block (caches cold after the other process ran) and the
+    warm-up rounds are left out. Every step is timed by `mlp_step.timed`; the partner
+    times its own steps: `partner(n)` returns `n` pairs `(wall, cpu)` in seconds.
+    pytest-benchmark's own figures are per block of `BLOCK` steps of ours, wall clock.
+
+    Returns:
+        Medians in seconds, `ours_wall`, `ours_cpu`, `partner_wall`, `partner_cpu`; None
+        when benchmarking is disabled (`--benchmark-disable` runs one block, measures
+        nothing).
     """
-    ours, theirs = [], []
+    ours: list[list[tuple[float, float]]] = []
+    theirs: list[list[tuple[float, float]]] = []
     timed_step = mlp_step.timed(step)
     benchmark.pedantic(
-        lambda: ours.append(timed_step()),
-        setup=lambda: theirs.append(partner()),
+        lambda: ours.append([timed_step() for _ in range(BLOCK)]),
+        setup=lambda: theirs.append(partner(BLOCK)),
         rounds=rounds,
         warmup_rounds=WARMUP,
         iterations=1,
@@ -140,7 +152,8 @@ def paired(benchmark, step, partner, rounds: int) -> dict[str, float] | None:
     if benchmark.disabled:
         return None
     medians = {}
-    for who, times in (("ours", ours[WARMUP:]), ("partner", theirs[WARMUP:])):
+    for who, blocks in (("ours", ours[WARMUP:]), ("partner", theirs[WARMUP:])):
+        times = [t for block in blocks for t in block[1:]]
         for clock, values in zip(("wall", "cpu"), zip(*times, strict=True), strict=True):
             medians[f"{who}_{clock}"] = statistics.median(values)
     return medians
@@ -167,11 +180,11 @@ def test_singd_step_against_the_reference(benchmark, reference, table, structure
     step = singd_step(structure)
     info = reference.request({"structure": structure})
 
-    def reference_step() -> tuple[float, float]:
-        reply = reference.request({"steps": 1})
-        return reply["wall"][0], reply["cpu"][0]
+    def reference_steps(n: int) -> list[tuple[float, float]]:
+        reply = reference.request({"steps": n})
+        return list(zip(reply["wall"], reply["cpu"], strict=True))
 
-    medians = paired(benchmark, step, reference_step, ROUNDS.get(structure, DEFAULT_ROUNDS))
+    medians = paired(benchmark, step, reference_steps, ROUNDS.get(structure, DEFAULT_ROUNDS))
     if medians is None:
         return
     flops = mlp_step.count_flops(step)
@@ -191,7 +204,9 @@ def test_singd_diagonal_against_adamw(benchmark, table):
     """SINGD-diagonal is the partner here, AdamW the benchmarked step: ratio = SINGD/AdamW."""
     torch.set_num_threads(1)
     diagonal = mlp_step.timed(singd_step("diagonal"))
-    medians = paired(benchmark, adamw_step(), diagonal, DEFAULT_ROUNDS)
+    medians = paired(
+        benchmark, adamw_step(), lambda n: [diagonal() for _ in range(n)], DEFAULT_ROUNDS
+    )
     if medians is None:
         return
     swapped = {
@@ -236,9 +251,9 @@ def write_table(rows: dict[str, dict[str, Any]], load_before, load_after) -> Non
         )
     lines.append("")
     lines.append(
-        f"Medians of interleaved rounds, CPU time (time.process_time); ratios also by wall "
-        f"clock. GFLOP: matrix products FlopCounterMode sees in one step (it does not count "
-        f"FFTs, which our Toeplitz products use). torch {machine['torch']}, "
+        f"Medians over steps in alternating blocks of {BLOCK}, CPU time (time.process_time); "
+        f"ratios also by wall clock. GFLOP: matrix products FlopCounterMode sees in one step "
+        f"(it does not count FFTs, which our Toeplitz products use). torch {machine['torch']}, "
         f"{machine['processor']}, one thread; 1-minute load average {load_before[0]:.1f} "
         f"before, {load_after[0]:.1f} after."
     )
