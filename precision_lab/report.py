@@ -25,7 +25,7 @@ from precision_lab.errors import UsageError
 from precision_lab.report_figures import build_figure_sections
 from precision_lab.report_page import Section, render_page, sources_html
 from precision_lab.report_scaling import scaling_section
-from precision_lab.report_tables import environment_table, overview_table
+from precision_lab.report_tables import environment_table, overview_table, sources_table
 
 SUMMARY_FILE = "summary.json"
 RECORDS_FILE = "records.parquet"
@@ -157,8 +157,11 @@ def load_report_data(run_dirs: Sequence[str | Path]) -> ReportData:
 
 
 def build_sections(data: ReportData) -> list[Section]:
-    """The page's sections in reading order: overview, figures, environment."""
+    """The page's sections in reading order: the run directories side by side (when
+    comparing), the overview, the figures, the environment."""
+    comparison = [sources_table(data)] if len(data.sources) > 1 else []
     return [
+        *comparison,
         overview_table(data),
         *build_figure_sections(data),
         scaling_section(data),

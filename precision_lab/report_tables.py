@@ -94,6 +94,50 @@ def overview_table(data: ReportData) -> Section:
     return sec
 
 
+def sources_table(data: ReportData) -> Section:
+    """On a comparison page, one row per run directory: how many runs broke, how well they
+    learned, what they cost."""
+    sec = Section(
+        "side-by-side",
+        "Run directories side by side",
+        "One row per run directory: runs that broke, mean test accuracy and final loss of "
+        "the runs that finished, mean optimizer state and largest peak memory (MB).",
+    )
+    head = ("source", "dtypes", "runs", "broke", "mean accuracy", "median final loss")
+    head += ("mean optimizer state (MB)", "largest peak memory (MB)", "median step time (ms)")
+    rows = []
+    for src in data.sources:
+        s = src.summary
+        broken = s.apply(is_broken, axis=1) if len(s) else pd.Series(dtype=bool)
+        ok = s[~broken] if len(s) else s
+
+        def stat(frame: pd.DataFrame, column: str, how: str, scale: float = 1.0) -> str:
+            if column not in frame or frame[column].dropna().empty:
+                return '<td class="num" data-v="">–</td>'
+            v = float(getattr(frame[column].dropna().astype(float), how)()) * scale
+            return f'<td class="num" data-v="{v!r}">{v:.4g}</td>'
+
+        dtypes = ", ".join(sorted(s["dtype"].astype(str).unique())) if len(s) else ""
+        cells = [
+            f"<td>{html.escape(src.label)}</td>",
+            f"<td>{html.escape(dtypes)}</td>",
+            f'<td class="num" data-v="{len(s)}">{len(s)}</td>',
+            f'<td class="num" data-v="{int(broken.sum())}">{int(broken.sum())}</td>',
+            stat(ok, "accuracy", "mean"),
+            stat(ok, "final_loss", "median"),
+            stat(s, "optimizer_state_bytes", "mean", 1e-6),
+            stat(s, "peak_memory_bytes", "max", 1e-6),
+            stat(s, "step_time_ms", "median"),
+        ]
+        rows.append(f"<tr>{''.join(cells)}</tr>")
+    sec.html = (
+        '<table class="data sortable" id="sources-table"><thead><tr>'
+        + "".join(f"<th>{h}</th>" for h in head)
+        + f"</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    )
+    return sec
+
+
 ENVIRONMENT_FIELDS = ("device", "versions", "seeds", "dtypes", "modes", "optimizers")
 """config.json keys shown first (after the command); the others follow, the suite last."""
 

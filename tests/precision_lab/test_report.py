@@ -174,13 +174,31 @@ def _axis_of(spec: dict, title: str) -> str:
 
 def test_comparison_page_holds_both_sources(comparison):
     assert "<b>bf16</b>" in comparison and "<b>fp16</b>" in comparison
-    table = re.search(r'<table class="data sortable".*?</table>', comparison, re.S).group(0)
+    table = re.search(
+        r'<table class="data sortable" id="overview-table".*?</table>', comparison, re.S
+    ).group(0)
     assert table.count("<td>bf16</td>") == 12 and table.count("<td>fp16</td>") == 12
     stability = _figure_specs(comparison)["fig-stability"]
     columns = set(stability["data"][0]["x"])
     assert {c.split(" · ")[0] for c in columns} == {"bf16", "fp16"}
     # the fp16 source's break at step 7 and the bf16 source's at 23 are both drawn
     assert "step 7" in json.dumps(stability) and "step 23" in json.dumps(stability)
+
+
+def test_comparison_page_opens_with_the_directories_side_by_side(comparison, bf16_run):
+    table = re.search(
+        r'<table class="data sortable" id="sources-table">.*?</table>', comparison, re.S
+    )
+    rows = re.findall(
+        r"<tr><td>(.*?)</td><td>(.*?)</td>.*?data-v=\"(\d+)\".*?data-v=\"(\d+)\"", table.group(0)
+    )
+    assert rows == [
+        ("bf16", "bfloat16, float32", "12", "1"),
+        ("fp16", "float16, float32", "12", "1"),
+    ]
+    assert comparison.index('id="side-by-side"') < comparison.index('id="overview"')
+    single = [s.key for s in build_sections(load_report_data([bf16_run]))]
+    assert "side-by-side" not in single
 
 
 def test_before_and_after_of_one_dtype_stay_apart(bf16_run, tmp_path):

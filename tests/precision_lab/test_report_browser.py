@@ -61,7 +61,9 @@ def test_no_script_errors(loaded):
 
 def test_comparison_page_shows_both_runs(loaded):
     assert "bf16-run" in loaded.dom and "fp16-run" in loaded.dom
-    table = re.search(r'<table class="data sortable".*?</table>', loaded.dom, re.S).group(0)
+    table = re.search(
+        r'<table class="data sortable" id="overview-table".*?</table>', loaded.dom, re.S
+    ).group(0)
     assert table.count("<td>bf16-run</td>") == 12 and table.count("<td>fp16-run</td>") == 12
     # the drawn heatmap's axis labels carry both sources
     heatmap = re.search(r'id="fig-stability".*?</svg>', loaded.dom, re.S).group(0)
@@ -96,9 +98,10 @@ def test_overview_sorts_on_a_header_click(comparison_page, tmp_path):
     page.write_text(comparison_page.read_text().replace("</body>", click + "</body>"))
     run = browser.load(page)
     assert run.errors == []
-    body = re.search(r'id="overview-table".*?<tbody>(.*?)</tbody>', run.dom, re.S).group(1)
+    table = re.search(r'id="overview-table".*?</table>', run.dom, re.S).group(0)
+    body = re.search(r"<tbody>(.*?)</tbody>", table, re.S).group(1)
     rows = re.findall(r"<tr[^>]*>(.*?)</tr>", body, re.S)
-    column = [h for h in re.findall(r"<th[^>]*>(.*?)</th>", run.dom)].index("first NaN/Inf step")
+    column = re.findall(r"<th[^>]*>(.*?)</th>", table).index("first NaN/Inf step")
     values = [re.findall(r"<td[^>]*>(.*?)</td>", r)[column] for r in rows]
     assert values[:2] == ["23", "7"] and set(values[2:]) == {"–"}
     assert 'data-dir="desc"' in run.dom
