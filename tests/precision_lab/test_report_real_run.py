@@ -60,6 +60,25 @@ def test_each_runs_state_equals_the_planner(real_run):
         assert run.optimizer_state_bytes == sum(planned.values()), run.run
 
 
+def test_memory_figure_stacks_to_each_optimizers_state(real_run):
+    """The stacked segments of each bar add up to the optimizer's measured state, and the
+    AdamW reference bar equals the planner's AdamW bytes for the same model."""
+    data = load_report_data([real_run])
+    fig = next(s.figure for s in build_sections(data) if s.key == "memory")
+    stacks: dict[tuple[str, str], float] = {}
+    for trace in fig.data:
+        for group, opt, mb in zip(trace.x[0], trace.x[1], trace.y, strict=True):
+            key = (group, opt)
+            stacks[key] = stacks.get(key, 0.0) + float(mb) * 1e6
+    for run in data.summary.itertuples():
+        group = f"{run.model} {'bf16' if run.dtype == 'bfloat16' else 'fp32'}"
+        assert stacks[(group, run.optimizer)] == pytest.approx(run.optimizer_state_bytes, rel=1e-6)
+        adamw = state_bytes(
+            "adamw", model_shape(widened_model(run.model, 1)), getattr(torch, run.dtype)
+        )
+        assert stacks[(group, "AdamW (ref)")] == pytest.approx(sum(adamw.values()), rel=1e-6)
+
+
 def test_every_section_has_data_from_a_real_run(real_run):
     sections = {s.key: s for s in build_sections(load_report_data([real_run]))}
     for key in ("condition", "precision-error", "range", "training", "memory", "scaling"):
