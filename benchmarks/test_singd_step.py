@@ -21,7 +21,7 @@ shows the wall clock of our blocks of 5 steps.
 
 Targets (issue 2): ratio <= 0.8 with diagonal and hierarchical15_15 factors, <= 0.1 with
 Toeplitz factors, <= 1.0 with dense ones; SINGD-diagonal <= 1.3x AdamW. They are
-judged on CPU time and recorded (`meets_target`), not asserted: a benchmark on a shared
+judged on median CPU time and recorded (`meets_target`), not asserted: a benchmark on a shared
 machine measures, it does not gate. Each test stores its figures in pytest-benchmark's
 `extra_info`, and the module writes a table to `benchmarks/results/singd_step.{md,json}`
 (with the machine's load average before and after: other processes skew timings).
@@ -156,6 +156,7 @@ def paired(benchmark, step, partner, rounds: int) -> dict[str, float] | None:
         times = [t for block in blocks for t in block[1:]]
         for clock, values in zip(("wall", "cpu"), zip(*times, strict=True), strict=True):
             medians[f"{who}_{clock}"] = statistics.median(values)
+            medians[f"{who}_{clock}_min"] = min(values)
     return medians
 
 
@@ -169,6 +170,9 @@ def figures(medians: dict[str, float], target: float) -> dict[str, Any]:
         "baseline_wall_ms": medians["partner_wall"] * 1e3,
         "ratio_cpu": ratio,
         "ratio_wall": medians["ours_wall"] / medians["partner_wall"],
+        # Contention only ever adds time, so the fastest steps are another estimate of
+        # the intrinsic cost, less sensitive to the other jobs on a shared machine.
+        "ratio_cpu_min": medians["ours_cpu_min"] / medians["partner_cpu_min"],
         "target": target,
         "meets_target": ratio <= target,
     }
@@ -210,10 +214,8 @@ def test_singd_diagonal_against_adamw(benchmark, table):
     if medians is None:
         return
     swapped = {
-        "ours_wall": medians["partner_wall"],
-        "ours_cpu": medians["partner_cpu"],
-        "partner_wall": medians["ours_wall"],
-        "partner_cpu": medians["ours_cpu"],
+        key.replace("ours", "@").replace("partner", "ours").replace("@", "partner"): value
+        for key, value in medians.items()
     }
     row = figures(swapped, ADAMW_TARGET)
     row["baseline"] = "adamw"
@@ -236,8 +238,9 @@ def write_table(rows: dict[str, dict[str, Any]], load_before, load_after) -> Non
     )
     lines = [
         "| step: MLP 256-512-512-10, batch 128, T=1, 1 thread | baseline | ours ms | baseline ms "
-        "| ratio (CPU) | ratio (wall) | target | met | GFLOP ours / ref | GFLOP/s ours / ref |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| ratio (CPU) | ratio (wall) | ratio (CPU, fastest steps) | target | met "
+        "| GFLOP ours / ref | GFLOP/s ours / ref |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in rows.items():
         flops = rate = ""
@@ -247,14 +250,16 @@ def write_table(rows: dict[str, dict[str, Any]], load_before, load_after) -> Non
         lines.append(
             f"| {name.replace(' vs adamw', '')} | {row['baseline']} | {row['ours_cpu_ms']:.1f} "
             f"| {row['baseline_cpu_ms']:.1f} | {row['ratio_cpu']:.3f} | {row['ratio_wall']:.3f} "
+            f"| {row['ratio_cpu_min']:.3f} "
             f"| <= {row['target']} | {'yes' if row['meets_target'] else 'NO'} | {flops} | {rate} |"
         )
     lines.append("")
     lines.append(
         f"Medians over steps in alternating blocks of {BLOCK}, CPU time (time.process_time); "
-        f"ratios also by wall clock. GFLOP: matrix products FlopCounterMode sees in one step "
-        f"(it does not count FFTs, which our Toeplitz products use). torch {machine['torch']}, "
-        f"{machine['processor']}, one thread; 1-minute load average {load_before[0]:.1f} "
+        f"ratios also by wall clock and of the fastest steps (CPU). GFLOP: matrix products "
+        f"FlopCounterMode sees in one step (it does not count FFTs, which our Toeplitz "
+        f"products use). torch {machine['torch']}, {machine['processor']}, one thread; "
+        f"1-minute load average {load_before[0]:.1f} "
         f"before, {load_after[0]:.1f} after."
     )
     (RESULTS / "singd_step.md").write_text("\n".join(lines) + "\n")
