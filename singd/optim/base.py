@@ -420,7 +420,9 @@ class KroneckerOptimizer(Optimizer):
         if found_inf is not None and self._world() > 1 and not self._ddp:
             # Each rank's scaler saw only its own gradients: agree on skipping, or the
             # ranks would call different collectives and hang.
-            found_inf = torch.as_tensor(float(found_inf)).reshape(1)
+            # On the parameters' device: NCCL reduces CUDA tensors only.
+            device = self._layers[0].module.weight.device
+            found_inf = torch.tensor([float(found_inf)], device=device)
             dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
         if found_inf is not None and bool(found_inf):
             warnings.warn("Gradients hold infs or NaNs; skipping this step.", stacklevel=2)
