@@ -100,8 +100,8 @@ def sources_table(data: ReportData) -> Section:
     sec = Section(
         "side-by-side",
         "Run directories side by side",
-        "One row per run directory: runs that broke, mean test accuracy and final loss of "
-        "the runs that finished, mean optimizer state and largest peak memory (MB).",
+        "One row per run directory: runs that broke, mean test accuracy and median final "
+        "loss of the runs that held, mean optimizer state and largest peak memory (MB).",
     )
     head = ("source", "dtypes", "runs", "broke", "mean accuracy", "median final loss")
     head += ("mean optimizer state (MB)", "largest peak memory (MB)", "median step time (ms)")
