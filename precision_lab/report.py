@@ -184,7 +184,8 @@ def write_report(
         The path written.
 
     Raises:
-        UsageError: If a run directory is missing or corrupt (one sentence).
+        UsageError: If a run directory is missing or corrupt, or ``out`` cannot be
+            written (one sentence).
     """
     data = load_report_data(run_dirs)
     sections = build_sections(data)
@@ -192,6 +193,9 @@ def write_report(
     page_title = title or "precision-lab report: " + " vs ".join(labels)
     html = render_page(page_title, sections, sources_html(data))
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(html, encoding="utf-8")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(html, encoding="utf-8")
+    except OSError as err:
+        raise UsageError(f"Cannot write the report to {str(out)!r} ({err.strerror}).") from None
     return out

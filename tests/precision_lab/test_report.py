@@ -324,6 +324,10 @@ def test_cli_report_usage_errors(tmp_path, bf16_run):
     assert two.exit_code == 2 and "-o FILE.html" in two.output
     none = runner.invoke(cli, ["report"])
     assert none.exit_code == 2
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    unwritable = runner.invoke(cli, ["report", str(bf16_run), "-o", str(blocked / "r.html")])
+    assert unwritable.exit_code == 2 and "Cannot write the report" in unwritable.output
 
 
 def test_cli_report_writes_one_file_and_says_where(tmp_path, bf16_run, fp16_run):
