@@ -175,7 +175,10 @@ def memory_command(
         "state as --d-model grows (log-log), from the same formulas.",
         figure=plan_figure(plan, sweep, d_model),
     )
-    output.parent.mkdir(parents=True, exist_ok=True)
     title = f"precision-lab memory: {model} d_model {d_model}"
-    output.write_text(render_page(title, [section]), encoding="utf-8")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(render_page(title, [section]), encoding="utf-8")
+    except OSError as err:
+        raise UsageError(f"Cannot write the plot to {str(output)!r} ({err.strerror}).") from None
     lab.console.print(f"Plot written: {output}")

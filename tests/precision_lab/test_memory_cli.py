@@ -68,6 +68,13 @@ def test_bad_input_is_one_sentence_and_exit_2(args, fragment):
     assert fragment in result.output and "Traceback" not in result.output
 
 
+def test_unwritable_plot_path_is_one_sentence(tmp_path):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    result = _invoke("--model", "mlp", "-o", str(blocked / "plan.html"))
+    assert result.exit_code == 2 and "Cannot write the plot" in result.output
+
+
 def test_html_plot_is_self_contained(tmp_path):
     out = tmp_path / "plan.html"
     result = _invoke("--model", "mlp", "--d-model", "1024", "--layers", "4", "-o", str(out))
