@@ -68,9 +68,9 @@ MLP = {
         ["tanh", {}],
         ["linear", {"in_features": 32, "out_features": 31}],
     ],
-    "input_shape": [10, 31],
+    "input_shape": [8, 31],
     "input_scale": 3.0,
-    "target_shape": [10],
+    "target_shape": [8],
     "classes": 31,
     "loss": "cross_entropy_mean",
 }
@@ -111,8 +111,9 @@ CNN = {
         ["flatten", {}],
         ["linear", {"in_features": 32, "out_features": 5}],
     ],
-    "input_shape": [6, 4, 7, 7],
-    "target_shape": [6],
+    "input_shape": [4, 4, 7, 7],
+    "input_scale": 3.0,
+    "target_shape": [4],
     "classes": 5,
     "loss": "cross_entropy_mean",
 }
@@ -144,7 +145,16 @@ def config(name: str, base: dict[str, Any], note: str, **changes: Any) -> dict[s
     out = copy.deepcopy(base)
     out.update(name=name, note=note, steps=STEPS, kwargs=dict(BASE_KWARGS))
     for key, value in changes.items():
-        if key in ("param_groups", "accumulate", "input_scale", "loss", "reference_bug", "seed"):
+        if key in (
+            "param_groups",
+            "accumulate",
+            "input_scale",
+            "loss",
+            "reference_bug",
+            "seed",
+            "grad_scaler",
+            "nonfinite_step",
+        ):
             out[key] = value
         else:
             out["kwargs"][key] = value
@@ -295,6 +305,26 @@ CONFIGS = [
         lr=0.01,
     ),
     config(
+        "seq_preconditioner_dtype",
+        SEQUENCE,
+        "K and m_K in float64, C and m_C in float32 (the reference crashes with [float64, "
+        "None]: it casts to the None dtype literally)",
+        structures=same("dense"),
+        loss_average="batch+sequence",
+        preconditioner_dtype=["float64", "float32"],
+    ),
+    config(
+        "seq_grad_scaler",
+        SEQUENCE,
+        "a real GradScaler: scale 1024 doubling every 2 steps, step 3 not finite (skipped, "
+        "scale halved), init_grad_scale given",
+        structures=same("dense"),
+        loss_average="batch+sequence",
+        init_grad_scale=1024.0,
+        grad_scaler={"init_scale": 1024.0, "growth_interval": 2},
+        nonfinite_step=3,
+    ),
+    config(
         "narrow_dense",
         NARROW_MLP,
         "layers < 30 wide, dense: what block30diagonal must equal",
@@ -320,7 +350,8 @@ def run(cfg: dict[str, Any], initial: dict[str, torch.Tensor], inputs, targets):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # kfac_like's "setting alpha1 to zero"
         optimizer = SINGD(model, **models.optimizer_kwargs(cfg, model))
-    trajectory = models.train(model, optimizer, models.loss_function(cfg["loss"]), inputs, targets)
+    loss = models.loss_function(cfg["loss"])
+    trajectory = models.train(model, optimizer, loss, inputs, targets, cfg.get("grad_scaler"))
     return trajectory, optimizer
 
 
