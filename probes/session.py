@@ -12,7 +12,9 @@ inside it); its readings do not count as NaN/Inf/overflow events.
 Each iteration, whatever the cadences, these tensors get one fused ``aminmax`` each
 (`probes.flags`), brought to the host once per iteration: the outputs (``activation``,
 forward) and output gradients (``output_grad``, backward) of every leaf module and every
-module with parameters of its own, and the parameters after the step (``update``, step:
+module with parameters of its own (except `FINITE_PRESERVING` ones such as ReLU, where a
+NaN cannot be born: those only in full numerics iterations), and the parameters after
+the step (``update``, step:
 a non-finite update makes a non-finite parameter). When the parameters are not finite,
 the parameter gradients (``grad``, backward), the curvature factors (factor name, step)
 and the momenta (``momentum``: ``momentum_buffer``, ``exp_avg`` of ``optimizer.state``,
@@ -64,7 +66,14 @@ log = logging.getLogger(__name__)
 
 PROBES = ("condition", "numerics", "memory", "time")
 DEFAULT_EVERY = {"condition": 200, "numerics": 200, "memory": 100, "time": 1}
-"""Default cadences in iterations, chosen for the overhead budget (benchmarks/)."""
+"""Default cadences in iterations. On the benchmark MLP (256-512-512-10, batch 128, one
+thread; `benchmarks/test_probe_overhead.py`) one full reading costs, in ms on this shared
+CPU: condition about 18 with SINGD's diagonal factors and about 400 with dense ones (six
+float64 SVDs of up to 513 x 513), numerics 10-15, memory about 1 (USS, every `USS_EVERY`
+readings: 9-13), against steps of about 6 ms (diagonal) and 30 ms (dense, T=10). The
+per-iteration checks are not cadenced: they, and the hooks they need, cost about 0.4-0.7
+ms per step, which is what keeps SINGD diagonal above its 5% budget (measured 7-14%,
+dense 1-9% against 10%; see the benchmark)."""
 USS_EVERY = 10
 """USS costs milliseconds: read it every this many memory readings."""
 MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")
@@ -188,6 +197,7 @@ class ProbeSession:
         self._memory_readings = 0
         self._flags = StepFlags(self.run_dtype)
         self._by_name = {self._names[id(p)]: p for p in params}
+        self._update_labels = [(self._names[id(p)], "update", "step") for p in params]
         self._final_peak: int | None = None
         self._begin_iteration()
         self._attached = True
@@ -333,7 +343,7 @@ class ProbeSession:
         return labels, tensors
 
     def _updates(self) -> tuple[list[Label], list[Tensor]]:
-        return [(self._names[id(p)], "update", "step") for p in self._params], self._params
+        return self._update_labels, self._params
 
     @torch.no_grad()
     def _on_step_pre(self, optimizer, args, kwargs) -> None:
