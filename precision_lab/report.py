@@ -15,14 +15,15 @@ whole.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from precision_lab.errors import UsageError
-from precision_lab.report_figures import build_figure_sections
+from precision_lab.report_figures import FIGURE_BUILDERS
 from precision_lab.report_page import Section, render_page, sources_html
 from precision_lab.report_scaling import scaling_section
 from precision_lab.report_tables import environment_table, overview_table, sources_table
@@ -156,17 +157,30 @@ def load_report_data(run_dirs: Sequence[str | Path]) -> ReportData:
     return ReportData([read_run_dir(p, lbl) for p, lbl in zip(paths, labels, strict=True)])
 
 
+def _guarded(builder: Callable[[ReportData], Section], data: ReportData) -> Section:
+    """One section, or, if its builder fails on unexpected data, a section that says so:
+    the rest of the page (and the stress run that writes it) still comes out."""
+    try:
+        return builder(data)
+    except Exception as err:  # a bug in one figure must not cost the whole report
+        name = builder.__name__.replace("_", " ")
+        message = f"This section ({name}) could not be built: {type(err).__name__}: {err}."
+        warnings.warn(message, stacklevel=2)
+        key = builder.__name__.replace("_", "-")
+        return Section(key, name.capitalize(), "Not drawn: see below.", empty=message)
+
+
 def build_sections(data: ReportData) -> list[Section]:
     """The page's sections in reading order: the run directories side by side (when
     comparing), the overview, the figures, the environment."""
-    comparison = [sources_table(data)] if len(data.sources) > 1 else []
-    return [
-        *comparison,
-        overview_table(data),
-        *build_figure_sections(data),
-        scaling_section(data),
-        environment_table(data),
+    builders = [
+        *([sources_table] if len(data.sources) > 1 else []),
+        overview_table,
+        *FIGURE_BUILDERS,
+        scaling_section,
+        environment_table,
     ]
+    return [_guarded(builder, data) for builder in builders]
 
 
 def write_report(

@@ -630,15 +630,14 @@ def peak_memory(data: ReportData) -> Section:
     return sec
 
 
-def build_figure_sections(data: ReportData) -> list[Section]:
-    """Every figure section of the page, in reading order."""
-    return [
-        stability_heatmap(data),
-        event_counts(data),
-        condition_numbers(data),
-        precision_error(data),
-        range_fractions(data),
-        training_curves(data),
-        memory_by_factor(data),
-        peak_memory(data),
-    ]
+FIGURE_BUILDERS: tuple[Callable[[ReportData], Section], ...] = (
+    stability_heatmap,
+    event_counts,
+    condition_numbers,
+    precision_error,
+    range_fractions,
+    training_curves,
+    memory_by_factor,
+    peak_memory,
+)
+"""The figure sections of the page, in reading order."""

@@ -118,6 +118,19 @@ def test_a_run_directory_without_runs_still_gets_a_page(tmp_path):
     assert sum(bool(s.empty) for s in sections) == 9
 
 
+def test_a_failing_figure_costs_only_its_own_section(bf16_run, tmp_path, monkeypatch):
+    import precision_lab.report as report
+
+    def broken_figure(data):
+        raise KeyError("no_such_column")
+
+    monkeypatch.setattr(report, "FIGURE_BUILDERS", (broken_figure, *report.FIGURE_BUILDERS))
+    with pytest.warns(UserWarning, match="broken figure"):
+        html = write_report([bf16_run], tmp_path / "r.html").read_text()
+    assert "could not be built: KeyError" in html
+    assert html.count('class="figure-spec"') == 9  # every other figure is still there
+
+
 def test_broken_runs_are_highlighted_and_counted(bf16_run, tmp_path):
     html = write_report([bf16_run], tmp_path / "r.html").read_text()
     broken = re.findall(r'<tr class="broken">(.*?)</tr>', html)
