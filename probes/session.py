@@ -229,13 +229,16 @@ class ProbeSession:
         return handles
 
     def detach(self) -> None:
-        """Remove every hook; safe to call twice. A pending iteration is closed first."""
+        """Remove every hook; safe to call twice. A pending non-finite iteration is closed."""
         if not self._attached:
             return
         self._attached = False
         try:
-            if self._backward_seen and self._flags.nonfinite(self._allowed):
-                self._close(skipped=True)
+            # A last iteration that never reached a step: after a backward it was skipped
+            # (GradScaler); a forward alone (a loop that stops on a non-finite loss) is a
+            # real event, recorded at its step.
+            if self._flags.nonfinite(self._allowed):
+                self._close(skipped=self._backward_seen)
             # The peak is process-wide: freeze it before another session resets it.
             self._final_peak = self._peak_memory()
         finally:

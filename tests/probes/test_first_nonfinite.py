@@ -157,3 +157,20 @@ def test_gradscaler_skips_are_counted_apart(family):
     assert summary["steps"] == 12
     skipped_rows = session.to_frame().query("metric == 'skipped_step'")
     assert len(skipped_rows) == summary["skipped_steps"]
+
+
+def test_loop_that_stops_on_a_nonfinite_loss_still_records_the_origin():
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    with probes.attach(model, optimizer, every=1000) as session:
+        for step in range(5):
+            model[1].forward_value = math.inf if step == 3 else None
+            loss = nn.functional.cross_entropy(model(x), y)
+            if not torch.isfinite(loss):
+                break  # as the stress runner does: no backward, no step
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    assert session.first_nonfinite() == probes.NonFinite(3, "1", "activation", "forward")
+    assert session.summary()["inf_events"] == 1 and session.summary()["skipped_steps"] == 0
