@@ -25,6 +25,12 @@ Label = tuple[str, str, str]
 """``(module, tensor, phase)`` of a watched tensor."""
 
 _CHUNK = 64
+WATCHED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def watchable(tensor: Tensor) -> bool:
+    """Dense tensors of the four IEEE dtypes; sparse gradients and float8 are left out."""
+    return tensor.layout is torch.strided and tensor.dtype in WATCHED_DTYPES
 
 
 class _Chunk:
@@ -82,7 +88,7 @@ class StepFlags:
 
     def add(self, label: Label, tensor: Tensor) -> None:
         """Queue the reading of one floating tensor (empty tensors are skipped)."""
-        if tensor.numel() == 0:
+        if tensor.numel() == 0 or not watchable(tensor):
             return
         chunk, row = self._slot(tensor)
         torch.aminmax(tensor, out=chunk.rows[row])

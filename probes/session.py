@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 from probes.condition import condition_rows
 from probes.device_memory import CudaAllocator, NvmlDevice
-from probes.flags import Label, StepFlags
+from probes.flags import Label, StepFlags, watchable
 from probes.limits import dtype_name, parse_dtype
 from probes.memory import (
     ProcessMemory,
@@ -268,6 +268,8 @@ class ProbeSession:
         self._probe_s = 0.0
 
     def _measure(self, label: Label, tensor: Tensor) -> None:
+        if not watchable(tensor):
+            return
         self._stats.append((label, dtype_name(tensor.dtype), tensor_stats(tensor, self.run_dtype)))
 
     def _watch(self, label: Label, tensor: Tensor) -> None:

@@ -273,3 +273,25 @@ def test_first_nonfinite_rows_are_nan_free_values():
         _steps(model, optimizer, 2)
     assert session.first_nonfinite() is None
     assert not session.to_frame()["value"].map(math.isnan).any()
+
+
+def test_sparse_gradients_and_float8_are_left_out_not_fatal():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(20, 6, sparse=True), nn.Flatten(), nn.Linear(18, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randint(0, 20, (8, 3)), torch.randint(0, 3, (8,))
+    with probes.attach(model, optimizer, every=1) as session:
+        for _ in range(2):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        optimizer.param_groups[0]["lr"] = math.nan  # the pinpoint path reads the gradients
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    grads = session.to_frame().query("tensor == 'grad'")
+    assert set(grads["module"]) == {"2.weight", "2.bias"}  # the sparse one is left out
+    assert session.first_nonfinite() == probes.NonFinite(2, "0.weight", "update", "step")
+    flags = probes.flags.StepFlags(torch.bfloat16)
+    flags.add(("m", "t", ""), torch.zeros(3).to(torch.float8_e4m3fn))
+    assert len(flags) == 0
