@@ -131,6 +131,31 @@ class HierarchicalMatrix(StructuredMatrix):
         rest[:, :m].addcmul_(X_m, C)
         return torch.cat([X_t @ A, rest], 1)
 
+    def outer_matmat_(self, X: Tensor) -> Tensor:
+        """``X <- S S^T X`` in X's own memory (d x n, any layout); returns X.
+
+        ``S S^T`` is an arrowhead matrix: dense in the K1 + K2 rows and columns t, b and
+        ``diag(c^2)`` in the middle block (the middle rows of S are ``c_i e_i^T``). So the
+        rows t, b of the result are one GEMM with the K1 + K2 rows ``(S S^T)_tb`` (inner
+        dimension d), and the middle rows ``c^2 X_m + (S S^T)_m,tb X_tb``, written in place
+        by a scaling and an ``addmm_`` (inner dimension K1 + K2). Against ``S (S^T X)`` this
+        is the same arithmetic but no d x n temporary: on the CPU each fresh temporary of
+        the natural gradient's size costs new pages, more than its arithmetic.
+        """
+        t, m, _ = self.split_sizes(self._dim)
+        C = self._tensors["C"]
+        rows = torch.zeros(self._dim - m, self._dim, dtype=C.dtype, device=C.device)
+        rows[:t] = torch.cat([self._tensors["A"], self._tensors["B"]], 1)
+        rows[t:, t:] = torch.cat([self._tensors["D"], self._tensors["E"]], 1)
+        outer_tb = self._matmat(rows.T).T  # (S S^T)_tb = (S S_tb^T)^T
+        top = outer_tb @ X
+        X_m = X[t : t + m]
+        X_m.mul_((C * C).unsqueeze(1))
+        X_m.addmm_(outer_tb[:, t : t + m].T, torch.cat([X[:t], X[t + m :]]))
+        X[:t] = top[:t]
+        X[t + m :] = top[t:]
+        return X
+
     def _thin(self) -> Tensor:
         """``[[B], [D | E]]`` of shape (K1 + K2, d - K1): the rows of S^T beyond K1 that
         are not the diagonal, as one matrix."""
