@@ -71,9 +71,9 @@ thread; `benchmarks/test_probe_overhead.py`) one full reading costs, in ms on th
 CPU: condition about 18 with SINGD's diagonal factors and about 400 with dense ones (six
 float64 SVDs of up to 513 x 513), numerics 10-15, memory about 1 (USS, every `USS_EVERY`
 readings: 9-13), against steps of about 6 ms (diagonal) and 30 ms (dense, T=10). The
-per-iteration checks are not cadenced: they, and the hooks they need, cost about 0.4-0.7
-ms per step, which is what keeps SINGD diagonal above its 5% budget (measured 7-14%,
-dense 1-9% against 10%; see the benchmark)."""
+per-iteration checks are not cadenced: they, and the hooks they need, cost about 0.3 ms
+per step, which is what keeps SINGD diagonal above its 5% budget (measured +9.8% on a
+quiet machine; dense +7.6% against 10%; see the benchmark)."""
 USS_EVERY = 10
 """USS costs milliseconds: read it every this many memory readings."""
 MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")
