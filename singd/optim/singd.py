@@ -45,7 +45,6 @@ from singd.curvature import LayerCurvature
 from singd.optim.base import DEFAULT_FALLBACK, FallbackFactory, KroneckerOptimizer, check_number
 from singd.optim.layers import KroneckerLayer, gradient_matrix
 from singd.structures import StructuredMatrix, get_structure
-from singd.structures.hierarchical import HierarchicalMatrix
 
 
 class SINGD(KroneckerOptimizer):
@@ -280,27 +279,20 @@ class SINGD(KroneckerOptimizer):
 def _natural_gradient(K: StructuredMatrix, C: StructuredMatrix, grad: Tensor) -> Tensor:
     """``C C^T G K K^T`` in the factors' dtypes, returned in the dtype of ``G``.
 
-    Written as ``(K (K^T G^T))^T`` so that only products ``S @ X`` and ``S^T @ X``
-    with the structured factors are needed. Diagonal factors scale rows and columns by
-    ``c^2`` and ``k^2`` in place, and hierarchical ones apply ``S S^T`` in place
-    (`HierarchicalMatrix.outer_matmat_`): no temporary of the gradient's size instead of
-    four, which matters on the CPU, where every large temporary costs fresh pages.
+    Written as ``C C^T (K K^T G^T)^T``, each factor applied by its structure's
+    `StructuredMatrix.outer_matmat_` in the gradient copy's memory where the structure
+    can (diagonal, hierarchical): no temporary of the gradient's size instead of four,
+    which matters on the CPU, where every large temporary costs fresh pages. Two diagonal
+    factors scale columns by ``k^2`` and rows by ``c^2`` directly.
     """
     if K.name == "diagonal" and C.name == "diagonal":
         # `grad` is the optimizer's own copy (see `_precondition`): scaled in place.
         k, c = K.tensors()["diag"], C.tensors()["diag"]
         nat = grad.to(k.dtype).mul_(k * k)
         return nat.to(c.dtype).mul_((c * c).unsqueeze(1)).to(grad.dtype)
-    nat = _outer_matmat(K, grad.to(K.dtype).T).T
-    nat = _outer_matmat(C, nat.to(C.dtype))
+    nat = K.outer_matmat_(grad.to(K.dtype).T).T
+    nat = C.outer_matmat_(nat.to(C.dtype))
     return nat.to(grad.dtype)
-
-
-def _outer_matmat(S: StructuredMatrix, X: Tensor) -> Tensor:
-    """``S S^T X``; hierarchical factors compute it in X's memory (the optimizer's own)."""
-    if isinstance(S, HierarchicalMatrix):
-        return S.outer_matmat_(X)
-    return S @ S.rmatmat(X)
 
 
 def _cast_preconditioner(K: StructuredMatrix, C: StructuredMatrix) -> Callable[[Tensor], Tensor]:

@@ -213,6 +213,16 @@ class StructuredMatrix(ABC):
         self._check_operand(X)
         return self._rmatmat(X.to(self.dtype))
 
+    def outer_matmat_(self, X: Tensor) -> Tensor:
+        """``S S^T X`` for a d x n tensor in the stored dtype, in the stored dtype.
+
+        May work in X's own memory and return it: a caller hands X over (its own copy)
+        and must not read X afterwards, only the result. The fallback is ``S (S^T X)``,
+        with two temporaries of X's size; a structure that can apply ``S S^T`` in place
+        overrides it (SINGD's natural gradient, whose X is the size of a gradient).
+        """
+        return self @ self.rmatmat(X)
+
     def _matmat(self, X: Tensor) -> Tensor:
         return self.to_dense() @ X
 

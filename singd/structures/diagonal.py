@@ -34,6 +34,17 @@ class DiagonalMatrix(StructuredMatrix):
 
     _rmatmat = _matmat
 
+    def outer_matmat_(self, X: Tensor) -> Tensor:
+        """``X <- diag(s)^2 X`` in X's memory (row i scaled by ``s_i^2``); returns X.
+
+        Scaled by ``s`` twice rather than once by ``s * s``: the same roundings as the
+        fallback ``S (S^T X)``, and no spurious overflow or underflow of ``s_i^2`` (float16
+        from ``|s_i|`` above 256 or below about 2.4e-4) where the result is representable.
+        """
+        self._check_operand(X)
+        s = self._tensors["diag"].unsqueeze(1)
+        return X.to(self.dtype).mul_(s).mul_(s)
+
     def _right_matmat(self, X: Tensor) -> Tensor:
         return X * self._tensors["diag"]
 
