@@ -13,6 +13,7 @@ one thread (`torch.set_num_threads(1)`).
 
 from __future__ import annotations
 
+import resource
 import time
 from collections.abc import Callable
 
@@ -53,18 +54,24 @@ def make_step(
     return step
 
 
-def timed(step: Callable[[], None]) -> Callable[[], tuple[float, float]]:
-    """Wrap `step` so that each call returns its (wall-clock, CPU) time in seconds.
+def timed(step: Callable[[], None]) -> Callable[[], tuple[float, float, int]]:
+    """Wrap `step` so that each call returns (wall-clock s, CPU s, minor page faults).
 
     Wall clock is `time.perf_counter`; CPU time is `time.process_time`, the time this
     process computed. With one thread on a machine shared with other jobs, CPU time is
     what the step costs, and the wall clock adds the time spent waiting for a core.
+    Minor page faults (`getrusage`) count the fresh memory pages the step touched: each
+    large temporary that glibc serves from freshly mapped or re-grown heap memory costs
+    one per 4 KiB page, and whether it does depends on the process's allocation history,
+    which makes a step's time differ by milliseconds between otherwise equal processes.
     """
 
-    def run() -> tuple[float, float]:
+    def run() -> tuple[float, float, int]:
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         wall, cpu = time.perf_counter(), time.process_time()
         step()
-        return time.perf_counter() - wall, time.process_time() - cpu
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        return wall, cpu, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
     return run
 

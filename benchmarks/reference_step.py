@@ -13,8 +13,8 @@ one JSON reply per line on stdout.
 - `{"structure": "dense"}`: build the MLP of `mlp_step.py` and the reference SINGD with
   that structure for K and C, take two warm-up steps; reply with the step's FLOP count
   (FlopCounterMode) and where `singd` was imported from.
-- `{"steps": n}`: take n steps; reply `{"wall": [...], "cpu": [...]}`, the wall-clock
-  and CPU seconds of each step (`mlp_step.timed`).
+- `{"steps": n}`: take n steps; reply `{"wall": [...], "cpu": [...], "faults": [...]}`,
+  the wall-clock and CPU seconds and minor page faults of each step (`mlp_step.timed`).
 - end of input: exit.
 """
 
@@ -60,8 +60,8 @@ def main() -> None:
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                wall, cpu = zip(*(step() for _ in range(request["steps"])), strict=True)
-            reply = {"wall": wall, "cpu": cpu}
+                wall, cpu, faults = zip(*(step() for _ in range(request["steps"])), strict=True)
+            reply = {"wall": wall, "cpu": cpu, "faults": faults}
         print(json.dumps(reply), flush=True)
 
 

@@ -24,7 +24,10 @@ Toeplitz factors, <= 1.0 with dense ones; SINGD-diagonal <= 1.3x AdamW. They are
 judged on median CPU time and recorded (`meets_target`), not asserted: a benchmark on a shared
 machine measures, it does not gate. Each test stores its figures in pytest-benchmark's
 `extra_info`, and the module writes a table to `benchmarks/results/singd_step.{md,json}`
-(with the machine's load average before and after: other processes skew timings).
+(with the machine's load average before and after: other processes skew timings), and
+the median minor page faults per step of each side: a process whose allocator keeps
+returning memory to the system pays for fresh pages on every step, which moves a
+diagonal step by 1-2 ms (see `mlp_step.timed`).
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ ADAMW_TARGET = 1.3
 # takes about a second, so fewer rounds there.
 BLOCK = 5
 ROUNDS = {"triltoeplitz": 3, "triutoeplitz": 3}
-DEFAULT_ROUNDS = 10
+DEFAULT_ROUNDS = 20
 WARMUP = 1
 
 
@@ -131,13 +134,13 @@ def paired(benchmark, step, partner, rounds: int) -> dict[str, float] | None:
     consecutive steps; alternating the blocks gives both sides the same machine load.
     The first step of every block (caches cold after the other process ran) and the
     warm-up rounds are left out. Every step is timed by `mlp_step.timed`; the partner
-    times its own steps: `partner(n)` returns `n` pairs `(wall, cpu)` in seconds.
+    times its own steps: `partner(n)` returns `n` triples `(wall s, cpu s, page faults)`.
     pytest-benchmark's own figures are per block of `BLOCK` steps of ours, wall clock.
 
     Returns:
-        Medians in seconds, `ours_wall`, `ours_cpu`, `partner_wall`, `partner_cpu`; None
-        when benchmarking is disabled (`--benchmark-disable` runs one block, measures
-        nothing).
+        Medians (`ours_wall`, `ours_cpu`, `ours_faults`, likewise `partner_...`) and
+        minima (`..._min`), in seconds and faults per step; None when benchmarking is
+        disabled (`--benchmark-disable` runs one block and measures nothing).
     """
     ours: list[list[tuple[float, float]]] = []
     theirs: list[list[tuple[float, float]]] = []
@@ -154,7 +157,7 @@ def paired(benchmark, step, partner, rounds: int) -> dict[str, float] | None:
     medians = {}
     for who, blocks in (("ours", ours[WARMUP:]), ("partner", theirs[WARMUP:])):
         times = [t for block in blocks for t in block[1:]]
-        for clock, values in zip(("wall", "cpu"), zip(*times, strict=True), strict=True):
+        for clock, values in zip(("wall", "cpu", "faults"), zip(*times, strict=True), strict=True):
             medians[f"{who}_{clock}"] = statistics.median(values)
             medians[f"{who}_{clock}_min"] = min(values)
     return medians
@@ -173,6 +176,8 @@ def figures(medians: dict[str, float], target: float) -> dict[str, Any]:
         # Contention only ever adds time, so the fastest steps are another estimate of
         # the intrinsic cost, less sensitive to the other jobs on a shared machine.
         "ratio_cpu_min": medians["ours_cpu_min"] / medians["partner_cpu_min"],
+        "ours_page_faults": medians["ours_faults"],
+        "baseline_page_faults": medians["partner_faults"],
         "target": target,
         "meets_target": ratio <= target,
     }
@@ -186,7 +191,7 @@ def test_singd_step_against_the_reference(benchmark, reference, table, structure
 
     def reference_steps(n: int) -> list[tuple[float, float]]:
         reply = reference.request({"steps": n})
-        return list(zip(reply["wall"], reply["cpu"], strict=True))
+        return list(zip(reply["wall"], reply["cpu"], reply["faults"], strict=True))
 
     medians = paired(benchmark, step, reference_steps, ROUNDS.get(structure, DEFAULT_ROUNDS))
     if medians is None:
@@ -223,9 +228,27 @@ def test_singd_diagonal_against_adamw(benchmark, table):
     table["singd:diagonal vs adamw"] = row
 
 
+def source_version() -> str:
+    """The commit measured, marked `+modified` if `singd/` differs from it (or `unknown`)."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "singd"],
+            cwd=HERE.parent,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+    return (commit or "unknown") + ("+modified" if dirty else "")
+
+
 def write_table(rows: dict[str, dict[str, Any]], load_before, load_after) -> None:
     """Write the figures as a Markdown table a human can paste, and as JSON."""
     machine = {
+        "commit": source_version(),
         "processor": platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "threads": 1,
@@ -239,8 +262,8 @@ def write_table(rows: dict[str, dict[str, Any]], load_before, load_after) -> Non
     lines = [
         "| step: MLP 256-512-512-10, batch 128, T=1, 1 thread | baseline | ours ms | baseline ms "
         "| ratio (CPU) | ratio (wall) | ratio (CPU, fastest steps) | target | met "
-        "| GFLOP ours / ref | GFLOP/s ours / ref |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| GFLOP ours / ref | GFLOP/s ours / ref | page faults ours / baseline |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in rows.items():
         flops = rate = ""
@@ -251,14 +274,16 @@ def write_table(rows: dict[str, dict[str, Any]], load_before, load_after) -> Non
             f"| {name.replace(' vs adamw', '')} | {row['baseline']} | {row['ours_cpu_ms']:.1f} "
             f"| {row['baseline_cpu_ms']:.1f} | {row['ratio_cpu']:.3f} | {row['ratio_wall']:.3f} "
             f"| {row['ratio_cpu_min']:.3f} "
-            f"| <= {row['target']} | {'yes' if row['meets_target'] else 'NO'} | {flops} | {rate} |"
+            f"| <= {row['target']} | {'yes' if row['meets_target'] else 'NO'} | {flops} | {rate} "
+            f"| {row['ours_page_faults']:.0f} / {row['baseline_page_faults']:.0f} |"
         )
     lines.append("")
     lines.append(
         f"Medians over steps in alternating blocks of {BLOCK}, CPU time (time.process_time); "
         f"ratios also by wall clock and of the fastest steps (CPU). GFLOP: matrix products "
         f"FlopCounterMode sees in one step (it does not count FFTs, which our Toeplitz "
-        f"products use). torch {machine['torch']}, {machine['processor']}, one thread; "
+        f"products use). singd at {machine['commit']}; torch {machine['torch']}, "
+        f"{machine['processor']}, one thread; "
         f"1-minute load average {load_before[0]:.1f} "
         f"before, {load_after[0]:.1f} after."
     )
