@@ -52,13 +52,16 @@ def measure_overhead(
         ``without_ms``, ``with_ms`` (median CPU ms per step), ``overhead`` (median of
         the paired CPU-time ratios minus 1, a fraction), ``wall_overhead`` (the same
         from the wall clock) and ``probe_share`` (the session's own
-        ``probe_overhead_fraction``: time inside its hooks over step time, median).
+        ``probe_overhead_fraction``: time inside its hooks over step time, median);
+        memory: ``peak_memory_delta_bytes`` (B, the largest rise of the process's peak RSS
+        over its RSS at attach in a probed block; None on CUDA) and
+        ``optimizer_state_bytes`` (B, as the session read it).
     """
     model, x, y = mlp_step.build()
     optimizer = SINGD(model, lr=1e-3, structures=(structure, structure))
     step = mlp_step.make_step(model, optimizer, x, y)
     _block(step, 20)  # warm-up: allocator, first preconditioner update
-    without, with_probes, shares = [], [], []
+    without, with_probes, shares, peaks = [], [], [], []
     for _ in range(repeats):
         without.append(_block(step, steps))
         with warnings.catch_warnings():
@@ -66,7 +69,9 @@ def measure_overhead(
             session = probes.attach(model, optimizer, every=every)
         with session:
             with_probes.append(_block(step, steps))
-        shares.append(session.summary()["probe_overhead_fraction"])
+        summary = session.summary()
+        shares.append(summary["probe_overhead_fraction"])
+        peaks.append(summary["peak_memory_delta_bytes"])
     pairs = list(zip(without, with_probes, strict=True))
     return {
         "without_ms": statistics.median(c for c, _ in without) * 1e3,
@@ -74,6 +79,8 @@ def measure_overhead(
         "overhead": statistics.median(b[0] / a[0] for a, b in pairs) - 1,
         "wall_overhead": statistics.median(b[1] / a[1] for a, b in pairs) - 1,
         "probe_share": statistics.median(shares),
+        "peak_memory_delta_bytes": max((p for p in peaks if p is not None), default=None),
+        "optimizer_state_bytes": summary["optimizer_state_bytes"],
     }
 
 

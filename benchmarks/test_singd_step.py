@@ -119,12 +119,17 @@ def table():
 def singd_step(structure: str):
     model, x, y = mlp_step.build()
     optimizer = SINGD(model, structures=(structure, structure), **mlp_step.SINGD_KWARGS)
-    return mlp_step.make_step(model, optimizer, x, y)
+    step = mlp_step.make_step(model, optimizer, x, y)
+    step.optimizer = optimizer  # for the memory figures in extra_info
+    return step
 
 
 def adamw_step():
     model, x, y = mlp_step.build()
-    return mlp_step.make_step(model, torch.optim.AdamW(model.parameters(), lr=1e-3), x, y)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    step = mlp_step.make_step(model, optimizer, x, y)
+    step.optimizer = optimizer
+    return step
 
 
 def paired(benchmark, step, partner, rounds: int) -> dict[str, float] | None:
@@ -184,7 +189,7 @@ def figures(medians: dict[str, float], target: float) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("structure", list(TARGETS))
-def test_singd_step_against_the_reference(benchmark, reference, table, structure):
+def test_singd_step_against_the_reference(benchmark, reference, table, record_memory, structure):
     torch.set_num_threads(1)
     step = singd_step(structure)
     info = reference.request({"structure": structure})
@@ -194,6 +199,7 @@ def test_singd_step_against_the_reference(benchmark, reference, table, structure
         return list(zip(reply["wall"], reply["cpu"], reply["faults"], strict=True))
 
     medians = paired(benchmark, step, reference_steps, ROUNDS.get(structure, DEFAULT_ROUNDS))
+    record_memory(step.optimizer)
     if medians is None:
         return
     flops = mlp_step.count_flops(step)
@@ -209,13 +215,14 @@ def test_singd_step_against_the_reference(benchmark, reference, table, structure
     table[f"singd:{structure}"] = row
 
 
-def test_singd_diagonal_against_adamw(benchmark, table):
+def test_singd_diagonal_against_adamw(benchmark, table, record_memory):
     """SINGD-diagonal is the partner here, AdamW the benchmarked step: ratio = SINGD/AdamW."""
     torch.set_num_threads(1)
-    diagonal = mlp_step.timed(singd_step("diagonal"))
-    medians = paired(
-        benchmark, adamw_step(), lambda n: [diagonal() for _ in range(n)], DEFAULT_ROUNDS
-    )
+    singd, adamw = singd_step("diagonal"), adamw_step()
+    diagonal = mlp_step.timed(singd)
+    medians = paired(benchmark, adamw, lambda n: [diagonal() for _ in range(n)], DEFAULT_ROUNDS)
+    record_memory(adamw.optimizer)
+    benchmark.extra_info["singd_state_bytes"] = sum(singd.optimizer.state_bytes().values())
     if medians is None:
         return
     swapped = {
