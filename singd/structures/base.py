@@ -176,15 +176,19 @@ class StructuredMatrix(ABC):
         """``S <- S + alpha T`` for ``T`` of the same structure and dim; returns self."""
         self._check_same(other)
         alpha = alpha.item() if isinstance(alpha, Tensor) else alpha
-        for key, tensor in self._tensors.items():
-            tensor.add_(other._tensors[key].to(tensor.dtype), alpha=alpha)
+        mine = list(self._tensors.values())
+        theirs = [other._tensors[key] for key in self._tensors]
+        if other.dtype != self.dtype:
+            theirs = [t.to(self.dtype) for t in theirs]
+        # One foreach call for all stored tensors: these are small, so per-call overhead
+        # dominates (each loop iteration was a separate dispatch).
+        torch._foreach_add_(mine, theirs, alpha=alpha)
         return self
 
     def mul_(self, value: float | Tensor) -> Self:
         """``S <- value S``; returns self."""
         value = value.item() if isinstance(value, Tensor) else value
-        for tensor in self._tensors.values():
-            tensor.mul_(value)
+        torch._foreach_mul_(list(self._tensors.values()), value)
         return self
 
     def diag_add_(self, value: float | Tensor) -> Self:

@@ -64,8 +64,8 @@ class DiagonalMatrix(StructuredMatrix):
                 f"from_inner expects X of shape (n, {self._dim}), got {tuple(X.shape)}."
             )
         s = self._tensors["diag"]
-        # diag(S X^T X S)_j = s_j^2 sum_i X_ij^2
-        return type(self)(self._dim, {"diag": s * s * (X.to(self.dtype) ** 2).sum(0)})
+        # diag(S X^T X S)_j = s_j^2 sum_i X_ij^2, the column sums scaled in place.
+        return type(self)(self._dim, {"diag": X.to(self.dtype).square().sum(0).mul_(s * s)})
 
     def _from_inner_identity(self) -> Self:
         s = self._tensors["diag"]
@@ -82,6 +82,9 @@ class DiagonalMatrix(StructuredMatrix):
 
     def diagonal(self) -> Tensor:
         return self._tensors["diag"].clone()
+
+    def average_trace(self) -> Tensor:
+        return self._tensors["diag"].mean()  # no copy of the diagonal, as the fallback makes
 
     def frobenius_norm(self) -> Tensor:
         return stored_frobenius_norm(self._tensors)
