@@ -114,7 +114,9 @@ def _conv_patches(x: Tensor, conv: nn.Conv2d) -> Tensor:
     return patches.transpose(1, 2)
 
 
-def process_input(x: Tensor, layer: KroneckerLayer, kfac_approx: str) -> Tensor:
+def process_input(
+    x: Tensor, layer: KroneckerLayer, kfac_approx: str, ones_column: bool = True
+) -> Tensor:
     """Rows ``a`` (``n x d_K``) of the input factor, scaled by ``1/sqrt(n)``.
 
     Args:
@@ -123,9 +125,12 @@ def process_input(x: Tensor, layer: KroneckerLayer, kfac_approx: str) -> Tensor:
         layer: The layer.
         kfac_approx: ``"expand"`` (shared positions become rows) or ``"reduce"``
             (inputs averaged over shared positions).
+        ones_column: Append the bias's ones column (when the bias is optimized); False
+            for a caller that adds the bias term of its curvature itself.
 
     Returns:
-        ``a`` with a ones column appended when the bias is optimized.
+        ``a`` with a ones column appended when the bias is optimized and
+        ``ones_column`` is set.
     """
     module = layer.module
     if isinstance(module, nn.Conv2d):
@@ -135,7 +140,7 @@ def process_input(x: Tensor, layer: KroneckerLayer, kfac_approx: str) -> Tensor:
         a = x.reshape(-1, x.shape[-1])
     else:
         a = x.flatten(1, -2).mean(1)
-    if layer.has_bias:
+    if layer.has_bias and ones_column:
         # A fresh tensor: scale it in place (large temporaries cost page faults on CPU).
         a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
         return a.div_(sqrt(a.shape[0]))
