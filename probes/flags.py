@@ -36,18 +36,26 @@ def watchable(tensor: Tensor) -> bool:
 class _Chunk:
     """A ``(64, 2)`` buffer of (min, max) readings with its row views made once."""
 
+    __slots__ = ("buffer", "rows", "used")
+
     def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
         self.buffer = torch.empty(_CHUNK, 2, dtype=dtype, device=device)
         self.rows = [(self.buffer[i, 0], self.buffer[i, 1]) for i in range(_CHUNK)]
         self.used = 0
 
 
+def _amax(low: float, high: float) -> float:
+    """``max(|low|, |high|)``, NaN when either is NaN (``max`` alone would hide one)."""
+    if low != low or high != high:
+        return math.nan
+    return max(-low, high)
+
+
 class StepFlags:
     """Device-side ``amax`` readings of one step, in execution order.
 
-    The buffers are reused from step to step (`reset`), so the hot path allocates nothing.
-    Call `add` under ``torch.no_grad()`` (the session's hooks do), which spares a
-    grad-mode context per tensor.
+    The buffers are reused from step to step (`reset`), so the hot path allocates nothing
+    but its list entries. `add` may be called with grad mode on: it reads a detached view.
 
     Args:
         run_dtype: The run's dtype; tensors wider than it are also judged against the
@@ -60,6 +68,7 @@ class StepFlags:
         self._thresholds: list[float] = []
         self._where: list[tuple[_Chunk, int]] = []
         self._chunks: dict[tuple[torch.dtype, torch.device], list[_Chunk]] = {}
+        self._open: dict[tuple[torch.dtype, torch.device], _Chunk] = {}
         self._by_dtype: dict[torch.dtype, float] = {}
         self._values: list[float] = []
 
@@ -75,25 +84,37 @@ class StepFlags:
             self._by_dtype[dtype] = threshold
         return threshold
 
-    def _slot(self, tensor: Tensor) -> tuple[_Chunk, int]:
-        chunks = self._chunks.setdefault((tensor.dtype, tensor.device), [])
+    def _next_chunk(self, key: tuple[torch.dtype, torch.device]) -> _Chunk:
+        chunks = self._chunks.setdefault(key, [])
         for chunk in chunks:
             if chunk.used < _CHUNK:
                 break
         else:
-            chunk = _Chunk(tensor.dtype, tensor.device)
+            chunk = _Chunk(*key)
             chunks.append(chunk)
-        chunk.used += 1
-        return chunk, chunk.used - 1
+        self._open[key] = chunk
+        return chunk
 
     def add(self, label: Label, tensor: Tensor) -> None:
         """Queue the reading of one floating tensor (empty tensors are skipped)."""
-        if tensor.numel() == 0 or not watchable(tensor):
+        dtype = tensor.dtype
+        if dtype not in WATCHED_DTYPES or tensor.layout is not torch.strided:
             return
-        chunk, row = self._slot(tensor)
-        torch.aminmax(tensor, out=chunk.rows[row])
+        if tensor.numel() == 0:
+            return
+        threshold = self._by_dtype.get(dtype)
+        if threshold is None:
+            threshold = self._threshold(dtype)
+        device = tensor.device
+        key = (dtype, device)
+        chunk = self._open.get(key)
+        if chunk is None or chunk.used == _CHUNK:
+            chunk = self._next_chunk(key)
+        row = chunk.used
+        chunk.used = row + 1
+        torch.aminmax(tensor.detach(), out=chunk.rows[row])
         self.labels.append(label)
-        self._thresholds.append(self._threshold(tensor.dtype))
+        self._thresholds.append(threshold)
         self._where.append((chunk, row))
 
     def add_many(self, labels: list[Label], tensors: list[Tensor]) -> None:
@@ -103,15 +124,14 @@ class StepFlags:
 
     def values(self) -> list[float]:
         """``amax`` of every reading so far, in order (one host copy per dtype/device)."""
-        if len(self._values) < len(self.labels):
-            host: dict[int, list[float]] = {}
+        start = len(self._values)
+        if start < len(self.labels):
+            host: dict[int, list] = {}
             for chunks in self._chunks.values():
                 for chunk in chunks:
                     if chunk.used:
-                        extremes = chunk.buffer[: chunk.used].double().abs()
-                        host[id(chunk)] = extremes.amax(dim=1).tolist()
-            start = len(self._values)
-            self._values.extend(host[id(c)][r] for c, r in self._where[start:])
+                        host[id(chunk)] = chunk.buffer[: chunk.used].tolist()
+            self._values.extend(_amax(*host[id(c)][r]) for c, r in self._where[start:])
         return self._values
 
     def truncate(self, length: int) -> None:
@@ -120,6 +140,8 @@ class StepFlags:
             chunk.used -= 1
         del self.labels[length:], self._thresholds[length:], self._where[length:]
         del self._values[length:]
+        for key, chunks in self._chunks.items():
+            self._open[key] = next((c for c in chunks if c.used < _CHUNK), chunks[-1])
 
     def reset(self) -> None:
         """Start a new step, keeping the buffers."""
@@ -132,8 +154,11 @@ class StepFlags:
             allowed: A predicate on the module name for intentional infinities.
             start: The first reading to consider.
         """
-        bad = []
         values = self.values()
+        isfinite = math.isfinite
+        if all(isfinite(v) for v in values[start:]):
+            return []
+        bad = []
         for i in range(start, len(values)):
             v = values[i]
             if math.isnan(v) or (

@@ -64,7 +64,8 @@ class Limits:
         max: Largest finite value.
         tiny: Smallest positive normal value.
         overflow_risk: ``max / 2``.
-        cast_overflow: Smallest magnitude that rounds to infinity when cast to the dtype.
+        cast_overflow: Smallest magnitude that rounds to infinity when cast to the dtype
+            (``inf`` for float64, whose rounding boundary is no Python float).
     """
 
     max: float
@@ -77,7 +78,7 @@ class Limits:
 def limits(dtype: torch.dtype) -> Limits:
     """The `Limits` of a floating dtype (cached: called on the hot path)."""
     info = torch.finfo(dtype)
-    top = 2.0 ** math.floor(math.log2(info.max))
+    top = math.ldexp(0.5, math.frexp(info.max)[1])  # largest power of 2 <= max (float64 too)
     return Limits(
         max=info.max,
         tiny=info.tiny,

@@ -199,6 +199,8 @@ class ProbeSession:
         self._by_name = {self._names[id(p)]: p for p in params}
         self._update_labels = [(self._names[id(p)], "update", "step") for p in params]
         self._final_peak: int | None = None
+        self._stats: list[tuple[Label, str, list[float]]] = []
+        self._before: dict[int, Tensor] = {}
         self._begin_iteration()
         self._attached = True
         self._handles = self._register()
@@ -257,25 +259,20 @@ class ProbeSession:
     # ------------------------------------------------------------------------------
     def _begin_iteration(self) -> None:
         self._flags.reset()
-        self._stats: list[tuple[Label, str, list[float]]] = []
+        self._stats.clear()
         self._full = "numerics" in self.probes and self.step % self.every["numerics"] == 0
         self._iter_start: float | None = None
         self._opt_start: float | None = None
         self._opt_ms = math.nan
         self._scaler_skipped = False
         self._backward_seen = False
-        self._before: dict[int, Tensor] = {}
+        self._before.clear()
         self._probe_s = 0.0
 
     def _measure(self, label: Label, tensor: Tensor) -> None:
         if not watchable(tensor):
             return
         self._stats.append((label, dtype_name(tensor.dtype), tensor_stats(tensor, self.run_dtype)))
-
-    def _watch(self, label: Label, tensor: Tensor) -> None:
-        self._flags.add(label, tensor)
-        if self._full:
-            self._measure(label, tensor)
 
     @torch.no_grad()
     def _on_forward_pre(self, module, args) -> None:
@@ -294,31 +291,51 @@ class ProbeSession:
         self._probe_s += time.perf_counter() - start
 
     def _forward_hook(self, name: str):
+        # Labels and gradient hooks are made once per module, not once per call.
+        labels: list[Label] = []
+        grad_hooks: list = []
+
+        def label_of(i: int) -> tuple[Label, object]:
+            while len(labels) <= i:
+                suffix = f".{len(labels)}" if labels else ""
+                labels.append((name, "activation" + suffix, "forward"))
+                grad_hooks.append(self._grad_hook((name, "output_grad" + suffix, "backward")))
+            return labels[i], grad_hooks[i]
+
+        label_of(0)
+        flags = self._flags
+
         def hook(module, args, output) -> None:
             if not self._attached:
                 return
             start = time.perf_counter()
+            if type(output) is Tensor:
+                tensors = (output,) if output.is_floating_point() else ()
+            else:
+                tensors = _floating_tensors(output)
             grad_enabled = torch.is_grad_enabled()
-            with torch.no_grad():
-                for i, tensor in enumerate(_floating_tensors(output)):
-                    suffix = f".{i}" if i else ""
-                    self._watch((name, "activation" + suffix, "forward"), tensor)
-                    if tensor.requires_grad and grad_enabled:
-                        tensor.register_hook(
-                            self._grad_hook((name, "output_grad" + suffix, "backward"))
-                        )
+            for i, tensor in enumerate(tensors):
+                label, grad_hook = (labels[0], grad_hooks[0]) if i == 0 else label_of(i)
+                flags.add(label, tensor)
+                if self._full:
+                    self._measure(label, tensor.detach())
+                if grad_enabled and tensor.requires_grad:
+                    tensor.register_hook(grad_hook)
             self._probe_s += time.perf_counter() - start
 
         return hook
 
     def _grad_hook(self, label: Label):
+        flags = self._flags
+
         def hook(grad: Tensor) -> None:
             if not self._attached:
                 return
             start = time.perf_counter()
             self._backward_seen = True
-            with torch.no_grad():
-                self._watch(label, grad)
+            flags.add(label, grad)
+            if self._full:
+                self._measure(label, grad.detach())
             self._probe_s += time.perf_counter() - start
 
         return hook

@@ -295,3 +295,23 @@ def test_sparse_gradients_and_float8_are_left_out_not_fatal():
     flags = probes.flags.StepFlags(torch.bfloat16)
     flags.add(("m", "t", ""), torch.zeros(3).to(torch.float8_e4m3fn))
     assert len(flags) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_readings_are_exact_amax_and_never_miss_nonfinite(dtype):
+    """Readings are max(|min|, |max|); float64 has limits too (its cast bound is inf)."""
+    flags = probes.flags.StepFlags(dtype)
+    huge = torch.tensor([1.0, -0.75, 0.5], dtype=dtype) * torch.finfo(dtype).max
+    flags.add(("m", "huge", ""), huge)  # finite, past the overflow threshold
+    flags.add(("m", "small", ""), torch.tensor([3.0, -4.0], dtype=dtype))
+    flags.add(("m", "nan", ""), torch.tensor([1.0, math.nan, -math.inf], dtype=dtype))
+    flags.add(("m", "inf", ""), torch.tensor([1.0, -math.inf], dtype=dtype))
+    flags.add(("m", "strided", ""), torch.tensor([[1.0, math.inf], [2.0, 3.0]], dtype=dtype).t())
+    values = flags.values()
+    assert values[0] == huge[0].item() and values[1] == 4.0
+    assert math.isnan(values[2]) and values[3] == math.inf and values[4] == math.inf
+    assert flags.nonfinite() == [2, 3, 4]
+    assert flags.overflow()
+    flags.reset()
+    flags.add(("m", "small", ""), torch.tensor([3.0, -4.0], dtype=dtype, requires_grad=True))
+    assert flags.nonfinite() == [] and not flags.overflow() and flags.values() == [4.0]
