@@ -44,17 +44,8 @@ STRUCTURE_FORMS: tuple[str, ...] = (
 )
 """The name forms ``get_structure`` accepts, for error messages and CLI help."""
 
-STRUCTURE_NAMES: tuple[str, ...] = (
-    "dense",
-    "diagonal",
-    "block30diagonal",
-    "hierarchical15_15",
-    "triltoeplitz",
-    "triutoeplitz",
-    "triltopleftdiag",
-    "trilbottomrightdiag",
-    "triutopleftdiag",
-    "triubottomrightdiag",
+STRUCTURE_NAMES: tuple[str, ...] = tuple(
+    form.replace("{N}", "30").replace("{K1}_{K2}", "15_15") for form in STRUCTURE_FORMS
 )
 """One canonical instance of every structure (the reference's sizes), for tests and help."""
 
