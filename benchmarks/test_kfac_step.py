@@ -22,21 +22,18 @@ factorizations are not counted). Figures are recorded, not asserted, and written
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import statistics
-from pathlib import Path
 from typing import Any
 
 import mlp_step
 import pytest
 import torch
+from results_table import machine_info, write_results
 
 from singd import KFAC, SINGD
 from singd.optim.inverses import INVERSE_METHODS
 
-RESULTS = Path(__file__).resolve().parent / "results"
 ROUNDS = 20
 WARMUP = 3
 KFAC_KWARGS = {"lr": 1e-3, "damping": 1e-3, "T": 1, "factor_decay": 0.95}
@@ -97,17 +94,7 @@ def test_kfac_step_against_singd_dense(benchmark, table, record_memory, method):
 
 def write_table(rows: dict[str, dict[str, Any]], load_before, load_after) -> None:
     """The figures as a Markdown table to paste, and as JSON."""
-    machine = {
-        "processor": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "threads": 1,
-        "load_average_1min_before": load_before[0],
-        "load_average_1min_after": load_after[0],
-    }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "kfac_step.json").write_text(
-        json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n"
-    )
+    machine = machine_info(load_before, load_after)
     lines = [
         "| step: MLP 256-512-512-10, batch 128, T=1, 1 thread | KFAC ms | SINGD dense ms "
         "| ratio (CPU) | ratio (wall) | GFLOP (products) | state MiB | failed inversions |",
@@ -126,4 +113,4 @@ def write_table(rows: dict[str, dict[str, Any]], load_before, load_after) -> Non
         f"{machine['processor']}, one thread; 1-minute load average {load_before[0]:.1f} "
         f"before, {load_after[0]:.1f} after."
     )
-    (RESULTS / "kfac_step.md").write_text("\n".join(lines) + "\n")
+    write_results("kfac_step", machine, rows, lines)

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 from pathlib import Path
@@ -43,11 +42,11 @@ from typing import Any
 import mlp_step
 import pytest
 import torch
+from results_table import machine_info, write_results
 
 from singd import SINGD
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
 REFERENCE_PYTHON = Path(os.environ.get("SINGD_REFERENCE_PYTHON", "/tmp/singd-ref-venv/bin/python"))
 TARGETS = {
     "dense": 1.0,
@@ -235,37 +234,9 @@ def test_singd_diagonal_against_adamw(benchmark, table, record_memory):
     table["singd:diagonal vs adamw"] = row
 
 
-def source_version() -> str:
-    """The commit measured, marked `+modified` if `singd/` differs from it (or `unknown`)."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "singd"],
-            cwd=HERE.parent,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-    except OSError:
-        return "unknown"
-    return (commit or "unknown") + ("+modified" if dirty else "")
-
-
 def write_table(rows: dict[str, dict[str, Any]], load_before, load_after) -> None:
     """Write the figures as a Markdown table a human can paste, and as JSON."""
-    machine = {
-        "commit": source_version(),
-        "processor": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "threads": 1,
-        "load_average_1min_before": load_before[0],
-        "load_average_1min_after": load_after[0],
-    }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "singd_step.json").write_text(
-        json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n"
-    )
+    machine = machine_info(load_before, load_after)
     lines = [
         "| step: MLP 256-512-512-10, batch 128, T=1, 1 thread | baseline | ours ms | baseline ms "
         "| ratio (CPU) | ratio (wall) | ratio (CPU, fastest steps) | target | met "
@@ -294,4 +265,4 @@ def write_table(rows: dict[str, dict[str, Any]], load_before, load_after) -> Non
         f"1-minute load average {load_before[0]:.1f} "
         f"before, {load_after[0]:.1f} after."
     )
-    (RESULTS / "singd_step.md").write_text("\n".join(lines) + "\n")
+    write_results("singd_step", machine, rows, lines)
