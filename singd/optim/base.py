@@ -322,8 +322,7 @@ class KroneckerOptimizer(Optimizer):
         group = self.param_groups[layer.group_index]
         dtype_a, dtype_g = self._curvature_dtypes(layer)
         with torch.no_grad():
-            ones = not self._bias_apart(layer)
-            a = process_input(x.to(dtype_a), layer, group["kfac_approx"], ones_column=ones)
+            a = process_input(x.to(dtype_a), layer, group["kfac_approx"])
             g = process_grad_output(
                 grad.detach().to(dtype_g), layer, group["loss_average"], group["kfac_approx"]
             )
@@ -339,12 +338,6 @@ class KroneckerOptimizer(Optimizer):
         dtypes = self.param_groups[layer.group_index].get("preconditioner_dtype", (None, None))
         weight_dtype = layer.module.weight.dtype
         return dtypes[0] or weight_dtype, dtypes[1] or weight_dtype
-
-    def _bias_apart(self, layer: KroneckerLayer) -> bool:
-        """Whether `_accumulate` receives the rows ``a`` without the bias's ones column
-        and adds the bias term of the input-side curvature itself (a fast path of a
-        subclass; by default the column is appended)."""
-        return False
 
     def _init_layer(self, layer: KroneckerLayer) -> None:
         """Create the layer's state in ``self._factors[layer.name]``."""

@@ -114,9 +114,7 @@ def _conv_patches(x: Tensor, conv: nn.Conv2d) -> Tensor:
     return patches.transpose(1, 2)
 
 
-def process_input(
-    x: Tensor, layer: KroneckerLayer, kfac_approx: str, ones_column: bool = True
-) -> Tensor:
+def process_input(x: Tensor, layer: KroneckerLayer, kfac_approx: str) -> Tensor:
     """Rows ``a`` (``n x d_K``) of the input factor, scaled by ``1/sqrt(n)``.
 
     Args:
@@ -125,12 +123,9 @@ def process_input(
         layer: The layer.
         kfac_approx: ``"expand"`` (shared positions become rows) or ``"reduce"``
             (inputs averaged over shared positions).
-        ones_column: Append the bias's ones column (when the bias is optimized); False
-            for a caller that adds the bias term of its curvature itself.
 
     Returns:
-        ``a`` with a ones column appended when the bias is optimized and
-        ``ones_column`` is set.
+        ``a`` with a ones column appended when the bias is optimized.
     """
     module = layer.module
     if isinstance(module, nn.Conv2d):
@@ -140,7 +135,7 @@ def process_input(
         a = x.reshape(-1, x.shape[-1])
     else:
         a = x.flatten(1, -2).mean(1)
-    if layer.has_bias and ones_column:
+    if layer.has_bias:
         # A fresh tensor: scale it in place (large temporaries cost page faults on CPU).
         a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
         return a.div_(sqrt(a.shape[0]))

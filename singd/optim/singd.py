@@ -34,7 +34,6 @@ Parameter update, with ``G = [dW | db]`` (``d_C x d_K``): the natural gradient
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -188,14 +187,9 @@ class SINGD(KroneckerOptimizer):
             state["m_K"] = K_cls.zeros(layer.dim_K, dtype=dtype_K, device=device)
             state["m_C"] = C_cls.zeros(layer.dim_C, dtype=dtype_C, device=device)
 
-    def _bias_apart(self, layer: KroneckerLayer) -> bool:
-        return layer.has_bias and self._factors[layer.name]["K"].name == "diagonal"
-
     def _accumulate(self, layer: KroneckerLayer, a: Tensor, g: Tensor) -> None:
         state = self._factors[layer.name]
-        K = state["K"]
-        H_K = _diagonal_inner_with_ones(K, a) if self._bias_apart(layer) else K.from_inner(a)
-        H_C = state["C"].from_inner(g)
+        H_K, H_C = state["K"].from_inner(a), state["C"].from_inner(g)
         if "H_K" in state:
             state["H_K"].add_(H_K)
             state["H_C"].add_(H_C)
@@ -280,20 +274,6 @@ class SINGD(KroneckerOptimizer):
             for key, value in state.items():
                 totals[category.get(key, "accumulators")] += value.nbytes
         return totals
-
-
-def _diagonal_inner_with_ones(K: StructuredMatrix, a: Tensor) -> StructuredMatrix:
-    """``H_K = P(K^T b^T b K)`` for a diagonal ``K`` and ``b = [a | 1/sqrt(n)]``.
-
-    ``a`` holds the n input rows already scaled by ``1/sqrt(n)``; the ones column is not
-    formed (a copy of the rows): its squares sum to ``n (1/sqrt(n))^2``, which is 1 up
-    to rounding.
-    """
-    n = a.shape[0]
-    bias = a.new_ones(1, dtype=K.dtype).div_(math.sqrt(n)).square_().mul_(n)
-    sums = torch.cat([a.to(K.dtype).square().sum(0), bias])
-    s = K.tensors()["diag"]
-    return type(K).from_tensors(K.dim, {"diag": sums.mul_(s * s)})
 
 
 def _natural_gradient(K: StructuredMatrix, C: StructuredMatrix, grad: Tensor) -> Tensor:
