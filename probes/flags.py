@@ -1,15 +1,17 @@
 """The per-step finiteness check: one fused reduction per tensor, one sync per step.
 
-Every watched tensor contributes ``torch.aminmax`` (one vectorised pass with no temporary
-the size of the tensor; on this CPU 20-50 times faster than an infinity norm), written
-straight into a preallocated device buffer, so a reading costs one kernel launch and no
-later stacking. ``amax = max(|min|, |max|)`` is NaN iff the tensor holds a NaN (NaN
-propagates through both), ``+inf`` iff it holds an infinity and no NaN, and otherwise it
-is the largest magnitude, which also tells overflow risk and cast overflow
-(`probes.limits`). Readings keep their execution order and a ``(module, tensor, phase)``
-label; `StepFlags.values` brings them to the host with one copy per dtype and device,
-so the first non-finite tensor of a step is known exactly, whatever the cadence of the
-expensive probes. Limitation: a tensor holding both NaN and infinities counts as NaN.
+Every watched tensor of the forward and backward passes contributes ``torch.aminmax``
+(one vectorised pass with no temporary the size of the tensor; on this CPU 20-50 times
+faster than an infinity norm), written straight into a preallocated device buffer, so a
+reading costs one kernel launch and no later stacking. ``amax = max(|min|, |max|)`` is
+NaN iff the tensor holds a NaN (NaN propagates through both), ``+inf`` iff it holds an
+infinity and no NaN, and otherwise it is the largest magnitude, which also tells
+overflow risk and cast overflow (`probes.limits`). Readings keep their execution order
+and a ``(module, tensor, phase)`` label; `StepFlags.clean` brings them to the host with
+one copy per buffer and answers the common case with one chained comparison per
+reading, so the first non-finite tensor of a step is known exactly, whatever the
+cadence of the expensive probes. Limitation: a tensor holding both NaN and infinities
+counts as NaN.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ Label = tuple[str, str, str]
 """``(module, tensor, phase)`` of a watched tensor."""
 
 _CHUNK = 64
-WATCHED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+WATCHED_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
 
 
 def watchable(tensor: Tensor) -> bool:
@@ -34,14 +36,16 @@ def watchable(tensor: Tensor) -> bool:
 
 
 class _Chunk:
-    """A ``(64, 2)`` buffer of (min, max) readings with its row views made once."""
+    """A ``(64, 2)`` buffer of (min, max) readings of one dtype and device, with its row
+    views made once; ``threshold`` is the overflow threshold of its dtype."""
 
-    __slots__ = ("buffer", "rows", "used")
+    __slots__ = ("buffer", "rows", "used", "threshold")
 
-    def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, dtype: torch.dtype, device: torch.device, threshold: float) -> None:
         self.buffer = torch.empty(_CHUNK, 2, dtype=dtype, device=device)
         self.rows = [(self.buffer[i, 0], self.buffer[i, 1]) for i in range(_CHUNK)]
         self.used = 0
+        self.threshold = threshold
 
 
 def _amax(low: float, high: float) -> float:
@@ -56,6 +60,8 @@ class StepFlags:
 
     The buffers are reused from step to step (`reset`), so the hot path allocates nothing
     but its list entries. `add` may be called with grad mode on: it reads a detached view.
+    `clean` answers the common question (everything finite and below its threshold)
+    with one host copy per buffer in use; `nonfinite` and `overflow` say which.
 
     Args:
         run_dtype: The run's dtype; tensors wider than it are also judged against the
@@ -70,7 +76,9 @@ class StepFlags:
         self._chunks: dict[tuple[torch.dtype, torch.device], list[_Chunk]] = {}
         self._open: dict[tuple[torch.dtype, torch.device], _Chunk] = {}
         self._by_dtype: dict[torch.dtype, float] = {}
-        self._values: list[float] = []
+        self._host: dict[int, list] | None = None
+        self._values: list[float] | None = None
+        self._clean: bool | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -90,7 +98,7 @@ class StepFlags:
             if chunk.used < _CHUNK:
                 break
         else:
-            chunk = _Chunk(*key)
+            chunk = _Chunk(*key, self._threshold(key[0]))
             chunks.append(chunk)
         self._open[key] = chunk
         return chunk
@@ -102,11 +110,7 @@ class StepFlags:
             return
         if tensor.numel() == 0:
             return
-        threshold = self._by_dtype.get(dtype)
-        if threshold is None:
-            threshold = self._threshold(dtype)
-        device = tensor.device
-        key = (dtype, device)
+        key = (dtype, tensor.device)
         chunk = self._open.get(key)
         if chunk is None or chunk.used == _CHUNK:
             chunk = self._next_chunk(key)
@@ -114,24 +118,53 @@ class StepFlags:
         chunk.used = row + 1
         torch.aminmax(tensor.detach(), out=chunk.rows[row])
         self.labels.append(label)
-        self._thresholds.append(threshold)
+        self._thresholds.append(chunk.threshold)
         self._where.append((chunk, row))
+        self._host = self._values = self._clean = None
 
     def add_many(self, labels: list[Label], tensors: list[Tensor]) -> None:
         """Queue the readings of several tensors, in order."""
         for label, tensor in zip(labels, tensors, strict=True):
             self.add(label, tensor)
 
-    def values(self) -> list[float]:
-        """``amax`` of every reading so far, in order (one host copy per dtype/device)."""
-        start = len(self._values)
-        if start < len(self.labels):
-            host: dict[int, list] = {}
+    def _host_rows(self) -> dict[int, list]:
+        """Each buffer's (min, max) pairs on the host (one copy per buffer, cached)."""
+        if self._host is None:
+            self._host = {
+                id(chunk): chunk.buffer[: chunk.used].tolist()
+                for chunks in self._chunks.values()
+                for chunk in chunks
+                if chunk.used
+            }
+        return self._host
+
+    def clean(self) -> bool:
+        """Whether every reading is finite and within its threshold.
+
+        A NaN fails every comparison, so ``-t <= min and max <= t`` tells all three (NaN,
+        infinity, overflow risk) at once; `nonfinite` and `overflow` are needed only when
+        this is False.
+        """
+        if self._clean is None:
+            clean = True
             for chunks in self._chunks.values():
                 for chunk in chunks:
-                    if chunk.used:
-                        host[id(chunk)] = chunk.buffer[: chunk.used].tolist()
-            self._values.extend(_amax(*host[id(c)][r]) for c, r in self._where[start:])
+                    if not chunk.used:
+                        continue
+                    high_limit = chunk.threshold
+                    low_limit = -high_limit
+                    for low, high in self._host_rows()[id(chunk)]:
+                        if not (low_limit <= low and high <= high_limit):
+                            clean = False
+                            break
+            self._clean = clean
+        return self._clean
+
+    def values(self) -> list[float]:
+        """``amax`` of every reading so far, in order."""
+        if self._values is None:
+            host = self._host_rows()
+            self._values = [_amax(*host[id(chunk)][row]) for chunk, row in self._where]
         return self._values
 
     def truncate(self, length: int) -> None:
@@ -139,13 +172,20 @@ class StepFlags:
         for chunk, _ in self._where[length:]:
             chunk.used -= 1
         del self.labels[length:], self._thresholds[length:], self._where[length:]
-        del self._values[length:]
+        self._host = self._values = self._clean = None
         for key, chunks in self._chunks.items():
             self._open[key] = next((c for c in chunks if c.used < _CHUNK), chunks[-1])
 
     def reset(self) -> None:
         """Start a new step, keeping the buffers."""
-        self.truncate(0)
+        for key, chunks in self._chunks.items():
+            for chunk in chunks:
+                chunk.used = 0
+            self._open[key] = chunks[0]
+        self.labels.clear()
+        self._thresholds.clear()
+        self._where.clear()
+        self._host = self._values = self._clean = None
 
     def nonfinite(self, allowed=None, start: int = 0) -> list[int]:
         """Indices (from ``start``) of NaN readings and of infinities not ``allowed``.
@@ -154,6 +194,8 @@ class StepFlags:
             allowed: A predicate on the module name for intentional infinities.
             start: The first reading to consider.
         """
+        if self.clean():
+            return []
         values = self.values()
         isfinite = math.isfinite
         if all(isfinite(v) for v in values[start:]):
@@ -169,6 +211,8 @@ class StepFlags:
 
     def overflow(self) -> bool:
         """Whether any finite reading is beyond its threshold (see `probes.limits`)."""
+        if self.clean():
+            return False
         return any(
             math.isfinite(v) and v > t for v, t in zip(self.values(), self._thresholds, strict=True)
         )

@@ -88,6 +88,15 @@ class Recorder:
             )
         )
 
+    def add_many(self, step: int, probe: str, tensor: str, unit: str, metrics: tuple) -> None:
+        """Append one row per ``(metric, value)`` of ``metrics``, sharing the other fields
+        (module, phase and dtype empty): the per-step time rows, without keyword calls."""
+        run, rank, step = self.run, self.rank, int(step)
+        self._rows.extend(
+            (run, step, rank, probe, "", tensor, "", "", metric, float(value), unit)
+            for metric, value in metrics
+        )
+
     def extend(self, rows: list[tuple]) -> None:
         """Append rows that are already full tuples in `COLUMNS` order."""
         self._rows.extend(rows)

@@ -14,8 +14,8 @@ Each iteration, whatever the cadences, these tensors get one fused ``aminmax`` e
 forward) and output gradients (``output_grad``, backward) of every leaf module and every
 module with parameters of its own (except `FINITE_PRESERVING` ones such as ReLU, where a
 NaN cannot be born: those only in full numerics iterations), and the parameters after
-the step (``update``, step:
-a non-finite update makes a non-finite parameter). When the parameters are not finite,
+the step (``update``, step: a non-finite update makes a non-finite parameter; a sum each,
+confirmed exactly when not finite, see `probes.flags`). When the parameters are not finite,
 the parameter gradients (``grad``, backward), the curvature factors (factor name, step)
 and the momenta (``momentum``: ``momentum_buffer``, ``exp_avg`` of ``optimizer.state``,
 step) are read too, in that execution order, so the first non-finite tensor is found with
@@ -65,15 +65,19 @@ from probes.stats import STAT_METRICS, STAT_UNITS, tensor_stats
 log = logging.getLogger(__name__)
 
 PROBES = ("condition", "numerics", "memory", "time")
-DEFAULT_EVERY = {"condition": 200, "numerics": 200, "memory": 100, "time": 1}
-"""Default cadences in iterations. On the benchmark MLP (256-512-512-10, batch 128, one
-thread; `benchmarks/test_probe_overhead.py`) one full reading costs, in ms on this shared
-CPU: condition about 18 with SINGD's diagonal factors and about 400 with dense ones (six
-float64 SVDs of up to 513 x 513), numerics 10-15, memory about 1 (USS, every `USS_EVERY`
-readings: 9-13), against steps of about 6 ms (diagonal) and 30 ms (dense, T=10). The
-per-iteration checks are not cadenced: they, and the hooks they need, cost about 0.3 ms
-per step, which is what keeps SINGD diagonal above its 5% budget (measured +9.8% on a
-quiet machine; dense +7.6% against 10%; see the benchmark)."""
+DEFAULT_EVERY = {"condition": 1000, "numerics": 1000, "memory": 1000, "time": 1}
+"""Default cadences in iterations: the per-tensor readings at the cadence of
+``wandb.watch``'s histograms (``log_freq=1000``), and time every step (a clock read;
+the peak memory is the kernel's high-water mark, kept between readings). One full
+reading costs, in ms, on the benchmark MLP (256-512-512-10, batch 128, one thread,
+`benchmarks/test_probe_overhead.py`) on this shared CPU: condition about 4 with SINGD's
+diagonal factors and about 400 with dense ones (six float64 SVDs of up to 513 x 513),
+numerics about 7, memory about 1 (USS, every `USS_EVERY` readings: 7-10), against steps
+of about 4.5 ms (diagonal) and 27 ms (dense, T=10): amortized, about 0.01 ms per step
+with diagonal factors. The per-iteration finiteness checks are not cadenced: they, and
+the hooks they need, are most of the overhead (see the benchmark and the README's
+performance section). A first non-finite value is found at the step it appears
+whatever these cadences are."""
 USS_EVERY = 10
 """USS costs milliseconds: read it every this many memory readings."""
 MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")
@@ -156,6 +160,7 @@ class ProbeSession:
         self.optimizer = optimizer
         self.probes = tuple(names)
         self.every = {n: every or DEFAULT_EVERY[n] for n in self.probes}
+        self._time_every = self.every.get("time", 0)
         params = [p for group in optimizer.param_groups for p in group["params"]]
         self._params = params
         self.run_dtype = parse_dtype(dtype) if dtype is not None else self._model_dtype()
@@ -198,6 +203,13 @@ class ProbeSession:
         self._flags = StepFlags(self.run_dtype)
         self._by_name = {self._names[id(p)]: p for p in params}
         self._update_labels = [(self._names[id(p)], "update", "step") for p in params]
+        # The hot path's parameter check: one sum per parameter, one host copy per group
+        # of parameters sharing a dtype and device (torch.stack needs both alike).
+        groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+        for p in params:
+            if watchable(p) and p.numel() > 0:
+                groups.setdefault((p.dtype, p.device), []).append(p)
+        self._param_groups = list(groups.values())
         self._final_peak: int | None = None
         self._stats: list[tuple[Label, str, list[float]]] = []
         self._before: dict[int, Tensor] = {}
@@ -259,14 +271,17 @@ class ProbeSession:
     # ------------------------------------------------------------------------------
     def _begin_iteration(self) -> None:
         self._flags.reset()
-        self._stats.clear()
-        self._full = "numerics" in self.probes and self.step % self.every["numerics"] == 0
+        if self._stats:
+            self._stats.clear()
+        numerics = self.every.get("numerics")
+        self._full = numerics is not None and self.step % numerics == 0
         self._iter_start: float | None = None
         self._opt_start: float | None = None
         self._opt_ms = math.nan
         self._scaler_skipped = False
         self._backward_seen = False
-        self._before.clear()
+        if self._before:
+            self._before.clear()
         self._probe_s = 0.0
 
     def _measure(self, label: Label, tensor: Tensor) -> None:
@@ -274,13 +289,16 @@ class ProbeSession:
             return
         self._stats.append((label, dtype_name(tensor.dtype), tensor_stats(tensor, self.run_dtype)))
 
-    @torch.no_grad()
+    # The hooks are not decorated with torch.no_grad() (entering and leaving it costs more
+    # than the rest of a hot-path hook): readings are taken of detached tensors, and the
+    # branches that compute run under no_grad.
     def _on_forward_pre(self, module, args) -> None:
         if not self._attached:
             return
         start = time.perf_counter()
         if self._backward_seen and self._opt_start is None and self._flags.nonfinite(self._allowed):
-            self._close(skipped=True)
+            with torch.no_grad():
+                self._close(skipped=True)
         if self._iter_start is None:
             self._iter_start = start
         if self._full and self._occasional and not self._occasional_handles:
@@ -303,16 +321,34 @@ class ProbeSession:
             return labels[i], grad_hooks[i]
 
         label_of(0)
+        first_grad_hook = grad_hooks[0]
+
+        def first_pre_hook(grad_outputs):
+            # A pre-hook on the output's autograd node sees the same gradient as a tensor
+            # hook on the output (output_nr 0) at half the registration cost.
+            grad = grad_outputs[0]
+            if grad is not None:
+                first_grad_hook(grad)
+
         flags = self._flags
+        perf_counter = time.perf_counter
 
         def hook(module, args, output) -> None:
             if not self._attached:
                 return
-            start = time.perf_counter()
-            if type(output) is Tensor:
-                tensors = (output,) if output.is_floating_point() else ()
-            else:
-                tensors = _floating_tensors(output)
+            start = perf_counter()
+            if type(output) is Tensor and not self._full:  # the hot path: one tensor
+                if output.is_floating_point():
+                    flags.add(labels[0], output)
+                    if output.requires_grad and torch.is_grad_enabled():
+                        node = output.grad_fn
+                        if node is not None and output.output_nr == 0:
+                            node.register_prehook(first_pre_hook)
+                        else:
+                            output.register_hook(first_grad_hook)
+                self._probe_s += perf_counter() - start
+                return
+            tensors = _floating_tensors(output)
             grad_enabled = torch.is_grad_enabled()
             for i, tensor in enumerate(tensors):
                 label, grad_hook = (labels[0], grad_hooks[0]) if i == 0 else label_of(i)
@@ -321,22 +357,23 @@ class ProbeSession:
                     self._measure(label, tensor.detach())
                 if grad_enabled and tensor.requires_grad:
                     tensor.register_hook(grad_hook)
-            self._probe_s += time.perf_counter() - start
+            self._probe_s += perf_counter() - start
 
         return hook
 
     def _grad_hook(self, label: Label):
         flags = self._flags
+        perf_counter = time.perf_counter
 
         def hook(grad: Tensor) -> None:
             if not self._attached:
                 return
-            start = time.perf_counter()
+            start = perf_counter()
             self._backward_seen = True
             flags.add(label, grad)
             if self._full:
                 self._measure(label, grad.detach())
-            self._probe_s += time.perf_counter() - start
+            self._probe_s += perf_counter() - start
 
         return hook
 
@@ -367,7 +404,6 @@ class ProbeSession:
     def _updates(self) -> tuple[list[Label], list[Tensor]]:
         return self._update_labels, self._params
 
-    @torch.no_grad()
     def _on_step_pre(self, optimizer, args, kwargs) -> None:
         if not self._attached:
             return
@@ -380,15 +416,15 @@ class ProbeSession:
         found_inf = getattr(optimizer, "found_inf", None)
         self._scaler_skipped = found_inf is not None and bool(found_inf)
         if self._full:
-            for label, grad in zip(*self._grads(), strict=True):
-                self._measure(label, grad)
-                param = self._by_name[label[0]]
-                self._measure((label[0], "weight", "step"), param)
-                self._before[id(param)] = param.detach().clone()
+            with torch.no_grad():
+                for label, grad in zip(*self._grads(), strict=True):
+                    self._measure(label, grad)
+                    param = self._by_name[label[0]]
+                    self._measure((label[0], "weight", "step"), param)
+                    self._before[id(param)] = param.detach().clone()
         self._opt_start = time.perf_counter()
         self._probe_s += self._opt_start - start
 
-    @torch.no_grad()
     def _on_step_post(self, optimizer, args, kwargs) -> None:
         """Check the parameters; if they are not finite, find the origin.
 
@@ -404,6 +440,33 @@ class ProbeSession:
             return
         start = time.perf_counter()
         self._opt_ms = (start - self._opt_start) * 1e3 if self._opt_start else math.nan
+        if not self._full and self._flags.clean() and self._parameters_finite():
+            # The hot path: every reading of the iteration is finite and within its
+            # threshold, and nothing is due that needs the step's tensors.
+            if self._scaler_skipped or self._cadenced_due():
+                self._probe_s += time.perf_counter() - start
+                self._close(skipped=self._scaler_skipped)
+            else:
+                self._close_clean(start)
+            return
+        with torch.no_grad():
+            self._step_post(start)
+
+    def _parameters_finite(self) -> bool:
+        """Whether every parameter is finite, by sums (a false alarm only costs time).
+
+        A finite sum proves its tensor finite; a non-finite one (also a sum of finite
+        values that overflowed) sends the iteration to `_step_post`, which reads the
+        parameters exactly. Kept out of the step's readings: it only decides the path.
+        """
+        for group in self._param_groups:
+            sums = torch.stack([p.detach().sum() for p in group]).tolist()
+            if not all(-math.inf < v < math.inf for v in sums):
+                return False
+        return True
+
+    def _step_post(self, start: float) -> None:
+        """`_on_step_post` past the hot path: exact readings, origins, full numerics."""
         flags = self._flags
         base = len(flags)
         layers = None
@@ -446,7 +509,9 @@ class ProbeSession:
         self._record_stats(step)
         if self._due("condition") and self._curvature is not None:
             layers = self._curvature() if layers is None else layers
-            for module, tensor, metric, value, unit, dt in condition_rows(layers):
+            with torch.no_grad():
+                rows = condition_rows(layers)
+            for module, tensor, metric, value, unit, dt in rows:
                 rec.add(
                     step,
                     "condition",
@@ -457,7 +522,7 @@ class ProbeSession:
                     dtype=dt,
                     unit=unit,
                 )
-        if self._process is not None:
+        if self._process is not None and not self._process.kernel_peak:
             self._process.sample()
         if self._due("memory"):
             if layers is None and self._curvature is not None:
@@ -469,13 +534,51 @@ class ProbeSession:
         self._step_ms.append(step_ms)
         self._probe_ms.append(probe_ms)
         if self._due("time"):
-            rec.add(step, "time", "step_time_ms", step_ms, tensor="step", unit="ms")
-            rec.add(step, "time", "optimizer_time_ms", self._opt_ms, tensor="step", unit="ms")
-            rec.add(step, "time", "probe_time_ms", probe_ms, tensor="step", unit="ms")
+            rec.add_many(
+                step,
+                "time",
+                "step",
+                "ms",
+                (
+                    ("step_time_ms", step_ms),
+                    ("optimizer_time_ms", self._opt_ms),
+                    ("probe_time_ms", probe_ms),
+                ),
+            )
         for handle in self._occasional_handles:
             handle.remove()
         self._occasional_handles = []
         self.step += 1
+        self._begin_iteration()
+
+    def _cadenced_due(self) -> bool:
+        """Whether a condition or memory reading is due at this iteration."""
+        every, step = self.every, self.step
+        return any(step % every[p] == 0 for p in ("condition", "memory") if p in every)
+
+    def _close_clean(self, start: float) -> None:
+        """`_close` for the common iteration: clean, not skipped, only time due."""
+        if self._process is not None and not self._process.kernel_peak:
+            self._process.sample()
+        end = time.perf_counter()
+        probe_ms = (self._probe_s + end - start) * 1e3
+        step_ms = (end - (self._iter_start or start)) * 1e3
+        self._step_ms.append(step_ms)
+        self._probe_ms.append(probe_ms)
+        step = self.step
+        if self._time_every and step % self._time_every == 0:
+            self.recorder.add_many(
+                step,
+                "time",
+                "step",
+                "ms",
+                (
+                    ("step_time_ms", step_ms),
+                    ("optimizer_time_ms", self._opt_ms),
+                    ("probe_time_ms", probe_ms),
+                ),
+            )
+        self.step = step + 1
         self._begin_iteration()
 
     def _due(self, probe: str) -> bool:
@@ -483,6 +586,8 @@ class ProbeSession:
 
     def _count_events(self, step: int) -> None:
         flags = self._flags
+        if flags.clean():
+            return
         bad = flags.nonfinite(self._allowed)
         values = flags.values()
         self.nan_events += any(math.isnan(values[i]) for i in bad)

@@ -174,3 +174,39 @@ def test_loop_that_stops_on_a_nonfinite_loss_still_records_the_origin():
             optimizer.step()
     assert session.first_nonfinite() == probes.NonFinite(3, "1", "activation", "forward")
     assert session.summary()["inf_events"] == 1 and session.summary()["skipped_steps"] == 0
+
+
+def test_parameter_sum_overflow_is_a_false_alarm_read_again_exactly():
+    """The hot path checks parameters by sums; a sum of finite float16 values can overflow
+    (here 4096 x 60000 > 65504) and must then be read exactly, counting no event."""
+    model = nn.Sequential(nn.Linear(64, 64)).half()
+    with torch.no_grad():
+        model[0].weight.fill_(60000.0)  # finite, past float16's overflow-risk threshold
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    assert not torch.isfinite(model[0].weight.sum()), "the premise: the sum overflows"
+    x = torch.zeros(4, 64, dtype=torch.float16)
+    with probes.attach(model, optimizer, every=1000) as session:
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(x).float().sum().backward()
+            optimizer.step()
+    summary = session.summary()
+    assert session.first_nonfinite() is None
+    assert summary["nan_events"] == summary["inf_events"] == 0
+    assert summary["overflow_events"] == 3  # the exact readings saw the risk, every step
+
+
+def test_parameter_made_nonfinite_by_the_step_is_found_when_nothing_else_is_read():
+    """With every reading of the forward and backward clean, the sums alone must send the
+    iteration to the exact path: a NaN learning rate poisons only the update."""
+    model = nn.Sequential(nn.Linear(6, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    with probes.attach(model, optimizer, every=1000) as session:
+        for step in range(4):
+            optimizer.param_groups[0]["lr"] = math.nan if step == 2 else 0.1
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    assert session.first_nonfinite() == probes.NonFinite(2, "0.weight", "update", "step")
+    assert session.summary()["nan_events"] == 2  # steps 2 and 3: the NaN stays
