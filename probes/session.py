@@ -11,11 +11,16 @@ inside it); its readings do not count as NaN/Inf/overflow events.
 
 Each iteration, whatever the cadences, these tensors get one fused ``aminmax`` each
 (`probes.flags`), brought to the host once per iteration: the outputs (``activation``,
-forward) and output gradients (``output_grad``, backward) of every leaf module and every
-module with parameters of its own (except `FINITE_PRESERVING` ones such as ReLU, where a
-NaN cannot be born: those only in full numerics iterations), and the parameters after
-the step (``update``, step: a non-finite update makes a non-finite parameter; a sum each,
-confirmed exactly when not finite, see `probes.flags`). When the parameters are not finite,
+forward) and output gradients (``output_grad``, backward; read by a pre-hook on the
+output's autograd node) of every leaf module and every module with parameters of its own
+(except `FINITE_PRESERVING` ones such as ReLU, where a NaN cannot be born: those only in
+full numerics iterations). The parameters after the step are checked by a sum each (half
+the cost of ``aminmax``; a finite sum proves a finite tensor). When that and every
+reading above are clean (finite, within the overflow threshold) the iteration ends
+there. Otherwise the parameters are read exactly (``update``, step: a non-finite update
+makes a non-finite parameter), so a sum that overflowed on finite values counts for
+nothing; the overflow risk of parameters is thus judged every step only in such
+iterations, and at the numerics cadence always. When the parameters are not finite,
 the parameter gradients (``grad``, backward), the curvature factors (factor name, step)
 and the momenta (``momentum``: ``momentum_buffer``, ``exp_avg`` of ``optimizer.state``,
 step) are read too, in that execution order, so the first non-finite tensor is found with
