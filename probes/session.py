@@ -533,28 +533,7 @@ class ProbeSession:
             if layers is None and self._curvature is not None:
                 layers = self._curvature()
             self._record_memory(step, layers or [])
-        end = time.perf_counter()
-        probe_ms = (self._probe_s + end - start) * 1e3
-        step_ms = (end - (self._iter_start or start)) * 1e3
-        self._step_ms.append(step_ms)
-        self._probe_ms.append(probe_ms)
-        if self._due("time"):
-            rec.add_many(
-                step,
-                "time",
-                "step",
-                "ms",
-                (
-                    ("step_time_ms", step_ms),
-                    ("optimizer_time_ms", self._opt_ms),
-                    ("probe_time_ms", probe_ms),
-                ),
-            )
-        for handle in self._occasional_handles:
-            handle.remove()
-        self._occasional_handles = []
-        self.step += 1
-        self._begin_iteration()
+        self._end_iteration(start)
 
     def _cadenced_due(self) -> bool:
         """Whether a condition or memory reading is due at this iteration."""
@@ -565,6 +544,10 @@ class ProbeSession:
         """`_close` for the common iteration: clean, not skipped, only time due."""
         if self._process is not None and not self._process.kernel_peak:
             self._process.sample()
+        self._end_iteration(start)
+
+    def _end_iteration(self, start: float) -> None:
+        """Time the iteration (``start``: when the closing hook began) and begin the next."""
         end = time.perf_counter()
         probe_ms = (self._probe_s + end - start) * 1e3
         step_ms = (end - (self._iter_start or start)) * 1e3
@@ -583,6 +566,10 @@ class ProbeSession:
                     ("probe_time_ms", probe_ms),
                 ),
             )
+        if self._occasional_handles:
+            for handle in self._occasional_handles:
+                handle.remove()
+            self._occasional_handles = []
         self.step = step + 1
         self._begin_iteration()
 
