@@ -2,14 +2,15 @@
 
 Workload: `benchmarks/mlp_step.py` (MLP 256-512-512-10, batch 128, float32, one thread)
 trained by SINGD with its default preconditioner period (T=10) and diagonal or dense
-factors. A measurement alternates blocks of ``STEPS`` training steps without probes and
-with a fresh ``probes.attach`` session, ``REPEATS`` times; a block's figure is its mean
-CPU time per step (``time.process_time``: what the step costs this process, robust to
-the other jobs sharing the machine; the wall clock is kept beside it). The overhead is
-the median over repeats of ``with / without - 1``, each ratio taken between adjacent
-blocks, so that the load of other jobs, which drifts over seconds, mostly cancels.
-``STEPS`` is a multiple of the default cadences, so each block pays its share of every
-probe (condition numbers, full numerics, memory).
+factors. A repeat times ``STEPS`` training steps without probes and ``STEPS`` with a
+probe session, interleaved ``SUB_STEPS`` at a time (the probed sub-blocks attach with
+``start_step`` continuing one step count, so the repeat pays exactly one share of every
+cadenced reading, as one long session would); a repeat's figure is its mean CPU time
+per step of each kind (``time.process_time``: what the step costs this process, robust
+to the other jobs sharing the machine; the wall clock is kept beside it). The overhead
+is the median over ``REPEATS`` repeats of ``with / without - 1``; interleaving at half a
+second cancels most of the load of other jobs, which drifts over seconds. ``STEPS`` is
+a multiple of the default cadences (condition numbers, full numerics, memory).
 
 Budgets (issue 4): default probes at default cadences cost at most 5% with diagonal
 factors and 10% with dense ones. ``every=1`` (every probe every step) is measured and
@@ -32,6 +33,7 @@ import probes
 from singd import SINGD
 
 STEPS = 1000
+SUB_STEPS = 100
 REPEATS = {"diagonal": 9, "dense": 3}
 BUDGET = {"diagonal": 0.05, "dense": 0.10}
 
@@ -95,6 +97,11 @@ class FloorHooks:
             handle.remove()
 
 
+def _add(total: list[float], block: tuple[float, float]) -> None:
+    total[0] += block[0]
+    total[1] += block[1]
+
+
 def measure_overhead(
     structure: str,
     every: int | None,
@@ -121,20 +128,32 @@ def measure_overhead(
     step = mlp_step.make_step(model, optimizer, x, y)
     _block(step, 20)  # warm-up: allocator, first preconditioner update
     without, with_probes, shares, peaks, floors = [], [], [], [], []
+    sub = min(SUB_STEPS, steps)
+    session_step = 0
     for _ in range(repeats):
-        without.append(_block(step, steps))
-        if floor:
-            with FloorHooks(model, optimizer) as hooks:
-                floors.append(_block(step, steps))
-            assert hooks.finite
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            session = probes.attach(model, optimizer, every=every)
-        with session:
-            with_probes.append(_block(step, steps))
-        summary = session.summary()
-        shares.append(summary["probe_overhead_fraction"])
-        peaks.append(summary["peak_memory_delta_bytes"])
+        # One repeat: `steps` steps of each kind, interleaved `sub` at a time; the probed
+        # sub-blocks continue one step count (start_step), so the repeat pays exactly
+        # one share of every cadenced reading, as one long session would.
+        totals = {"without": [0.0, 0.0], "with": [0.0, 0.0], "floor": [0.0, 0.0]}
+        for _ in range(steps // sub):
+            _add(totals["without"], _block(step, sub))
+            if floor:
+                with FloorHooks(model, optimizer) as hooks:
+                    _add(totals["floor"], _block(step, sub))
+                assert hooks.finite
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                session = probes.attach(model, optimizer, every=every, start_step=session_step)
+            with session:
+                _add(totals["with"], _block(step, sub))
+            session_step += sub
+            summary = session.summary()
+            shares.append(summary["probe_overhead_fraction"])
+            peaks.append(summary["peak_memory_delta_bytes"])
+        n = steps // sub
+        without.append(tuple(t / n for t in totals["without"]))
+        with_probes.append(tuple(t / n for t in totals["with"]))
+        floors.append(tuple(t / n for t in totals["floor"]))
     pairs = list(zip(without, with_probes, strict=True))
     extra = {}
     if floor:

@@ -152,6 +152,7 @@ class ProbeSession:
         rank: int | None = None,
         dtype: str | torch.dtype | None = None,
         allow_inf: str | None = None,
+        start_step: int = 0,
     ) -> None:
         names = list(PROBES if probes is None else probes)
         unknown = [n for n in names if n not in PROBES]
@@ -161,6 +162,8 @@ class ProbeSession:
             isinstance(every, bool) or not isinstance(every, int) or every < 1
         ):
             raise ValueError(f"every must be a positive integer or None, got {every!r}.")
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+            raise ValueError(f"start_step must be a non-negative integer, got {start_step!r}.")
         self.model = model
         self.optimizer = optimizer
         self.probes = tuple(names)
@@ -194,7 +197,8 @@ class ProbeSession:
         if self._nvml is not None and self._nvml.handle is None:
             log.info("probes: NVML readings not available: %s", self._nvml.reason)
         # Session totals.
-        self.step = 0
+        self.step = start_step
+        self._start_step = start_step
         self.nan_events = 0
         self.inf_events = 0
         self.overflow_events = 0
@@ -697,7 +701,7 @@ class ProbeSession:
         """The run's figures, as DESIGN.md defines them; non-finite numbers become None.
 
         Returns:
-            ``steps`` (iterations), ``nan_events``, ``inf_events``, ``overflow_events``
+            ``steps`` (iterations this session saw), ``nan_events``, ``inf_events``, ``overflow_events``
             (iterations with any such reading, skipped steps excluded), ``skipped_steps``,
             ``underflow_fraction`` (largest recorded, fraction), ``max_condition``
             (largest condition number of any factor or preconditioner recorded, None
@@ -714,7 +718,7 @@ class ProbeSession:
             delta = peak - self._process.start_rss
         total_step = sum(self._step_ms)
         return {
-            "steps": self.step,
+            "steps": self.step - self._start_step,
             "nan_events": self.nan_events,
             "inf_events": self.inf_events,
             "overflow_events": self.overflow_events,
@@ -744,6 +748,7 @@ def attach(
     rank: int | None = None,
     dtype: str | torch.dtype | None = None,
     allow_inf: str | None = None,
+    start_step: int = 0,
 ) -> ProbeSession:
     """Attach probes to a model and its optimizer; use as a context manager or `detach`.
 
@@ -760,12 +765,16 @@ def attach(
             for mixed precision, where parameters stay float32.
         allow_inf: A regex on module names whose infinities are intentional (attention
             masks); NaNs there still count.
+        start_step: The number of the first iteration, for a run resumed from a
+            checkpoint: records, cadences (``step % every == 0``) and
+            `first_nonfinite` then follow the training's own step count.
 
     Returns:
         The attached `ProbeSession`.
 
     Raises:
-        ValueError: On an unknown probe name, a non-positive cadence or a bad dtype.
+        ValueError: On an unknown probe name, a non-positive cadence, a negative
+            ``start_step`` or a bad dtype.
     """
     return ProbeSession(
         model,
@@ -776,4 +785,5 @@ def attach(
         rank=rank,
         dtype=dtype,
         allow_inf=allow_inf,
+        start_step=start_step,
     )

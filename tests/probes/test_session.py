@@ -137,6 +137,23 @@ def test_every_none_uses_each_probes_default_cadence():
     assert list(steps["condition"]) == [0] and list(steps["time"]) == [0, 1, 2]
 
 
+def test_a_resumed_session_follows_the_trainings_step_count():
+    """start_step numbers the records and aligns the cadences with the training's steps."""
+    model = _mlp()
+    optimizer = OPTIMIZERS["singd"](model)
+    with probes.attach(model, optimizer, start_step=998) as session:  # default cadences
+        _steps(model, optimizer, 5)
+        optimizer.param_groups[0]["lr"] = math.nan
+        _steps(model, optimizer, 1)
+    frame = session.to_frame()
+    steps = frame.groupby("probe")["step"].unique()
+    assert list(steps["time"]) == [998, 999, 1000, 1001, 1002, 1003]
+    assert list(steps["condition"]) == [1000] and list(steps["memory"]) == [1000]
+    assert list(steps["numerics"]) == [1000, 1003]  # full readings; the NaN's origin
+    assert session.first_nonfinite().step == 1003
+    assert session.summary()["steps"] == 6 and session.summary()["first_nonfinite_step"] == 1003
+
+
 def test_update_rows_equal_the_parameter_change():
     model = _mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -258,6 +275,8 @@ def test_probes_never_modify_training():
         ({"every": 0}, "every must be a positive integer or None, got 0"),
         ({"every": 2.5}, "every must be a positive integer or None, got 2.5"),
         ({"dtype": "fp8"}, "dtype 'fp8' is not a floating dtype"),
+        ({"start_step": -1}, "start_step must be a non-negative integer, got -1"),
+        ({"start_step": 1.0}, "start_step must be a non-negative integer, got 1.0"),
     ],
 )
 def test_bad_arguments_get_one_clear_sentence(kwargs, message):
