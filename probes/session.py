@@ -701,8 +701,9 @@ class ProbeSession:
         """The run's figures, as DESIGN.md defines them; non-finite numbers become None.
 
         Returns:
-            ``steps`` (iterations this session saw), ``nan_events``, ``inf_events``, ``overflow_events``
-            (iterations with any such reading, skipped steps excluded), ``skipped_steps``,
+            ``steps`` (iterations this session saw), ``nan_events``, ``inf_events``,
+            ``overflow_events`` (iterations with any such reading, skipped steps
+            excluded), ``skipped_steps``,
             ``underflow_fraction`` (largest recorded, fraction), ``max_condition``
             (largest condition number of any factor or preconditioner recorded, None
             without one), ``first_nonfinite_step``, ``optimizer_state_bytes`` (B, last
