@@ -71,7 +71,6 @@ class StepFlags:
     def __init__(self, run_dtype: torch.dtype) -> None:
         self.run_dtype = run_dtype
         self.labels: list[Label] = []
-        self._thresholds: list[float] = []
         self._where: list[tuple[_Chunk, int]] = []
         self._chunks: dict[tuple[torch.dtype, torch.device], list[_Chunk]] = {}
         self._open: dict[tuple[torch.dtype, torch.device], _Chunk] = {}
@@ -118,7 +117,6 @@ class StepFlags:
         chunk.used = row + 1
         torch.aminmax(tensor.detach(), out=chunk.rows[row])
         self.labels.append(label)
-        self._thresholds.append(chunk.threshold)
         self._where.append((chunk, row))
         self._host = self._values = self._clean = None
 
@@ -171,7 +169,7 @@ class StepFlags:
         """Forget the readings after the first ``length`` (their slots are reused)."""
         for chunk, _ in self._where[length:]:
             chunk.used -= 1
-        del self.labels[length:], self._thresholds[length:], self._where[length:]
+        del self.labels[length:], self._where[length:]
         self._host = self._values = self._clean = None
         for key, chunks in self._chunks.items():
             self._open[key] = next((c for c in chunks if c.used < _CHUNK), chunks[-1])
@@ -183,7 +181,6 @@ class StepFlags:
                 chunk.used = 0
             self._open[key] = chunks[0]
         self.labels.clear()
-        self._thresholds.clear()
         self._where.clear()
         self._host = self._values = self._clean = None
 
@@ -214,5 +211,6 @@ class StepFlags:
         if self.clean():
             return False
         return any(
-            math.isfinite(v) and v > t for v, t in zip(self.values(), self._thresholds, strict=True)
+            math.isfinite(v) and v > chunk.threshold
+            for v, (chunk, _) in zip(self.values(), self._where, strict=True)
         )

@@ -280,8 +280,7 @@ class ProbeSession:
     # ------------------------------------------------------------------------------
     def _begin_iteration(self) -> None:
         self._flags.reset()
-        if self._stats:
-            self._stats.clear()
+        self._stats.clear()
         numerics = self.every.get("numerics")
         self._full = numerics is not None and self.step % numerics == 0
         self._iter_start: float | None = None
@@ -289,8 +288,7 @@ class ProbeSession:
         self._opt_ms = math.nan
         self._scaler_skipped = False
         self._backward_seen = False
-        if self._before:
-            self._before.clear()
+        self._before.clear()
         self._probe_s = 0.0
 
     def _measure(self, label: Label, tensor: Tensor) -> None:
@@ -452,11 +450,8 @@ class ProbeSession:
         if not self._full and self._flags.clean() and self._parameters_finite():
             # The hot path: every reading of the iteration is finite and within its
             # threshold, and nothing is due that needs the step's tensors.
-            if self._scaler_skipped or self._cadenced_due():
-                self._probe_s += time.perf_counter() - start
-                self._close(skipped=self._scaler_skipped)
-            else:
-                self._close_clean(start)
+            self._probe_s += time.perf_counter() - start
+            self._close(skipped=self._scaler_skipped)
             return
         with torch.no_grad():
             self._step_post(start)
@@ -531,23 +526,12 @@ class ProbeSession:
                     dtype=dt,
                     unit=unit,
                 )
-        if self._process is not None and not self._process.kernel_peak:
+        if self._process is not None:
             self._process.sample()
         if self._due("memory"):
             if layers is None and self._curvature is not None:
                 layers = self._curvature()
             self._record_memory(step, layers or [])
-        self._end_iteration(start)
-
-    def _cadenced_due(self) -> bool:
-        """Whether a condition or memory reading is due at this iteration."""
-        every, step = self.every, self.step
-        return any(step % every[p] == 0 for p in ("condition", "memory") if p in every)
-
-    def _close_clean(self, start: float) -> None:
-        """`_close` for the common iteration: clean, not skipped, only time due."""
-        if self._process is not None and not self._process.kernel_peak:
-            self._process.sample()
         self._end_iteration(start)
 
     def _end_iteration(self, start: float) -> None:
@@ -570,10 +554,9 @@ class ProbeSession:
                     ("probe_time_ms", probe_ms),
                 ),
             )
-        if self._occasional_handles:
-            for handle in self._occasional_handles:
-                handle.remove()
-            self._occasional_handles = []
+        for handle in self._occasional_handles:
+            handle.remove()
+        self._occasional_handles = []
         self.step = step + 1
         self._begin_iteration()
 
