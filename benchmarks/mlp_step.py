@@ -28,16 +28,19 @@ BATCH = 128
 SINGD_KWARGS = {"lr": 1e-3, "lr_cov": 1e-2, "T": 1}
 
 
-def build(seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    """The MLP (ReLU between Linear layers, all with bias) and one fixed batch."""
+def build(
+    seed: int = 0, widths: tuple[int, ...] = WIDTHS, batch: int = BATCH
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """The MLP (ReLU between Linear layers, all with bias) and one fixed batch; other
+    ``widths`` and ``batch`` sizes for the probe-overhead sweep only."""
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
-    for d_in, d_out in zip(WIDTHS[:-1], WIDTHS[1:], strict=True):
+    for d_in, d_out in zip(widths[:-1], widths[1:], strict=True):
         layers += [nn.Linear(d_in, d_out), nn.ReLU()]
     model = nn.Sequential(*layers[:-1])
-    x = torch.randn(BATCH, WIDTHS[0])
-    y = torch.randint(WIDTHS[-1], (BATCH,))
+    x = torch.randn(batch, widths[0])
+    y = torch.randint(widths[-1], (batch,))
     return model, x, y
 
 

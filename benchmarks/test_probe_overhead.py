@@ -14,8 +14,10 @@ a multiple of the default cadences (condition numbers, full numerics, memory).
 
 Budgets (issue 4): default probes at default cadences cost at most 5% with diagonal
 factors and 10% with dense ones. ``every=1`` (every probe every step) is measured and
-reported, not judged. Run: ``pytest benchmarks/test_probe_overhead.py -s`` or
-``python benchmarks/test_probe_overhead.py``.
+reported, not judged. `SWEEP` measures the diagonal case on larger MLPs and batches too:
+the per-step checks cost a fixed few tens of microseconds per watched layer plus a pass
+over the parameters, so their share falls as the step grows. Run: ``pytest
+benchmarks/test_probe_overhead.py -s`` or ``python benchmarks/test_probe_overhead.py``.
 """
 
 from __future__ import annotations
@@ -108,6 +110,8 @@ def measure_overhead(
     steps: int = STEPS,
     repeats: int | None = None,
     floor: bool = False,
+    widths: tuple[int, ...] = mlp_step.WIDTHS,
+    batch: int = mlp_step.BATCH,
 ) -> dict[str, float]:
     """Interleaved medians of step time with and without probes (ms) and the overhead.
 
@@ -120,10 +124,11 @@ def measure_overhead(
         over its RSS at attach in a probed block; None on CUDA) and
         ``optimizer_state_bytes`` (B, as the session read it). With ``floor``, a third
         block per repeat runs under `FloorHooks`, and ``floor_overhead`` is its median
-        paired CPU-time ratio minus 1 against the same unprobed block.
+        paired CPU-time ratio minus 1 against the same unprobed block. ``widths`` and
+        ``batch`` change the MLP (the workload sweep).
     """
     repeats = REPEATS[structure] if repeats is None else repeats
-    model, x, y = mlp_step.build()
+    model, x, y = mlp_step.build(widths=widths, batch=batch)
     optimizer = SINGD(model, lr=1e-3, structures=(structure, structure))
     step = mlp_step.make_step(model, optimizer, x, y)
     _block(step, 20)  # warm-up: allocator, first preconditioner update
@@ -180,7 +185,7 @@ DIAGONAL_OVER_BUDGET = pytest.mark.xfail(
         "and +5.6% (median +5.5%; the session's in-hook share 5.0-5.5%), while FloorHooks, "
         "the same per-step readings with no bookkeeping, cost +3.1 to +4.0% in the same "
         "runs: exact per-step checks of this 5 ms step leave the session about one point "
-        "for everything else"
+        "for everything else; 2026-11-28: +6.6 and +6.5% (floor +4.8 and +2.0%)"
     ),
     strict=False,
 )
@@ -196,6 +201,50 @@ def test_default_probes_within_budget(benchmark, structure):
     benchmark.extra_info.update(result)
     print(f"\n{structure} default cadences: {result}")
     assert result["overhead"] <= BUDGET[structure], result
+
+
+SWEEP = {
+    "256-512-512-10 b512": ((256, 512, 512, 10), 512),
+    "784-512-512-10 b128": ((784, 512, 512, 10), 128),
+    "784-512-512-10 b512": ((784, 512, 512, 10), 512),
+    "1024-1024-1024-10 b128": ((1024, 1024, 1024, 10), 128),
+}
+"""Other MLPs than the budget's (widths and batch): what the per-step checks cost
+relative to the step as the step grows (MNIST-sized inputs, wider layers, larger
+batches). Reported, and judged against the diagonal budget, with 3 repeats each."""
+
+
+@pytest.mark.parametrize(
+    "workload",
+    [
+        pytest.param(
+            name,
+            marks=pytest.mark.xfail(
+                reason=(
+                    "2026-11-28, this shared CPU: +5.9% and +4.7% (floor +3.4, +3.0%) on "
+                    "a 6.7 ms step; like the budget's own MLP, too short a step for exact "
+                    "per-step checks to stay under 5% here"
+                ),
+                strict=False,
+            ),
+        )
+        if name == "784-512-512-10 b128"
+        else name
+        for name in SWEEP
+    ],
+)
+def test_diagonal_overhead_by_workload(benchmark, workload):
+    widths, batch = SWEEP[workload]
+    result = benchmark.pedantic(
+        measure_overhead,
+        args=("diagonal", None),
+        kwargs={"floor": True, "repeats": 3, "widths": widths, "batch": batch},
+        rounds=1,
+        iterations=1,
+    )
+    benchmark.extra_info.update(result)
+    print(f"\ndiagonal {workload}: {result}")
+    assert result["overhead"] <= BUDGET["diagonal"], result
 
 
 @pytest.mark.parametrize("structure", ["diagonal", "dense"])
