@@ -11,8 +11,10 @@ represented or updated:
   break on in-place activations; a tensor hook does not. The hooks only act on steps
   with ``steps % T == 0``;
 - turns inputs and output gradients into the rows ``a`` and ``g`` (`singd.optim.layers`)
-  and passes them to `_accumulate` (one call per backward pass, so gradient
-  accumulation over several passes sums their curvature terms);
+  and passes them to `_accumulate` (one call per backward call of the layer, so
+  gradient accumulation over several passes, and a layer run several times per
+  forward, sum their curvature terms; `KroneckerLayer.passes` counts the calls and
+  ``backward_passes`` the distinct backward passes);
 - GradScaler bookkeeping, torch.distributed all-reductions, the parameter update with
   weight decay and heavy-ball momentum, checkpoints and the fallback optimizer.
 
@@ -86,6 +88,19 @@ _NO_LAYER = (
 )
 FallbackFactory = Callable[[list[dict[str, Any]]], Optimizer]
 DEFAULT_FALLBACK = "adamw"
+
+
+def _graph_task_id() -> int | None:
+    """The autograd engine's id of the backward pass now running (one per
+    ``backward()`` call), or None where this torch does not tell it; then every call of
+    a layer counts as a pass of its own."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return None if current is None else current()
+
+
+def _reset_passes(layer: KroneckerLayer) -> None:
+    layer.passes = layer.backward_passes = 0
+    layer.graph_task = -1
 
 
 def _adamw(groups: list[dict[str, Any]]) -> Optimizer:
@@ -331,6 +346,10 @@ class KroneckerOptimizer(Optimizer):
                 g = g / math.sqrt(prev_scale)
             self._accumulate(layer, a, g)
         layer.passes += 1
+        task = _graph_task_id()
+        if task is None or task != layer.graph_task:
+            layer.backward_passes += 1
+            layer.graph_task = -1 if task is None else task
 
     # ------------------------------------------------------ subclass interface
     def _curvature_dtypes(self, layer: KroneckerLayer) -> tuple[torch.dtype, torch.dtype]:
@@ -368,7 +387,7 @@ class KroneckerOptimizer(Optimizer):
         state = self._factors[layer.name]
         for key in self.ACCUMULATORS:
             state.pop(key, None)
-        layer.passes = 0
+        _reset_passes(layer)
 
     # ------------------------------------------------------------------- step
     def set_current_grad_scale(self, grad_scale: float) -> None:
@@ -474,7 +493,7 @@ class KroneckerOptimizer(Optimizer):
             grad_unscaling = 1.0
         for layer in due:
             self._update_preconditioner(layer, grad_unscaling)
-            layer.passes = 0
+            _reset_passes(layer)
         for layer in self._layers:
             if layer not in due:
                 self._clear_accumulators(layer)
@@ -596,6 +615,7 @@ class KroneckerOptimizer(Optimizer):
             layers[layer.name] = {
                 "factors": saved,
                 "passes": layer.passes,
+                "backward_passes": layer.backward_passes,
                 "fired": layer.fired,
                 "skipped_steps": layer.skipped_steps,
             }
@@ -651,6 +671,8 @@ class KroneckerOptimizer(Optimizer):
                     factors[key] = value.to(device, copy=True)
             self._factors[layer.name] = factors
             layer.passes = entry["passes"]
+            # Checkpoints from before calls and passes were told apart: one call each.
+            layer.backward_passes = entry.get("backward_passes", entry["passes"])
             layer.fired = entry["fired"]
             layer.skipped_steps = entry["skipped_steps"]
         if self.fallback is not None and saved["fallback"] is not None:

@@ -50,8 +50,13 @@ class KroneckerLayer:
             absent bias adds no ones column.
         dim_K: Input-side dimension (columns of the gradient matrix).
         dim_C: Output-side dimension (rows of the gradient matrix).
-        passes: Backward passes whose curvature was accumulated since the last
-            preconditioner update.
+        passes: Backward calls of the layer whose curvature was accumulated since the
+            last preconditioner update: one per backward pass, more when the layer runs
+            more than once per forward (its calls are then rows of one batch, as
+            ``kfac_approx="expand"`` treats shared dimensions).
+        backward_passes: Distinct backward passes (``loss.backward()`` calls) among
+            those calls: gradient accumulation, which rescales the output side.
+        graph_task: The autograd graph task of the last call (``-1``: none yet).
         fired: Whether the layer's forward hook has ever run (layers that never run
             their own forward, such as ``nn.MultiheadAttention.out_proj``, are moved to
             the fallback optimizer).
@@ -65,6 +70,8 @@ class KroneckerLayer:
     dim_K: int  # noqa: N815 (the paper's symbol)
     dim_C: int  # noqa: N815
     passes: int = 0
+    backward_passes: int = 0
+    graph_task: int = -1
     fired: bool = False
     skipped_steps: int = 0
     param_names: tuple[str, ...] = field(default=())

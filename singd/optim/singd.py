@@ -13,7 +13,10 @@ Over n backward passes before a step (gradient accumulation), ``H_K`` is their m
 a mean loss (the user divides each pass's mean loss by n), so n passes over parts of a
 batch give the curvature of one pass over the whole batch. With n = 1 this is the
 published package's update; SINGD's ``avg(H_C) H_K`` is unchanged by the rescaling for
-a mean loss, IKFAC's is not.
+a mean loss, IKFAC's is not. A layer run r times in one forward (shared weights) adds r
+calls to one pass, counted apart from the passes (by the autograd engine's graph task):
+its calls are rows of one batch, as ``kfac_approx="expand"`` treats a shared dimension,
+so ``H_K`` is averaged over all calls and ``H_C`` rescaled by the passes alone.
 
 Preconditioner update (``c = 0.5 (1 - alpha1)`` with ``normalize_lr_cov``, else 0.5):
 
@@ -205,9 +208,12 @@ class SINGD(KroneckerOptimizer):
         damping, alpha1 = group["damping"], group["alpha1"]
         # Over n accumulated passes the sums are n * mean (input side) and, for a mean
         # loss divided by n, (1/n) * whole-batch (output side): rescale both to the
-        # whole batch. (For SINGD the factors cancel in avg(H_C) H_K; IKFAC needs them.)
-        passes = max(layer.passes, 1)
-        scale_K = 1.0 / passes
+        # whole batch. A layer run r times per forward adds r calls to one pass: its
+        # calls are rows of one batch ("expand"), averaged on the input side and summed,
+        # not rescaled, on the output side. (For SINGD with one call per pass the
+        # factors cancel in avg(H_C) H_K; IKFAC needs them.)
+        scale_K = 1.0 / max(layer.passes, 1)
+        passes = max(layer.backward_passes, 1)
         scale_C = grad_unscaling * (passes if group["loss_average"] is not None else 1.0)
         if group["kfac_like"]:
             coef_HK, coef_KK, coef_HC, coef_CC = scale_K, damping, scale_C, damping

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from singd import SINGD
+from singd import KFAC, SINGD
 
 
 def mlp(dtype=torch.float64, seed: int = 0) -> nn.Sequential:
@@ -119,6 +119,79 @@ def test_two_accumulated_backward_passes_equal_one_on_the_whole_batch(loss_avera
         runs.append(list(model.parameters()))
     for whole, split in zip(*runs, strict=True):
         torch.testing.assert_close(split, whole, rtol=1e-10, atol=1e-12)
+
+
+class TwoCalls(nn.Module):
+    """One Linear run twice per forward, on the two halves of each sample's input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(6, 3).double()
+
+    def forward(self, x):  # x: (B, 2, 6)
+        return self.lin(x[:, 0]) + self.lin(x[:, 1])
+
+
+class OverSequence(TwoCalls):
+    """The same function with one call over a shared dimension of 2."""
+
+    def forward(self, x):
+        return self.lin(x).sum(dim=1)
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("kfac_like", [False, True])
+def test_a_layer_run_twice_per_forward_trains_like_one_run_over_a_shared_dimension(
+    kfac_like, accumulate
+):
+    """Two calls in one pass are rows of one batch ("expand"), not two accumulated passes:
+    the output side is not rescaled by the number of calls (it was, by 2, before)."""
+    generator = torch.Generator().manual_seed(3)
+    batches = [
+        (
+            torch.randn(16, 2, 6, generator=generator, dtype=torch.float64),
+            torch.randint(0, 3, (16,), generator=generator),
+        )
+        for _ in range(4)
+    ]
+    runs = []
+    for cls, split in ((OverSequence, False), (TwoCalls, accumulate)):
+        model = cls()
+        optimizer = SINGD(model, kfac_like=kfac_like, alpha1=0.0, **HP)
+        for X, y in batches:
+            optimizer.zero_grad()
+            parts = (slice(0, 8), slice(8, 16)) if split else (slice(0, 16),)
+            for part in parts:
+                loss = nn.functional.cross_entropy(model(X[part]), y[part])
+                (loss / len(parts)).backward()
+            optimizer.step()
+        runs.append(list(model.parameters()))
+    for sequence, twice in zip(*runs, strict=True):
+        torch.testing.assert_close(twice, sequence, rtol=1e-10, atol=1e-12)
+
+
+def test_kfac_treats_a_layer_run_twice_per_forward_as_rows_of_one_batch():
+    """KFAC averages A over calls and sums G: two calls equal one over a shared dim."""
+    generator = torch.Generator().manual_seed(3)
+    batches = [
+        (
+            torch.randn(16, 2, 6, generator=generator, dtype=torch.float64),
+            torch.randint(0, 3, (16,), generator=generator),
+        )
+        for _ in range(4)
+    ]
+    runs = []
+    for cls in (OverSequence, TwoCalls):
+        model = cls()
+        optimizer = KFAC(model, lr=0.1, damping=0.01, T=1, inverse_dtype=torch.float64)
+        for X, y in batches:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(X), y).backward()
+            optimizer.step()
+        runs.append(list(model.parameters()))
+    for sequence, twice in zip(*runs, strict=True):
+        torch.testing.assert_close(twice, sequence, rtol=1e-10, atol=1e-12)
 
 
 def train(model, optimizer, batches, scaler=None, autocast_dtype=None):
