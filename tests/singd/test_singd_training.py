@@ -140,58 +140,46 @@ class OverSequence(TwoCalls):
         return self.lin(x).sum(dim=1)
 
 
-@pytest.mark.parametrize("accumulate", [False, True])
-@pytest.mark.parametrize("kfac_like", [False, True])
+def _train_on_pairs(cls, make_optimizer, split: bool) -> list[torch.Tensor]:
+    """Four steps on batches of 16 samples of two 6-vectors; ``split``: each batch as two
+    accumulated passes of 8 (mean losses divided by 2)."""
+    generator = torch.Generator().manual_seed(3)
+    model = cls()
+    optimizer = make_optimizer(model)
+    for _ in range(4):
+        X = torch.randn(16, 2, 6, generator=generator, dtype=torch.float64)
+        y = torch.randint(0, 3, (16,), generator=generator)
+        optimizer.zero_grad()
+        parts = (slice(0, 8), slice(8, 16)) if split else (slice(0, 16),)
+        for part in parts:
+            loss = nn.functional.cross_entropy(model(X[part]), y[part])
+            (loss / len(parts)).backward()
+        optimizer.step()
+    return list(model.parameters())
+
+
+OPTIMIZERS = {
+    "singd": lambda model: SINGD(model, alpha1=0.0, **HP),
+    "ikfac": lambda model: SINGD(model, kfac_like=True, alpha1=0.0, **HP),
+    # KFAC averages A over calls and sums G (its accumulation keeps undivided losses).
+    "kfac": lambda model: KFAC(model, lr=0.1, damping=0.01, T=1, inverse_dtype=torch.float64),
+}
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "accumulate"),
+    [("singd", False), ("singd", True), ("ikfac", False), ("ikfac", True), ("kfac", False)],
+)
 def test_a_layer_run_twice_per_forward_trains_like_one_run_over_a_shared_dimension(
-    kfac_like, accumulate
+    optimizer, accumulate
 ):
     """Two calls in one pass are rows of one batch ("expand"), not two accumulated passes:
-    the output side is not rescaled by the number of calls (it was, by 2, before)."""
-    generator = torch.Generator().manual_seed(3)
-    batches = [
-        (
-            torch.randn(16, 2, 6, generator=generator, dtype=torch.float64),
-            torch.randint(0, 3, (16,), generator=generator),
-        )
-        for _ in range(4)
-    ]
-    runs = []
-    for cls, split in ((OverSequence, False), (TwoCalls, accumulate)):
-        model = cls()
-        optimizer = SINGD(model, kfac_like=kfac_like, alpha1=0.0, **HP)
-        for X, y in batches:
-            optimizer.zero_grad()
-            parts = (slice(0, 8), slice(8, 16)) if split else (slice(0, 16),)
-            for part in parts:
-                loss = nn.functional.cross_entropy(model(X[part]), y[part])
-                (loss / len(parts)).backward()
-            optimizer.step()
-        runs.append(list(model.parameters()))
-    for sequence, twice in zip(*runs, strict=True):
-        torch.testing.assert_close(twice, sequence, rtol=1e-10, atol=1e-12)
-
-
-def test_kfac_treats_a_layer_run_twice_per_forward_as_rows_of_one_batch():
-    """KFAC averages A over calls and sums G: two calls equal one over a shared dim."""
-    generator = torch.Generator().manual_seed(3)
-    batches = [
-        (
-            torch.randn(16, 2, 6, generator=generator, dtype=torch.float64),
-            torch.randint(0, 3, (16,), generator=generator),
-        )
-        for _ in range(4)
-    ]
-    runs = []
-    for cls in (OverSequence, TwoCalls):
-        model = cls()
-        optimizer = KFAC(model, lr=0.1, damping=0.01, T=1, inverse_dtype=torch.float64)
-        for X, y in batches:
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(X), y).backward()
-            optimizer.step()
-        runs.append(list(model.parameters()))
-    for sequence, twice in zip(*runs, strict=True):
-        torch.testing.assert_close(twice, sequence, rtol=1e-10, atol=1e-12)
+    SINGD's output side is not rescaled by the number of calls (it was, by 2, before)."""
+    make = OPTIMIZERS[optimizer]
+    sequence = _train_on_pairs(OverSequence, make, split=False)
+    twice = _train_on_pairs(TwoCalls, make, split=accumulate)
+    for p, q in zip(twice, sequence, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
 
 
 def train(model, optimizer, batches, scaler=None, autocast_dtype=None):
