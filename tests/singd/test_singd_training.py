@@ -182,6 +182,44 @@ def test_a_layer_run_twice_per_forward_trains_like_one_run_over_a_shared_dimensi
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
 
 
+def test_a_checkpoint_between_accumulated_passes_resumes_exactly(tmp_path):
+    """Saved after the first of two passes of a shared-weight layer (IKFAC, where the
+    pass count scales H_C): the resumed run counts the calls and passes it had."""
+    generator = torch.Generator().manual_seed(4)
+    X = torch.randn(16, 2, 6, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 3, (16,), generator=generator)
+
+    def make():
+        model = TwoCalls()
+        return model, OPTIMIZERS["ikfac"](model)
+
+    def half(model, part):
+        (nn.functional.cross_entropy(model(X[part]), y[part]) / 2).backward()
+
+    model, optimizer = make()
+    for part in (slice(0, 8), slice(8, 16)):
+        half(model, part)
+    optimizer.step()
+
+    first, first_optimizer = make()
+    half(first, slice(0, 8))
+    torch.save(
+        {"model": first.state_dict(), "optimizer": first_optimizer.state_dict()},
+        tmp_path / "mid.pt",
+    )
+    grads = [p.grad.clone() for p in first.parameters()]
+    checkpoint = torch.load(tmp_path / "mid.pt", weights_only=True)
+    resumed, resumed_optimizer = make()
+    resumed.load_state_dict(checkpoint["model"])
+    resumed_optimizer.load_state_dict(checkpoint["optimizer"])
+    for p, grad in zip(resumed.parameters(), grads, strict=True):
+        p.grad = grad  # gradients live in the training loop's state, not the optimizer's
+    half(resumed, slice(8, 16))
+    resumed_optimizer.step()
+    for p, q in zip(resumed.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
 def train(model, optimizer, batches, scaler=None, autocast_dtype=None):
     losses = []
     for X, y in batches:
