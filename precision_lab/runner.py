@@ -9,6 +9,8 @@ returned as a result; Ctrl-C during a run returns what was recorded, marked unfi
 Under torch.distributed (torchrun) each rank trains on its slice of every batch, the
 model is wrapped in DistributedDataParallel, the loss that decides divergence is the
 mean over ranks (so every rank stops at the same step), and rank 0 gathers all records.
+A run that raises on a rank cannot be recorded in step (the other ranks wait in a
+collective it will never join): `RankFailedError` stops the suite instead of letting it hang.
 """
 
 from __future__ import annotations
@@ -63,6 +65,20 @@ def _mean_over_ranks(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t) / dist.get_world_size()
+
+
+class RankFailedError(RuntimeError):
+    """A run raised on one rank of several (torchrun): the other ranks wait in a
+    collective this rank will never join, so the suite cannot go on in step and stops.
+
+    Attributes:
+        outcome: This rank's outcome of the run (its summary with the error and its own
+            records, not gathered), for rank 0 to record before the suite stops.
+    """
+
+    def __init__(self, message: str, outcome: Outcome) -> None:
+        super().__init__(message)
+        self.outcome = outcome
 
 
 def _fallback_name(optimizer: torch.optim.Optimizer) -> str | None:
@@ -224,6 +240,13 @@ def _train(plan: RunPlan, *, device: torch.device, every: int, failure_dir: Path
         "hyperparameters": spec.hyperparameters(plan.hyperparameters),
     }
     records = pd.concat([session.to_frame(), train_rows.to_frame()], ignore_index=True)
+    if error is not None and world > 1:
+        raise RankFailedError(
+            f"rank {rank} of {world}: run {plan.run_id} failed ({error}); the other ranks "
+            "cannot go on in step without it, so the suite stops here (the runs finished "
+            "before it are recorded)",
+            Outcome(summary, records, interrupted),
+        )
     return Outcome(summary, _gather(records), interrupted)
 
 

@@ -12,6 +12,7 @@ import datetime as dt
 import os
 import platform
 import shlex
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +33,9 @@ from rich.table import Table
 from precision_lab import __version__
 from precision_lab.context import LabContext, pass_lab
 from precision_lab.dtypes import dtype_name, parse_dtype
-from precision_lab.errors import EXIT_INTERRUPTED, UsageError, user_errors
+from precision_lab.errors import EXIT_INTERRUPTED, EXIT_REGRESSION, UsageError, fail, user_errors
 from precision_lab.rundir import RunDirectory
-from precision_lab.runner import Outcome, train
+from precision_lab.runner import Outcome, RankFailedError, train
 from precision_lab.specs import parse_specs
 from precision_lab.suite import BUILTIN_SUITES, load_suite
 
@@ -305,16 +306,28 @@ def stress(
         "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     run_dir = RunDirectory(out or _default_out(), config, plans) if rank == 0 else None
+    failure: RankFailedError | None = None
     try:
         interrupted = _run_all(plans, suite.every, torch_device, run_dir, lab.progress_console)
     except KeyboardInterrupt:  # between two runs: every finished run is already recorded
         interrupted = True
+    except RankFailedError as err:
+        failure, interrupted = err, True
     finally:
-        if dist.is_initialized():
+        if dist.is_initialized() and failure is None:
             dist.destroy_process_group()
     if run_dir is None:
+        if failure is not None:
+            fail(str(failure), EXIT_REGRESSION)
         return
+    if failure is not None:
+        # torchrun stops the other ranks with SIGTERM once one has failed: finish the
+        # run directory first (records.parquet's footer, the report), then leave.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     run_dir.close()
+    if failure is not None:
+        click.echo(f"Run directory: {run_dir.path}", err=True)
+        fail(str(failure), EXIT_REGRESSION)
     if not lab.console.is_terminal:
         # Piped output would get rich's 80 columns: too few for this table to stay readable.
         lab.console.width = max(lab.console.width, 240)
@@ -350,8 +363,24 @@ def _run_all(
                 )
             except KeyboardInterrupt:
                 return True
+            except RankFailedError as failure:  # fatal under torchrun: record it, then stop
+                if run_dir is not None:
+                    run_dir.add(failure.outcome.summary, failure.outcome.records)
+                raise
             except Exception as err:  # a run that cannot even start is recorded, not fatal
                 outcome = Outcome({"run": plan.run_id, "error": f"{type(err).__name__}: {err}"})
+                if dist.is_initialized() and dist.get_world_size() > 1:  # ... but for torchrun
+                    rank, world = dist.get_rank(), dist.get_world_size()
+                    failure = RankFailedError(
+                        f"rank {rank} of {world}: run {plan.run_id} could not start "
+                        f"({outcome.summary['error']}); the other ranks cannot go on in step "
+                        "without it, so the suite stops here (the runs finished before it "
+                        "are recorded)",
+                        outcome,
+                    )
+                    if run_dir is not None:
+                        run_dir.add(outcome.summary, outcome.records)
+                    raise failure from err
             if run_dir is not None:
                 run_dir.add(outcome.summary, outcome.records)
                 if outcome.summary.get("error"):

@@ -240,6 +240,66 @@ def test_sigint_to_a_real_process_saves_and_exits_130(tmp_path):
     assert set(records["run"]) <= set(runs["run"]) and len(records)
 
 
+INJECTED_FAILURE = """
+import os
+if os.environ.get("RANK") == "1":
+    import torch.nn.functional as F
+    real, calls = F.cross_entropy, [0]
+    def cross_entropy(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 5:  # the second run's second step
+            raise RuntimeError("injected failure on rank 1")
+        return real(*args, **kwargs)
+    F.cross_entropy = cross_entropy
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
+def test_a_run_failing_on_one_torchrun_rank_stops_the_suite_instead_of_hanging(tmp_path):
+    """Rank 1 raises inside a run (a sitecustomize module patches its loss function, in
+    a real torchrun job): both ranks exit 1 within seconds, each with one sentence, and
+    rank 0 still closes a readable run directory with the finished run in it."""
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(INJECTED_FAILURE)
+    out = tmp_path / "run"
+    command = [
+        *("torchrun", "--nproc-per-node", "2", "-m", "precision_lab", "stress"),
+        *("--dtype", "bf16", "--suite", "quick", "--scenarios", "baseline"),
+        *("--optimizers", "singd:diagonal,adamw", "--steps", "3", "--out", str(out)),
+    ]
+    path = os.pathsep.join([str(tmp_path / "inject"), *sys.path])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    # Its own session, so that a hang (the bug this guards against) kills every rank too.
+    job = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = job.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.communicate()
+        pytest.fail("the torchrun job hung after a run failed on rank 1")
+    done = subprocess.CompletedProcess(command, job.returncode, stdout, stderr)
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error: rank")]
+    assert any(
+        line.startswith("Error: rank 1 of 2: run ") and "injected failure on rank 1" in line
+        for line in errors
+    ), done.stderr[-3000:]
+    assert any(line.startswith("Error: rank 0 of 2: run ") for line in errors), errors
+    summary, records = load_run(out)
+    assert summary["finished"].iloc[0] and pd.isna(summary["error"].iloc[0])
+    assert isinstance(summary["error"].iloc[1], str)
+    assert set(records["run"]) >= {summary["run"].iloc[0]}
+    assert (out / "report.html").is_file()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
 def test_torchrun_two_cpu_ranks_write_one_run_directory(tmp_path):
