@@ -309,6 +309,10 @@ def stress(
     failure: RankFailedError | None = None
     try:
         interrupted = _run_all(plans, suite.every, torch_device, run_dir, lab.progress_console)
+        if dist.is_initialized() and not interrupted:
+            # Leave together: a rank that destroys its process group while rank 0 still
+            # receives the last gather aborts in gloo.
+            dist.barrier()
     except KeyboardInterrupt:  # between two runs: every finished run is already recorded
         interrupted = True
     except RankFailedError as err:

@@ -41,6 +41,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             probes.records.write_parquet(gathered, out)
         else:
             assert gathered is None
+        # Leave together: a rank that destroys its process group while the other still
+        # reads from it aborts in gloo ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
