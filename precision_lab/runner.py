@@ -76,8 +76,13 @@ class RankFailedError(RuntimeError):
             records, not gathered), for rank 0 to record before the suite stops.
     """
 
-    def __init__(self, message: str, outcome: Outcome) -> None:
-        super().__init__(message)
+    def __init__(self, run: str, error: str, outcome: Outcome, *, started: bool = True) -> None:
+        rank, world = _world()
+        super().__init__(
+            f"rank {rank} of {world}: run {run} {'failed' if started else 'could not start'} "
+            f"({error}); the other ranks cannot go on in step without it, so the suite stops "
+            "here (the runs finished before it are recorded)"
+        )
         self.outcome = outcome
 
 
@@ -241,12 +246,7 @@ def _train(plan: RunPlan, *, device: torch.device, every: int, failure_dir: Path
     }
     records = pd.concat([session.to_frame(), train_rows.to_frame()], ignore_index=True)
     if error is not None and world > 1:
-        raise RankFailedError(
-            f"rank {rank} of {world}: run {plan.run_id} failed ({error}); the other ranks "
-            "cannot go on in step without it, so the suite stops here (the runs finished "
-            "before it are recorded)",
-            Outcome(summary, records, interrupted),
-        )
+        raise RankFailedError(plan.run_id, error, Outcome(summary, records, interrupted))
     return Outcome(summary, _gather(records), interrupted)
 
 

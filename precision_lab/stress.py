@@ -20,6 +20,7 @@ import click
 import torch
 import torch.distributed as dist
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -306,6 +307,11 @@ def stress(
         "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     run_dir = RunDirectory(out or _default_out(), config, plans) if rank == 0 else None
+    if run_dir is not None and world > 1:
+        # Once a rank fails, torchrun stops the others with SIGTERM (and SIGKILL after its
+        # grace period): rank 0 lets its collective fail instead, so that it can record
+        # the run and close the run directory (records.parquet's footer, the report).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     failure: RankFailedError | None = None
     try:
         interrupted = _run_all(plans, suite.every, torch_device, run_dir, lab.progress_console)
@@ -324,10 +330,6 @@ def stress(
         if failure is not None:
             fail(str(failure), EXIT_REGRESSION)
         return
-    if failure is not None:
-        # torchrun stops the other ranks with SIGTERM once one has failed: finish the
-        # run directory first (records.parquet's footer, the report), then leave.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     run_dir.close()
     if failure is not None:
         click.echo(f"Run directory: {run_dir.path}", err=True)
@@ -358,6 +360,7 @@ def _run_all(
         task = bar.add_task("starting", total=len(plans))
         for plan in plans:
             bar.update(task, description=plan.run_id)
+            failure: RankFailedError | None = None
             try:
                 outcome = train(
                     plan,
@@ -367,28 +370,22 @@ def _run_all(
                 )
             except KeyboardInterrupt:
                 return True
-            except RankFailedError as failure:  # fatal under torchrun: record it, then stop
-                if run_dir is not None:
-                    run_dir.add(failure.outcome.summary, failure.outcome.records)
-                raise
-            except Exception as err:  # a run that cannot even start is recorded, not fatal
+            except RankFailedError as err:  # fatal under torchrun: recorded, then it stops
+                outcome, failure = err.outcome, err
+            except Exception as err:  # a run that cannot even start is recorded, not fatal ...
                 outcome = Outcome({"run": plan.run_id, "error": f"{type(err).__name__}: {err}"})
                 if dist.is_initialized() and dist.get_world_size() > 1:  # ... but for torchrun
-                    rank, world = dist.get_rank(), dist.get_world_size()
                     failure = RankFailedError(
-                        f"rank {rank} of {world}: run {plan.run_id} could not start "
-                        f"({outcome.summary['error']}); the other ranks cannot go on in step "
-                        "without it, so the suite stops here (the runs finished before it "
-                        "are recorded)",
-                        outcome,
+                        plan.run_id, outcome.summary["error"], outcome, started=False
                     )
-                    if run_dir is not None:
-                        run_dir.add(outcome.summary, outcome.records)
-                    raise failure from err
             if run_dir is not None:
                 run_dir.add(outcome.summary, outcome.records)
                 if outcome.summary.get("error"):
-                    console.print(f"[red]{plan.run_id} crashed[/red]: {outcome.summary['error']}")
+                    # Error texts may hold brackets (gloo's "[.../pair.cc:553]"): not markup.
+                    error = escape(outcome.summary["error"])
+                    console.print(f"[red]{escape(plan.run_id)} crashed[/red]: {error}")
+            if failure is not None:
+                raise failure
             if outcome.interrupted:
                 return True
             bar.advance(task)
