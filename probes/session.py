@@ -648,6 +648,10 @@ class ProbeSession:
     def gather(self, dst: int = 0) -> pd.DataFrame | None:
         """Gather every rank's records on rank ``dst`` (``gather_object``; a collective).
 
+        Call it on every rank. The other ranks return as soon as they have sent, so let
+        the ranks leave together (``dist.barrier()``) before ``destroy_process_group``:
+        with gloo, a group destroyed while ``dst`` still receives can abort a process.
+
         Returns:
             All ranks' records on ``dst``, None on the other ranks; this session's own
             records when torch.distributed is not initialized.
