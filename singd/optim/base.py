@@ -90,12 +90,14 @@ FallbackFactory = Callable[[list[dict[str, Any]]], Optimizer]
 DEFAULT_FALLBACK = "adamw"
 
 
+_CURRENT_GRAPH_TASK = getattr(torch._C, "_current_graph_task_id", None)
+
+
 def _graph_task_id() -> int | None:
     """The autograd engine's id of the backward pass now running (one per
     ``backward()`` call), or None where this torch does not tell it; then every call of
     a layer counts as a pass of its own."""
-    current = getattr(torch._C, "_current_graph_task_id", None)
-    return None if current is None else current()
+    return None if _CURRENT_GRAPH_TASK is None else _CURRENT_GRAPH_TASK()
 
 
 def _reset_passes(layer: KroneckerLayer) -> None:
