@@ -71,19 +71,57 @@ class RankFailedError(RuntimeError):
     """A run raised on one rank of several (torchrun): the other ranks wait in a
     collective this rank will never join, so the suite cannot go on in step and stops.
 
+    The rank whose run raised is often not rank 0, and what the others see is only their
+    collective breaking when it leaves ("Connection closed by peer"). So, given the
+    job's rendezvous store, each failing rank leaves its error there under the run's id
+    and reads what the others left: the error it records and reports puts theirs first
+    (the cause, usually), then its own. The store is a courtesy channel: where it cannot
+    be reached (its host process is gone), each rank reports its own error alone.
+
     Attributes:
         outcome: This rank's outcome of the run (its summary with the error and its own
-            records, not gathered), for rank 0 to record before the suite stops.
+            records, not gathered), for rank 0 to record before the suite stops; its
+            ``error`` names the other ranks' errors found in the store.
     """
 
-    def __init__(self, run: str, error: str, outcome: Outcome, *, started: bool = True) -> None:
+    def __init__(
+        self,
+        run: str,
+        error: str,
+        outcome: Outcome,
+        *,
+        started: bool = True,
+        store: dist.Store | None = None,
+    ) -> None:
         rank, world = _world()
+        others = _exchange_errors(store, run, rank, world, error)
+        if others:
+            error = "; ".join([*others, f"then rank {rank}: {error}"])
+            outcome.summary["error"] = error
         super().__init__(
             f"rank {rank} of {world}: run {run} {'failed' if started else 'could not start'} "
             f"({error}); the other ranks cannot go on in step without it, so the suite stops "
             "here (the runs finished before it are recorded)"
         )
         self.outcome = outcome
+
+
+def _exchange_errors(
+    store: dist.Store | None, run: str, rank: int, world: int, error: str
+) -> list[str]:
+    """Leave this rank's error for ``run`` in ``store``; the errors other ranks left."""
+    if store is None:
+        return []
+    key = f"precision-lab/failed/{run}/rank"
+    try:
+        store.set(f"{key}{rank}", error)
+        return [
+            f"rank {other}: {store.get(f'{key}{other}').decode(errors='replace')}"
+            for other in range(world)
+            if other != rank and store.check([f"{key}{other}"])
+        ]
+    except (RuntimeError, OSError):  # the store's host is gone: report this rank's own error
+        return []
 
 
 def _fallback_name(optimizer: torch.optim.Optimizer) -> str | None:
@@ -113,6 +151,7 @@ def train(
     device: torch.device,
     every: int,
     failure_dir: Path | None = None,
+    store: dist.Store | None = None,
 ) -> Outcome:
     """Run ``plan`` to the end, to divergence, or to Ctrl-C, and summarize it.
 
@@ -126,18 +165,27 @@ def train(
         every: Cadence, in steps, of the probes' expensive metrics.
         failure_dir: Where KFAC writes reproducers of failed decompositions, under
             ``<failure_dir>/<run id>/``.
+        store: Under torch.distributed, the job's rendezvous store, where a rank whose
+            run fails leaves its error for the others (see `RankFailedError`).
 
     Returns:
         The run's summary fields (units: bytes, steps, ms, the loss's nats) and records.
     """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        outcome = _train(plan, device=device, every=every, failure_dir=failure_dir)
+        outcome = _train(plan, device=device, every=every, failure_dir=failure_dir, store=store)
     outcome.summary["warnings"] = list(dict.fromkeys(str(w.message) for w in caught))
     return outcome
 
 
-def _train(plan: RunPlan, *, device: torch.device, every: int, failure_dir: Path | None) -> Outcome:
+def _train(
+    plan: RunPlan,
+    *,
+    device: torch.device,
+    every: int,
+    failure_dir: Path | None,
+    store: dist.Store | None,
+) -> Outcome:
     rank, world = _world()
     scenario = get_scenario(plan.scenario)
     spec = parse_spec(plan.optimizer)
@@ -246,7 +294,9 @@ def _train(plan: RunPlan, *, device: torch.device, every: int, failure_dir: Path
     }
     records = pd.concat([session.to_frame(), train_rows.to_frame()], ignore_index=True)
     if error is not None and world > 1:
-        raise RankFailedError(plan.run_id, error, Outcome(summary, records, interrupted))
+        raise RankFailedError(
+            plan.run_id, error, Outcome(summary, records, interrupted), store=store
+        )
     return Outcome(summary, _gather(records), interrupted)
 
 

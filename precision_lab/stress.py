@@ -87,12 +87,22 @@ def _default_out() -> Path:
     return out
 
 
-def _init_distributed(device: torch.device) -> None:
-    """Join torchrun's process group (its environment says where) if there is one."""
+def _init_distributed(device: torch.device) -> dist.Store | None:
+    """Join torchrun's process group (its environment says where) if there is one.
+
+    Returns:
+        The job's rendezvous store (the process group is built on it), where a rank
+        whose run fails leaves word for the others; None when not under torchrun.
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        store, rank, world = next(dist.rendezvous("env://"))
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world
+        )
+        return store
+    return None
 
 
 def _command_line(ctx: click.Context) -> str:
@@ -286,7 +296,7 @@ def stress(
     )
     torch_device = _device(device)
     plans = suite.plan()
-    _init_distributed(torch_device)
+    store = _init_distributed(torch_device)
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     config = {
@@ -314,7 +324,9 @@ def stress(
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     failure: RankFailedError | None = None
     try:
-        interrupted = _run_all(plans, suite.every, torch_device, run_dir, lab.progress_console)
+        interrupted = _run_all(
+            plans, suite.every, torch_device, run_dir, lab.progress_console, store
+        )
         if dist.is_initialized() and not interrupted:
             # Leave together: a rank that destroys its process group while rank 0 still
             # receives the last gather aborts in gloo.
@@ -345,7 +357,12 @@ def stress(
 
 
 def _run_all(
-    plans: list, every: int, device: torch.device, run_dir: RunDirectory | None, console: Console
+    plans: list,
+    every: int,
+    device: torch.device,
+    run_dir: RunDirectory | None,
+    console: Console,
+    store: dist.Store | None = None,
 ) -> bool:
     """Train every plan in order, recording each outcome; True if Ctrl-C stopped the suite."""
     columns = (
@@ -367,6 +384,7 @@ def _run_all(
                     device=device,
                     every=every,
                     failure_dir=None if run_dir is None else run_dir.failures,
+                    store=store,
                 )
             except KeyboardInterrupt:
                 return True
@@ -376,7 +394,7 @@ def _run_all(
                 outcome = Outcome({"run": plan.run_id, "error": f"{type(err).__name__}: {err}"})
                 if dist.is_initialized() and dist.get_world_size() > 1:  # ... but for torchrun
                     failure = RankFailedError(
-                        plan.run_id, outcome.summary["error"], outcome, started=False
+                        plan.run_id, outcome.summary["error"], outcome, started=False, store=store
                     )
             if run_dir is not None:
                 run_dir.add(outcome.summary, outcome.records)

@@ -1,6 +1,9 @@
 """One run, really trained: learning, divergence, modes, interruption and crashes."""
 
+import datetime
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -137,3 +140,43 @@ def test_warnings_are_recorded_not_printed(recwarn):
     s = runner.train(p, device=CPU, every=10).summary
     assert any("fallback" in w for w in s["warnings"])
     assert not recwarn.list
+
+
+def test_failing_ranks_read_each_others_errors_from_the_store():
+    """The exchange behind `RankFailedError` on a real c10d store: the rank that fails
+    second names the first one's error before its own; the first, finding nothing, keeps
+    its own; a run id keeps runs apart."""
+    store = torch.distributed.HashStore()
+    assert runner._exchange_errors(store, "a", 1, 2, "ValueError: first") == []
+    assert runner._exchange_errors(store, "b", 0, 2, "other run") == []
+    assert runner._exchange_errors(store, "a", 0, 2, "RuntimeError: closed") == [
+        "rank 1: ValueError: first"
+    ]
+
+
+STORE_HOST = """
+import sys, time
+import torch.distributed as dist
+store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False)
+print(store.port, flush=True)
+time.sleep(120)
+"""
+
+
+def test_an_unreachable_store_leaves_each_rank_its_own_error():
+    """A store whose host process is gone (killed here, as torchrun's agent or rank 0
+    can be) raises on use; the exchange gives up and the rank reports its own error."""
+    host = subprocess.Popen([sys.executable, "-c", STORE_HOST], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(host.stdout.readline())
+        client = torch.distributed.TCPStore(
+            "127.0.0.1", port, 2, is_master=False, timeout=datetime.timedelta(seconds=5)
+        )
+        assert runner._exchange_errors(client, "a", 1, 2, "first") == []
+    finally:
+        host.kill()
+        host.wait()
+    assert runner._exchange_errors(client, "a", 0, 2, "mine") == []
+    with pytest.raises(RuntimeError):  # what the exchange survived
+        client.check(["precision-lab/failed/a/rank1"])
+    assert runner._exchange_errors(None, "a", 0, 2, "mine") == []

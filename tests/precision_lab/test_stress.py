@@ -292,10 +292,19 @@ def test_a_run_failing_on_one_torchrun_rank_stops_the_suite_instead_of_hanging(t
         line.startswith("Error: rank 1 of 2: run ") and "injected failure on rank 1" in line
         for line in errors
     ), done.stderr[-3000:]
-    assert any(line.startswith("Error: rank 0 of 2: run ") for line in errors), errors
+    # Rank 0 only saw its collective break; it names rank 1's error as the cause.
+    assert any(
+        line.startswith("Error: rank 0 of 2: run ")
+        and "(rank 1: RuntimeError: injected failure on rank 1; then rank 0: " in line
+        for line in errors
+    ), errors
     summary, records = load_run(out)
     assert summary["finished"].iloc[0] and pd.isna(summary["error"].iloc[0])
-    assert isinstance(summary["error"].iloc[1], str)
+    assert (
+        summary["error"]
+        .iloc[1]
+        .startswith("rank 1: RuntimeError: injected failure on rank 1; then rank 0: ")
+    ), summary["error"].iloc[1]
     assert set(records["run"]) >= {summary["run"].iloc[0]}
     assert (out / "report.html").is_file()
 
