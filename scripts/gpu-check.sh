@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# One short run that checks the probes' whole GPU path (about 2 minutes, at most 5):
-#   1. the CUDA-marked tests of tests/probes (allocator and NVML rows, UUID matching,
-#      NaN origins and statistics on the GPU, mixed-precision training);
+# One short run that checks the whole GPU path (about 2 minutes, at most 5):
+#   1. every CUDA-marked test of tests/probes and tests/singd (allocator and NVML rows,
+#      UUID matching, NaN origins and statistics on the GPU, mixed-precision training,
+#      KFAC's decompositions and the structures' algebra on the device);
 #   2. a short float16 (autocast + GradScaler) and bfloat16 (pure) SINGD training with
 #      every probe at every step, printing what NVML and the allocator reported.
-# Fails loudly, with exit code 1, where torch sees no GPU.
-set -euo pipefail
+# Runs from the source tree (no install needed: torch, pandas, pyarrow, psutil, pytest
+# and nvidia-ml-py are what it imports; plotly is not). Both parts run even if the
+# first fails; exit code 1 if either failed or torch sees no GPU.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
+status=0
 
-python - <<'PY'
+"$PY" - <<'PY' || exit 1
 import sys
 
 import torch
@@ -22,13 +27,15 @@ if not torch.cuda.is_available():
     )
 props = torch.cuda.get_device_properties(torch.cuda.current_device())
 print(f"gpu-check: {props.name}, {props.total_memory / 2**30:.1f} GiB, uuid {props.uuid}")
+print(f"gpu-check: python {sys.version.split()[0]}, torch {torch.__version__}")
 PY
 
 echo "gpu-check: CUDA tests"
-timeout 180 python -m pytest tests/probes -m cuda -q -p no:cacheprovider -rs
+timeout 180 "$PY" -m pytest tests/probes tests/singd -m cuda -q -p no:cacheprovider -rs \
+    || { echo "gpu-check: CUDA tests FAILED"; status=1; }
 
 echo "gpu-check: float16 and bfloat16 training with every probe"
-timeout 90 python - <<'PY'
+timeout 90 "$PY" - <<'PY' || { echo "gpu-check: training FAILED"; status=1; }
 import math
 import warnings
 
@@ -43,8 +50,10 @@ for dtype, mode in ((torch.float16, "mixed"), (torch.bfloat16, "pure")):
     model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 10)).cuda()
     if mode == "pure":
         model = model.to(dtype)
-    optimizer = SINGD(model, lr=1e-3, T=1, structures=("dense", "diagonal"))
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    optimizer = SINGD(
+        model, lr=1e-3, T=1, structures=("dense", "diagonal"), init_grad_scale=scaler.get_scale()
+    )
     x = torch.randn(128, 256, device="cuda")
     y = torch.randint(0, 10, (128,), device="cuda")
     with warnings.catch_warnings():
@@ -72,5 +81,11 @@ for dtype, mode in ((torch.float16, "mixed"), (torch.bfloat16, "pure")):
     assert summary["peak_memory_bytes"] and summary["peak_memory_bytes"] > 0
     assert set(frame["probe"]) == {"condition", "numerics", "memory", "time"}
     assert math.isfinite(loss.item())
-print("\ngpu-check: OK")
+print("\ngpu-check: training OK")
 PY
+if [ "$status" -eq 0 ]; then
+    echo "gpu-check: OK"
+else
+    echo "gpu-check: FAILED (see above)"
+fi
+exit "$status"
