@@ -112,6 +112,15 @@ whenever their inputs and output gradients are (bounded derivatives): a NaN or I
 be born in them, so their hooks (which cost as much as a small layer's) are attached only
 in the numerics probe's full iterations. Exact types: a subclass may compute otherwise."""
 CONDITION_TENSORS = ("K", "C", "KKT", "CCT", "A", "G", "A_inv", "G_inv")
+_GRAPH_TASK = getattr(torch._C, "_current_graph_task_id", None)
+
+
+def _recomputing() -> bool:
+    """Whether a forward runs inside a backward pass: activation checkpointing
+    (``torch.utils.checkpoint``, reentrant or not) recomputing a segment, whose
+    activations were read in the forward already. Always False where this torch does
+    not tell the autograd engine's graph task (the recomputed readings then repeat)."""
+    return _GRAPH_TASK is not None and _GRAPH_TASK() != -1
 
 
 @dataclass(frozen=True)
@@ -300,7 +309,7 @@ class ProbeSession:
     # than the rest of a hot-path hook): readings are taken of detached tensors, and the
     # branches that compute run under no_grad.
     def _on_forward_pre(self, module, args) -> None:
-        if not self._attached:
+        if not self._attached or _recomputing():
             return
         start = time.perf_counter()
         if self._backward_seen and self._opt_start is None and self._flags.nonfinite(self._allowed):
@@ -344,9 +353,14 @@ class ProbeSession:
             if not self._attached:
                 return
             start = perf_counter()
-            if type(output) is Tensor and not self._full:  # the hot path: one tensor
+            # A checkpointed segment's recomputation: its activations were read in the
+            # forward; its outputs' gradient hooks are still needed (a reentrant
+            # checkpoint backpropagates through the recomputed graph, not the first).
+            recomputing = _recomputing()
+            if type(output) is Tensor and (recomputing or not self._full):  # the hot path
                 if output.is_floating_point():
-                    flags.add(labels[0], output)
+                    if not recomputing:
+                        flags.add(labels[0], output)
                     if output.requires_grad and torch.is_grad_enabled():
                         node = output.grad_fn
                         if node is not None and output.output_nr == 0:
@@ -359,9 +373,10 @@ class ProbeSession:
             grad_enabled = torch.is_grad_enabled()
             for i, tensor in enumerate(tensors):
                 label, grad_hook = (labels[0], grad_hooks[0]) if i == 0 else label_of(i)
-                flags.add(label, tensor)
-                if self._full:
-                    self._measure(label, tensor.detach())
+                if not recomputing:
+                    flags.add(label, tensor)
+                    if self._full:
+                        self._measure(label, tensor.detach())
                 if grad_enabled and tensor.requires_grad:
                     tensor.register_hook(grad_hook)
             self._probe_s += perf_counter() - start
