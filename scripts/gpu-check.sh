@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# One short run that checks the whole GPU path (about 2 minutes, at most 5):
+# One short run that checks the whole GPU path (about 2 minutes, at most 6):
 #   1. every CUDA-marked test of tests/probes and tests/singd (allocator and NVML rows,
 #      UUID matching, NaN origins and statistics on the GPU, mixed-precision training,
 #      KFAC's decompositions and the structures' algebra on the device);
 #   2. a short float16 (autocast + GradScaler) and bfloat16 (pure) SINGD training with
-#      every probe at every step, printing what NVML and the allocator reported.
+#      every probe at every step, printing what NVML and the allocator reported;
+#   3. a measurement: peak CUDA memory of a step with activation checkpointing, AdamW
+#      against SINGD (on its curvature-update steps and between them).
 # Runs from the source tree (no install needed: torch, pandas, pyarrow, psutil, pytest
 # and nvidia-ml-py are what it imports; plotly is not). Both parts run even if the
 # first fails; exit code 1 if either failed or torch sees no GPU.
@@ -83,6 +85,60 @@ for dtype, mode in ((torch.float16, "mixed"), (torch.bfloat16, "pure")):
     assert math.isfinite(loss.item())
 print("\ngpu-check: training OK")
 PY
+echo "gpu-check: activation checkpointing, peak CUDA memory of one step (a measurement)"
+timeout 60 "$PY" - <<'PY' || { echo "gpu-check: checkpointing measurement FAILED"; status=1; }
+# SINGD keeps each layer's input from its forward to its backward on curvature-update
+# steps (every T), the tensor autograd keeps anyway without checkpointing; inside a
+# checkpointed segment that holds what checkpointing would free. Measured, not asserted.
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from singd import SINGD
+
+
+class Blocks(nn.Module):
+    def __init__(self, checkpointed):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(1024, 4096), nn.GELU(), nn.Linear(4096, 1024))
+            for _ in range(4)
+        )
+        self.head = nn.Linear(1024, 10)
+        self.checkpointed = checkpointed
+
+    def forward(self, h):
+        for block in self.blocks:
+            h = h + (checkpoint(block, h, use_reentrant=False) if self.checkpointed else block(h))
+        return self.head(h)
+
+
+x = torch.randn(8192, 1024, device="cuda")
+y = torch.randint(0, 10, (8192,), device="cuda")
+for name in ("adamw", "singd:diagonal"):
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model = Blocks(checkpointed).cuda()
+        if name == "adamw":
+            optimizer = torch.optim.AdamW(model.parameters())
+        else:
+            optimizer = SINGD(model, T=2, structures=("diagonal", "diagonal"))
+        peaks = []
+        for _ in range(3):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            torch.cuda.synchronize()
+            peaks.append(torch.cuda.max_memory_allocated() / 2**20)
+        label = "checkpointed" if checkpointed else "plain"
+        print(f"  {name:15s} {label:12s} peak MiB per step: "
+              + ", ".join(f"{p:.0f}" for p in peaks) + "  (SINGD T=2: steps 0, 2 update)")
+        del model, optimizer
+        torch.cuda.empty_cache()
+PY
+
 if [ "$status" -eq 0 ]; then
     echo "gpu-check: OK"
 else
