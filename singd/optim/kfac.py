@@ -173,13 +173,19 @@ class KFAC(KroneckerOptimizer):
         # plain gradient steps.
         self._failures[layer.name] = 0
 
-    def _accumulate(self, layer: KroneckerLayer, a: Tensor, g: Tensor) -> None:
+    def _input_statistic(self, layer: KroneckerLayer, a: Tensor) -> Tensor:
+        return a.T @ a
+
+    def _input_statistic_entries(self, layer: KroneckerLayer) -> int:
+        return layer.dim_K**2
+
+    def _accumulate(self, layer: KroneckerLayer, aTa: Tensor, g: Tensor) -> None:
         state = self._factors[layer.name]
         if "A_batch" in state:
-            state["A_batch"].addmm_(a.T, a)
+            state["A_batch"].add_(aTa)
             state["G_batch"].addmm_(g.T, g)
         else:
-            state["A_batch"], state["G_batch"] = a.T @ a, g.T @ g
+            state["A_batch"], state["G_batch"] = aTa, g.T @ g
 
     def _update_preconditioner(self, layer: KroneckerLayer, grad_unscaling: float) -> None:
         group = self.param_groups[layer.group_index]

@@ -190,9 +190,15 @@ class SINGD(KroneckerOptimizer):
             state["m_K"] = K_cls.zeros(layer.dim_K, dtype=dtype_K, device=device)
             state["m_C"] = C_cls.zeros(layer.dim_C, dtype=dtype_C, device=device)
 
-    def _accumulate(self, layer: KroneckerLayer, a: Tensor, g: Tensor) -> None:
+    def _input_statistic(self, layer: KroneckerLayer, a: Tensor) -> StructuredMatrix:
+        return self._factors[layer.name]["K"].from_inner(a)
+
+    def _input_statistic_entries(self, layer: KroneckerLayer) -> int:
+        return type(self._factors[layer.name]["K"]).storage_entries(layer.dim_K)
+
+    def _accumulate(self, layer: KroneckerLayer, H_K: StructuredMatrix, g: Tensor) -> None:
         state = self._factors[layer.name]
-        H_K, H_C = state["K"].from_inner(a), state["C"].from_inner(g)
+        H_C = state["C"].from_inner(g)
         if "H_K" in state:
             state["H_K"].add_(H_K)
             state["H_C"].add_(H_C)
