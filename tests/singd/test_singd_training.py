@@ -510,3 +510,27 @@ def test_inside_a_checkpointed_segment_inputs_are_not_kept_until_backward(optimi
         loss.backward()
         opt.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["singd:diagonal", "singd:dense", "kfac"])
+def test_a_compiled_model_trains_exactly_as_the_eager_one(optimizer):
+    """``torch.compile`` (the aot_eager backend: dynamo and AOTAutograd, no code generation)
+    of a model SINGD or KFAC hooks: the same parameters to the bit, with the input
+    statistic taken in the forward (diagonal, 1024 rows) or in the backward (dense)."""
+    torch._dynamo.reset()
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+        opt = EAGER_CASES[optimizer](model)
+        forward = torch.compile(model, backend="aot_eager") if compiled else model
+        generator = torch.Generator().manual_seed(2)
+        for _ in range(3):
+            x, y = torch.randn(1024, 6, generator=generator), torch.randint(0, 3, (1024,))
+            opt.zero_grad()
+            nn.functional.cross_entropy(forward(x), y).backward()
+            opt.step()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for eager, compiled in zip(*runs, strict=True):
+        assert torch.equal(eager, compiled)
