@@ -353,13 +353,16 @@ class KroneckerOptimizer(Optimizer):
         task = _graph_task_id()
         recomputing = task is not None and task != -1  # a checkpointed segment, again
         if recomputing or self._input_statistic_entries(layer) * EAGER_INPUT_RATIO > x.numel():
-            output.register_hook(partial(self._backward_hook, layer, x, None))
+            # A reentrant checkpoint backpropagates each recomputed segment in a backward
+            # pass of its own, nested in the one that recomputes it: that outer pass is
+            # the one the layer's gradient belongs to.
+            output.register_hook(partial(self._backward_hook, layer, x, None, task))
             return
         # As in the backward pass: no autocast (it would compute the statistic in the
         # autocast dtype, not the curvature dtype).
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             statistic = self._reduce_input(layer, x)
-        output.register_hook(partial(self._backward_hook, layer, None, statistic))
+        output.register_hook(partial(self._backward_hook, layer, None, statistic, None))
 
     def _reduce_input(self, layer: KroneckerLayer, x: Tensor) -> Any:
         group = self.param_groups[layer.group_index]
@@ -367,7 +370,12 @@ class KroneckerOptimizer(Optimizer):
         return self._input_statistic(layer, a)
 
     def _backward_hook(
-        self, layer: KroneckerLayer, x: Tensor | None, statistic: Any, grad: Tensor
+        self,
+        layer: KroneckerLayer,
+        x: Tensor | None,
+        statistic: Any,
+        outer_task: int | None,
+        grad: Tensor,
     ) -> None:
         group = self.param_groups[layer.group_index]
         dtype_g = self._curvature_dtypes(layer)[1]
@@ -382,7 +390,7 @@ class KroneckerOptimizer(Optimizer):
                 g = g / math.sqrt(prev_scale)
             self._accumulate(layer, statistic, g)
         layer.passes += 1
-        task = _graph_task_id()
+        task = outer_task if outer_task is not None and outer_task != -1 else _graph_task_id()
         if task is None or task != layer.graph_task:
             layer.backward_passes += 1
             layer.graph_task = -1 if task is None else task

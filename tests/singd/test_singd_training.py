@@ -143,6 +143,23 @@ class OverSequence(TwoCalls):
         return self.lin(x).sum(dim=1)
 
 
+class TwoCheckpointedCalls(TwoCalls):
+    """The two calls, each in an activation-checkpointed segment of its own."""
+
+    reentrant = True
+
+    def forward(self, x):
+        # A reentrant checkpoint gives the segment gradients only through inputs that
+        # require one.
+        x = x.detach().requires_grad_()
+        segment = torch.utils.checkpoint.checkpoint
+        return sum(segment(self.lin, x[:, i], use_reentrant=self.reentrant) for i in (0, 1))
+
+
+class TwoNonReentrantCalls(TwoCheckpointedCalls):
+    reentrant = False
+
+
 def _train_on_pairs(cls, make_optimizer, split: bool) -> list[torch.Tensor]:
     """Four steps on batches of 16 samples of two 6-vectors; ``split``: each batch as two
     accumulated passes of 8 (mean losses divided by 2)."""
@@ -181,6 +198,19 @@ def test_a_layer_run_twice_per_forward_trains_like_one_run_over_a_shared_dimensi
     make = OPTIMIZERS[optimizer]
     sequence = _train_on_pairs(OverSequence, make, split=False)
     twice = _train_on_pairs(TwoCalls, make, split=accumulate)
+    for p, q in zip(twice, sequence, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls", [TwoCheckpointedCalls, TwoNonReentrantCalls])
+@pytest.mark.parametrize(("optimizer", "accumulate"), [("singd", False), ("ikfac", True)])
+def test_a_layer_shared_by_two_checkpointed_segments_is_one_pass(cls, optimizer, accumulate):
+    """A reentrant checkpoint runs each segment's backward as a pass of its own, nested in
+    the real one: the layer's two calls still make one backward pass, as without
+    checkpointing (the output side was rescaled by 2 when they counted as two)."""
+    make = OPTIMIZERS[optimizer]
+    sequence = _train_on_pairs(OverSequence, make, split=False)
+    twice = _train_on_pairs(cls, make, split=accumulate)
     for p, q in zip(twice, sequence, strict=True):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
 
