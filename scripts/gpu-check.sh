@@ -91,28 +91,15 @@ timeout 60 "$PY" - <<'PY' || { echo "gpu-check: checkpointing measurement FAILED
 # pass, so inside a checkpointed segment it keeps no input checkpointing frees: on its
 # update steps (0 and 2) the peak is AdamW's, within 10% (on the CPU: equal, from the
 # profiler; here from the CUDA allocator, exact).
+import sys
+
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+
+sys.path.insert(0, "benchmarks")
+from test_checkpoint_memory import Blocks  # the CPU benchmark's model
 
 from singd import SINGD
-
-
-class Blocks(nn.Module):
-    def __init__(self, checkpointed):
-        super().__init__()
-        self.blocks = nn.ModuleList(
-            nn.Sequential(nn.Linear(1024, 4096), nn.GELU(), nn.Linear(4096, 1024))
-            for _ in range(4)
-        )
-        self.head = nn.Linear(1024, 10)
-        self.checkpointed = checkpointed
-
-    def forward(self, h):
-        for block in self.blocks:
-            h = h + (checkpoint(block, h, use_reentrant=False) if self.checkpointed else block(h))
-        return self.head(h)
-
 
 x = torch.randn(8192, 1024, device="cuda")
 y = torch.randint(0, 10, (8192,), device="cuda")
