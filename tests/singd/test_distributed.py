@@ -98,6 +98,9 @@ def _worker(rank: int, port: int, out: str) -> None:
             for case in CASES
         }
         torch.save(results, Path(out) / f"rank{rank}.pt")
+        # Leave together: a rank that destroys its process group while the other still
+        # reads from it aborts in gloo ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

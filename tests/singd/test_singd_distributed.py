@@ -55,6 +55,9 @@ def _worker(rank: int, port: int, out: str) -> None:
         },
         f"{out}/rank{rank}.pt",
     )
+    # Leave together: a rank that destroys its process group while the other still
+    # reads from it aborts in gloo ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -30,6 +30,9 @@ def _check_rank(rank: int, store_path: str) -> None:
                 halved = total.mul_(1 / WORLD)
                 assert torch.equal(averaged.to_dense(), halved.to_dense()), (name, dtype, "AVG")
                 assert averaged.dtype == dtype
+        # Leave together: a rank that destroys its process group while the other still
+        # reads from it aborts in gloo ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
