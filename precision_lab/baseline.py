@@ -32,10 +32,10 @@ from typing import Any
 
 from precision_lab import __version__
 from precision_lab.errors import UsageError
+from precision_lab.rundir import read_summary
 
 BASELINE_FORMAT = "precision-lab-baseline"
 BASELINE_SCHEMA = 1
-SUMMARY_SCHEMA = 1
 
 KEY_FIELDS = ("model", "scenario", "optimizer", "dtype", "mode", "seed")
 
@@ -202,15 +202,7 @@ def read_run_dir(path: str | Path) -> RunSet:
         UsageError: the directory, or its summary or config, is missing or corrupt.
     """
     root = Path(path)
-    if not root.is_dir():
-        raise UsageError(f"Run directory {root} does not exist: pass a precision-lab stress run.")
-    summary = _read_json(root / "summary.json", "Run summary")
-    if not isinstance(summary, dict) or summary.get("schema") != SUMMARY_SCHEMA:
-        found = summary.get("schema") if isinstance(summary, dict) else type(summary).__name__
-        raise UsageError(
-            f"{root / 'summary.json'} has schema {found!r}, but this version reads schema "
-            f"{SUMMARY_SCHEMA}."
-        )
+    summary = read_summary(root)
     config = _read_json(root / "config.json", "Run configuration")
     if not isinstance(config, dict):
         raise UsageError(

@@ -228,6 +228,43 @@ class RunDirectory:
         write_report([self.path], self.path / "report.html")
 
 
+def read_summary(root: Path) -> dict[str, Any]:
+    """A run directory's summary.json, checked: ``{"schema", "fields", "runs": [...]}``.
+
+    Raises:
+        UsageError: (a ValueError) the directory or its summary.json is missing, not
+            JSON, or not a summary of `SUMMARY_SCHEMA`, in one sentence.
+    """
+    if not root.is_dir():
+        raise UsageError(
+            f"Run directory {root} does not exist; pass a directory that precision-lab "
+            "stress wrote."
+        )
+    try:
+        data = json.loads((root / "summary.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(
+            f"{root} has no summary.json; it is not a precision-lab run directory."
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"{root / 'summary.json'} is not valid JSON ({err}).") from None
+    except (IsADirectoryError, PermissionError) as err:
+        raise UsageError(
+            f"{root / 'summary.json'} cannot be read ({type(err).__name__})."
+        ) from None
+    if (
+        not isinstance(data, dict)
+        or data.get("schema") != SUMMARY_SCHEMA
+        or not isinstance(data.get("runs"), list)
+    ):
+        found = data.get("schema") if isinstance(data, dict) else type(data).__name__
+        raise UsageError(
+            f"{root / 'summary.json'} is not a precision-lab summary of schema "
+            f"{SUMMARY_SCHEMA} (schema {found!r})."
+        )
+    return data
+
+
 def load_run(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """A run directory's summary and records as DataFrames, for notebooks.
 
@@ -240,27 +277,7 @@ def load_run(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             corrupt, in one sentence.
     """
     root = Path(path)
-    if not root.is_dir():
-        raise ValueError(
-            f"Run directory {root} does not exist; pass a directory that precision-lab "
-            "stress wrote."
-        )
-    try:
-        data = json.loads((root / "summary.json").read_text())
-    except FileNotFoundError:
-        raise ValueError(
-            f"{root} has no summary.json; it is not a precision-lab run directory."
-        ) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{root / 'summary.json'} is not valid JSON ({err}).") from None
-    if (
-        not isinstance(data, dict)
-        or data.get("schema") != SUMMARY_SCHEMA
-        or not isinstance(data.get("runs"), list)
-    ):
-        raise ValueError(
-            f"{root / 'summary.json'} is not a precision-lab summary of schema {SUMMARY_SCHEMA}."
-        )
+    data = read_summary(root)
     records_path = root / "records.parquet"
     if not records_path.is_file():
         raise ValueError(f"{root} has no records.parquet; the run directory is incomplete.")
