@@ -15,15 +15,19 @@ represented or updated:
   (one call per backward call of the layer, so gradient accumulation over several
   passes, and a layer run several times per forward, sum their curvature terms;
   `KroneckerLayer.passes` counts the calls and ``backward_passes`` the distinct
-  backward passes). Where the statistic is at most 1/`EAGER_INPUT_RATIO` of the input's
-  size (diagonal, block-diagonal or hierarchical factors; dense ones over many rows) the
-  input is reduced in the forward hook and only the statistic waits for the backward;
-  otherwise the input itself waits. Without activation checkpointing autograd keeps
-  that input anyway; inside a checkpointed segment, a kept input is one checkpointing
-  would have freed: on four checkpointed transformer MLP blocks with diagonal factors
-  (`benchmarks/test_checkpoint_memory.py`) checkpointing saved 2% of an update step's
-  peak tensor memory while the inputs waited, and saves 48% now (AdamW: 42%). A
-  segment's recomputation in the backward pass keeps its input: it is short-lived there;
+  backward passes). The input itself waits for the backward pass, where autograd keeps
+  it anyway for the weight's gradient. But where saved-tensor hooks manage what
+  autograd keeps (activation checkpointing, ``torch.autograd.graph.save_on_cpu``), a
+  kept input is one they would free or move: there, if the statistic is at most
+  1/`EAGER_INPUT_RATIO` of the input's size (diagonal, block-diagonal or hierarchical
+  factors; dense ones over many rows), the forward hook reduces the input at once and
+  only the statistic waits. On four checkpointed transformer MLP blocks with diagonal
+  factors (`benchmarks/test_checkpoint_memory.py`) checkpointing saved 2% of an update
+  step's peak tensor memory while the inputs waited, and saves 48% now (AdamW: 42%).
+  Not done everywhere: in the forward the same work costs more (on this CPU, an MLP
+  256-512-512-10 with diagonal factors and T=1: the forward gained 374 us, the backward
+  lost 309, about 1% of the step). A segment's recomputation in the backward pass keeps
+  its input: it is short-lived there;
 - GradScaler bookkeeping, torch.distributed all-reductions, the parameter update with
   weight decay and heavy-ball momentum, checkpoints and the fallback optimizer.
 
@@ -111,9 +115,22 @@ def _graph_task_id() -> int | None:
 
 
 EAGER_INPUT_RATIO = 8
-"""The forward hook reduces a layer's input to its statistic at once where the statistic
-has at most 1/8 of the input's entries (see the module docstring): the statistic then
-costs at most an eighth of the input while it waits for the backward pass."""
+"""Under saved-tensor hooks, the forward hook reduces a layer's input to its statistic at
+once where the statistic has at most 1/8 of the input's entries (see the module
+docstring): the statistic then costs at most an eighth of the input while it waits for
+the backward pass."""
+
+_SAVED_TENSORS_HOOKS = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
+def _saved_tensors_managed() -> bool:
+    """Whether saved-tensor hooks (activation checkpointing, ``save_on_cpu``) manage what
+    autograd keeps for the backward pass; True where this torch does not tell. False
+    while torch.compile traces the hook (dynamo cannot trace the query; a compiled graph
+    does its own checkpointing)."""
+    if torch.compiler.is_compiling():
+        return False
+    return _SAVED_TENSORS_HOOKS is None or _SAVED_TENSORS_HOOKS(False) is not None
 
 
 def _reset_passes(layer: KroneckerLayer) -> None:
@@ -352,16 +369,25 @@ class KroneckerOptimizer(Optimizer):
         x = inputs[0].detach()
         task = _graph_task_id()
         recomputing = task is not None and task != -1  # a checkpointed segment, again
-        if recomputing or self._input_statistic_entries(layer) * EAGER_INPUT_RATIO > x.numel():
+        if (
+            recomputing
+            or not _saved_tensors_managed()
+            or self._input_statistic_entries(layer) * EAGER_INPUT_RATIO > x.numel()
+        ):
             # A reentrant checkpoint backpropagates each recomputed segment in a backward
             # pass of its own, nested in the one that recomputes it: that outer pass is
             # the one the layer's gradient belongs to.
             output.register_hook(partial(self._backward_hook, layer, x, None, task))
             return
         # As in the backward pass: no autocast (it would compute the statistic in the
-        # autocast dtype, not the curvature dtype).
-        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-            statistic = self._reduce_input(layer, x)
+        # autocast dtype, not the curvature dtype); switched off only where it is on.
+        device = x.device.type
+        with torch.no_grad():
+            if torch.is_autocast_enabled(device):
+                with torch.autocast(device, enabled=False):
+                    statistic = self._reduce_input(layer, x)
+            else:
+                statistic = self._reduce_input(layer, x)
         output.register_hook(partial(self._backward_hook, layer, None, statistic, None))
 
     def _reduce_input(self, layer: KroneckerLayer, x: Tensor) -> Any:
