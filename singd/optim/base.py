@@ -23,7 +23,7 @@ represented or updated:
   factors; dense ones over many rows), the forward hook reduces the input at once and
   only the statistic waits. On four checkpointed transformer MLP blocks with diagonal
   factors (`benchmarks/test_checkpoint_memory.py`) checkpointing saved 2% of an update
-  step's peak tensor memory while the inputs waited, and saves 48% now (AdamW: 42%).
+  step's peak tensor memory while the inputs waited, and saves 41% now (AdamW: 42%).
   Not done everywhere: in the forward the same work costs more (on this CPU, an MLP
   256-512-512-10 with diagonal factors and T=1: the forward gained 374 us, the backward
   lost 309, about 1% of the step). A segment's recomputation in the backward pass keeps
