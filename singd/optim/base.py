@@ -68,6 +68,7 @@ warning). A layer first used after that step stays Kronecker-factored.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable, Iterable
@@ -382,12 +383,13 @@ class KroneckerOptimizer(Optimizer):
         # As in the backward pass: no autocast (it would compute the statistic in the
         # autocast dtype, not the curvature dtype); switched off only where it is on.
         device = x.device.type
-        with torch.no_grad():
-            if torch.is_autocast_enabled(device):
-                with torch.autocast(device, enabled=False):
-                    statistic = self._reduce_input(layer, x)
-            else:
-                statistic = self._reduce_input(layer, x)
+        autocast_off = (
+            torch.autocast(device, enabled=False)
+            if torch.is_autocast_enabled(device)
+            else contextlib.nullcontext()
+        )
+        with torch.no_grad(), autocast_off:
+            statistic = self._reduce_input(layer, x)
         output.register_hook(partial(self._backward_hook, layer, None, statistic, None))
 
     def _reduce_input(self, layer: KroneckerLayer, x: Tensor) -> Any:
