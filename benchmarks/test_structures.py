@@ -4,8 +4,8 @@ Run (not part of the default test run, whose testpaths is tests/):
 
     OMP_NUM_THREADS=1 python -m pytest benchmarks/test_structures.py
 
-Workload: d = 512, n = 128, float32, one thread: ``K.from_inner(X)`` for X of shape
-(n, d), the curvature term ``P(K^T X^T X K)`` of every backward pass, and ``K @ G`` for
+Workload: d = 512, n = 128, float32, one thread: ``K.from_inner(X^T)`` for rows X of
+shape (n, d), the curvature term ``P(K^T X^T X K)`` of every backward pass, and ``K @ G`` for
 G of shape (d, n), as in the natural gradient ``K K^T G``. K is a non-symmetric member
 of the structure (the identity after a few random updates). Each test's median CPU time
 (s, ``time.process_time``) is in pytest-benchmark's table; the module then prints and writes
@@ -42,7 +42,7 @@ def member(name: str) -> object:
 
 
 OPERATIONS = {
-    "from_inner": lambda K, X, G: K.from_inner(X),
+    "from_inner": lambda K, X, G: K.from_inner(X.T),
     "matmat": lambda K, X, G: K @ G,
 }
 

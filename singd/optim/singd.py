@@ -191,14 +191,14 @@ class SINGD(KroneckerOptimizer):
             state["m_C"] = C_cls.zeros(layer.dim_C, dtype=dtype_C, device=device)
 
     def _input_statistic(self, layer: KroneckerLayer, a: Tensor) -> StructuredMatrix:
-        return self._factors[layer.name]["K"].from_inner(a)
+        return self._factors[layer.name]["K"].from_inner(a.T)
 
     def _input_statistic_entries(self, layer: KroneckerLayer) -> int:
         return type(self._factors[layer.name]["K"]).storage_entries(layer.dim_K)
 
     def _accumulate(self, layer: KroneckerLayer, H_K: StructuredMatrix, g: Tensor) -> None:
         state = self._factors[layer.name]
-        H_C = state["C"].from_inner(g)
+        H_C = state["C"].from_inner(g.T)
         if "H_K" in state:
             state["H_K"].add_(H_K)
             state["H_C"].add_(H_C)

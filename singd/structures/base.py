@@ -249,18 +249,16 @@ class StructuredMatrix(ABC):
         return cls.from_dense(X.T @ X)
 
     def from_inner(self, X: Tensor | None = None) -> Self:
-        """``P(S^T X^T X S)`` for ``X`` of shape (n, d); ``P(S^T S)`` when X is None.
+        """``P(S^T X X^T S)`` for ``X`` of shape (d, n); ``P(S^T S)`` when X is None.
 
-        With ``Y = X S`` this is ``P(Y^T Y)``, so it costs one right product and one
-        structured Gram projection.
+        The published package's signature and convention: ``X`` holds one column per
+        row of data (the optimizer passes ``a^T`` for rows ``a``). With ``Y = X^T S`` this
+        is ``P(Y^T Y)``, so it costs one right product and one structured Gram projection.
         """
         if X is None:
             return self._from_inner_identity()
-        if X.ndim != 2 or X.shape[1] != self._dim:
-            raise ValueError(
-                f"from_inner expects X of shape (n, {self._dim}), got {tuple(X.shape)}."
-            )
-        return type(self).from_gram(self._right_matmat(X.to(self.dtype)))
+        rows = _rows_of(X, self._dim)
+        return type(self).from_gram(self._right_matmat(rows.to(self.dtype)))
 
     def _from_inner_identity(self) -> Self:
         dense = self.to_dense()
@@ -358,6 +356,13 @@ class StructuredMatrix(ABC):
                 f"{self.name} of dim {self._dim} multiplies tensors of shape "
                 f"({self._dim}, n), got {tuple(X.shape)}."
             )
+
+
+def _rows_of(X: Tensor, dim: int) -> Tensor:
+    """``X^T`` (a view) for the ``X`` of `StructuredMatrix.from_inner`, shape checked."""
+    if X.ndim != 2 or X.shape[0] != dim:
+        raise ValueError(f"from_inner expects X of shape ({dim}, n), got {tuple(X.shape)}.")
+    return X.T
 
 
 def _rebuild(name: str, dim: int, tensors: dict[str, Tensor]) -> StructuredMatrix:

@@ -7,7 +7,7 @@ from typing import ClassVar, Self
 import torch
 from torch import Tensor
 
-from singd.structures.base import StructuredMatrix, stored_frobenius_norm
+from singd.structures.base import StructuredMatrix, _rows_of, stored_frobenius_norm
 
 
 class DiagonalMatrix(StructuredMatrix):
@@ -59,13 +59,11 @@ class DiagonalMatrix(StructuredMatrix):
     def from_inner(self, X: Tensor | None = None) -> Self:
         if X is None:
             return self._from_inner_identity()
-        if X.ndim != 2 or X.shape[1] != self._dim:
-            raise ValueError(
-                f"from_inner expects X of shape (n, {self._dim}), got {tuple(X.shape)}."
-            )
+        rows = _rows_of(X, self._dim)
         s = self._tensors["diag"]
-        # diag(S X^T X S)_j = s_j^2 sum_i X_ij^2, the column sums scaled in place.
-        return type(self)(self._dim, {"diag": X.to(self.dtype).square().sum(0).mul_(s * s)})
+        # diag(S X X^T S)_j = s_j^2 sum_i X_ji^2, the column sums of the rows X^T scaled
+        # in place.
+        return type(self)(self._dim, {"diag": rows.to(self.dtype).square().sum(0).mul_(s * s)})
 
     def _from_inner_identity(self) -> Self:
         s = self._tensors["diag"]

@@ -55,7 +55,7 @@ def optimizer_operations(name: str, dim: int):
         "eye": lambda: cls.eye(dim),
         "zeros": lambda: cls.zeros(dim),
         "from_gram": lambda: cls.from_gram(X),
-        "from_inner(X)": lambda: K.from_inner(X),
+        "from_inner(X)": lambda: K.from_inner(G),
         "from_inner()": lambda: K.from_inner(),
         "K @ tensor": lambda: K @ G,
         "rmatmat": lambda: K.rmatmat(G),

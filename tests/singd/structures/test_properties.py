@@ -134,7 +134,7 @@ def test_results_own_exactly_their_stored_bytes(name, dim):
     results = {
         "from_dense": cls.from_dense(A),
         "from_gram": cls.from_gram(X),
-        "from_inner(X)": S.from_inner(X),
+        "from_inner(X)": S.from_inner(X.T),
         "from_inner()": S.from_inner(),
         "from_inner2": S.from_inner2(A),
         "S @ T": S @ T,
@@ -203,7 +203,7 @@ def test_from_gram(name, dim, dtype):
 def test_from_inner(name, dim, dtype):
     S, S64 = random_structured(name, dim, dtype, seed=9)
     X, X64 = lowp(torch.randn(ROWS, dim, dtype=F64), dtype)
-    out = S.from_inner(X)
+    out = S.from_inner(X.T)
     assert type(out) is type(S) and out.dtype == dtype
     expected = project(name, S64.T @ X64.T @ X64 @ S64)
     XS_abs = X64.abs() @ S64.abs()
@@ -287,7 +287,7 @@ def test_cuda_agrees_with_cpu(name, dim, dtype):
     X, X64 = lowp(torch.randn(ROWS, dim, dtype=F64), dtype)
     G = S.to(device="cuda")
     assert G.device.type == "cuda"
-    out = G.from_inner(X.cuda()).to(device="cpu")
+    out = G.from_inner(X.T.cuda()).to(device="cpu")
     expected = project(name, S64.T @ X64.T @ X64 @ S64)
     XS_abs = X64.abs() @ S64.abs()
     assert_within(out.to_dense(), expected, project(name, XS_abs.T @ XS_abs), dtype, name)
