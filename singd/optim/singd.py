@@ -38,7 +38,8 @@ Parameter update, with ``G = [dW | db]`` (``d_C x d_K``): the natural gradient
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -47,6 +48,7 @@ from torch import Tensor, nn
 from singd.curvature import LayerCurvature
 from singd.optim.base import DEFAULT_FALLBACK, FallbackFactory, KroneckerOptimizer, check_number
 from singd.optim.layers import KroneckerLayer, gradient_matrix
+from singd.optim.views import FactorView
 from singd.structures import StructuredMatrix, get_structure
 
 
@@ -286,6 +288,66 @@ class SINGD(KroneckerOptimizer):
             for key, value in state.items():
                 totals[category.get(key, "accumulators")] += value.nbytes
         return totals
+
+    # -------------------------------------- the published singd 0.0.5 attribute names
+    SUPPORTED_STRUCTURES: Mapping[str, type[StructuredMatrix]] = MappingProxyType(
+        {
+            name: get_structure(name)
+            for name in (
+                "dense",
+                "diagonal",
+                "block30diagonal",
+                "hierarchical15_15",
+                "triltoeplitz",
+                "triutoeplitz",
+            )
+        }
+    )
+    """The published package's structure names and classes (read-only). Every name
+    `singd.structures.get_structure` parses works here too (``block{N}diagonal``, ...)."""
+
+    @property
+    def module_names(self) -> dict[nn.Module, str]:
+        """Each optimized layer (module) and its name in the model, in model order."""
+        return {layer.module: layer.name for layer in self._layers}
+
+    @property
+    def Ks(self) -> Mapping[str, StructuredMatrix]:  # noqa: N802 (the published name)
+        """Layer name -> ``K`` (a read-only view of the live state)."""
+        return FactorView(self, "K")
+
+    @property
+    def Cs(self) -> Mapping[str, StructuredMatrix]:  # noqa: N802
+        """Layer name -> ``C`` (a read-only view of the live state)."""
+        return FactorView(self, "C")
+
+    @property
+    def m_Ks(self) -> Mapping[str, StructuredMatrix]:  # noqa: N802
+        """Layer name -> ``m_K``; empty when alpha1 = 0 (no momentum is kept)."""
+        return FactorView(self, "m_K")
+
+    @property
+    def m_Cs(self) -> Mapping[str, StructuredMatrix]:  # noqa: N802
+        """Layer name -> ``m_C``; empty when alpha1 = 0 (no momentum is kept)."""
+        return FactorView(self, "m_C")
+
+    @property
+    def H_Ks(self) -> Mapping[str, StructuredMatrix]:  # noqa: N802
+        """Layer name -> ``H_K`` accumulated since the last preconditioner update."""
+        return FactorView(self, "H_K")
+
+    @property
+    def H_Cs(self) -> Mapping[str, StructuredMatrix]:  # noqa: N802
+        """Layer name -> ``H_C`` accumulated since the last preconditioner update."""
+        return FactorView(self, "H_C")
+
+    def _get_param_group_entry(self, module: nn.Module, entry: str) -> Any:
+        """The published package's private look-up, kept for code written against it:
+        the value of ``entry`` in the parameter group of the layer ``module``."""
+        for layer in self._layers:
+            if layer.module is module:
+                return self.param_groups[layer.group_index][entry]
+        raise KeyError(f"{type(module).__name__} is not a layer this optimizer preconditions.")
 
 
 def _natural_gradient(K: StructuredMatrix, C: StructuredMatrix, grad: Tensor) -> Tensor:

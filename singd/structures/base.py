@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from typing import ClassVar, Self
 
 import torch
@@ -333,6 +334,36 @@ class StructuredMatrix(ABC):
             tensor.copy_(buffer[offset : offset + tensor.numel()].view_as(tensor))
             offset += tensor.numel()
         return self
+
+    # ----------------------------------------------------------------------------------
+    # The rest of the published singd 0.0.5 interface (out-of-place and by-name forms)
+    # ----------------------------------------------------------------------------------
+    @property
+    def shape(self) -> torch.Size:
+        """``(d, d)``, as a tensor's shape."""
+        return torch.Size((self._dim, self._dim))
+
+    def named_tensors(self) -> Iterator[tuple[str, Tensor]]:
+        """The stored tensors with their names (live, not copies), as the published
+        package yields them; the names are ours (see :meth:`tensor_shapes`)."""
+        yield from self._tensors.items()
+
+    @classmethod
+    def from_mat_inner(cls, X: Tensor) -> Self:
+        """``P(X X^T)`` for ``X`` of shape (d, n): :meth:`from_gram` of ``X^T``."""
+        if X.ndim != 2:
+            raise ValueError(f"from_mat_inner expects a matrix (d, n), got {tuple(X.shape)}.")
+        return cls.from_gram(X.T)
+
+    def __add__(self, other: StructuredMatrix) -> Self:
+        """``S + T`` for ``T`` of the same structure and dim (a new matrix)."""
+        return self.clone().add_(other)
+
+    def __mul__(self, value: float | Tensor) -> Self:
+        """``value S`` (a new matrix)."""
+        return self.clone().mul_(value)
+
+    __rmul__ = __mul__
 
     # ----------------------------------------------------------------------------------
     # Helpers

@@ -7,6 +7,7 @@ symmetric after their first update, so ``S^T X`` transposes every block and
 
 from __future__ import annotations
 
+import re
 from typing import ClassVar, Self
 
 import torch
@@ -142,3 +143,19 @@ class BlockDiagonalMatrix(StructuredMatrix):
         ]
         values = torch.cat(values)
         return values.max(), values.min()
+
+
+BlockDiagonalMatrixTemplate = BlockDiagonalMatrix
+"""The published package's name for the template of ``Block{N}DiagonalMatrix``."""
+
+_PUBLISHED_NAME = re.compile(r"Block(\d+)DiagonalMatrix")
+
+
+def __getattr__(name: str) -> type[BlockDiagonalMatrix]:
+    """``Block{N}DiagonalMatrix`` for any N, the published package's class names (such as
+    ``Block30DiagonalMatrix``): the class ``get_structure("block{N}diagonal")`` returns."""
+    if match := _PUBLISHED_NAME.fullmatch(name):
+        from singd.structures.registry import get_structure  # the registry imports us
+
+        return get_structure(f"block{match.group(1)}diagonal")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,6 +22,7 @@ and singular values of the dense matrix in float64.
 
 from __future__ import annotations
 
+import re
 from typing import ClassVar, Self
 
 import torch
@@ -206,3 +207,20 @@ class HierarchicalMatrix(StructuredMatrix):
 
     def frobenius_norm(self) -> Tensor:
         return stored_frobenius_norm(self._tensors)
+
+
+HierarchicalMatrixTemplate = HierarchicalMatrix
+"""The published package's name for the template of ``Hierarchical{K1}_{K2}Matrix``."""
+
+_PUBLISHED_NAME = re.compile(r"Hierarchical(\d+)_(\d+)Matrix")
+
+
+def __getattr__(name: str) -> type[HierarchicalMatrix]:
+    """``Hierarchical{K1}_{K2}Matrix`` for any K1, K2, the published package's class names
+    (such as ``Hierarchical15_15Matrix``): the class of ``get_structure`` for the name
+    ``hierarchical{K1}_{K2}``."""
+    if match := _PUBLISHED_NAME.fullmatch(name):
+        from singd.structures.registry import get_structure  # the registry imports us
+
+        return get_structure(f"hierarchical{match.group(1)}_{match.group(2)}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -104,7 +104,12 @@ def _block_diagonal(block_size: int) -> type[BlockDiagonalMatrix]:
     return type(
         f"Block{block_size}DiagonalMatrix",
         (BlockDiagonalMatrix,),
-        {"name": name, "block_size": block_size, "__module__": BlockDiagonalMatrix.__module__},
+        {
+            "name": name,
+            "block_size": block_size,
+            "BLOCK_DIM": block_size,  # the published package's name for N
+            "__module__": BlockDiagonalMatrix.__module__,
+        },
     )
 
 
@@ -116,5 +121,12 @@ def _hierarchical(k1: int, k2: int) -> type[HierarchicalMatrix]:
     return type(
         f"Hierarchical{k1}_{k2}Matrix",
         (HierarchicalMatrix,),
-        {"name": name, "k1": k1, "k2": k2, "__module__": HierarchicalMatrix.__module__},
+        {
+            "name": name,
+            "k1": k1,
+            "k2": k2,
+            "MAX_K1": k1,  # the published package's names for K1, K2
+            "MAX_K2": k2,
+            "__module__": HierarchicalMatrix.__module__,
+        },
     )
