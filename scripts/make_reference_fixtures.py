@@ -48,9 +48,8 @@ STEPS = 8
 
 # The published package must come from the venv, never from this repository.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() not in (REPO, REPO / "scripts")]
-from singd.optim.optimizer import SINGD  # noqa: E402
-
 import singd  # noqa: E402
+from singd.optim.optimizer import SINGD  # noqa: E402
 
 if REPO in Path(singd.__file__).resolve().parents:
     sys.exit(f"`singd` resolves to this repository ({singd.__file__}); run the reference venv.")

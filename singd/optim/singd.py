@@ -312,32 +312,32 @@ class SINGD(KroneckerOptimizer):
         return {layer.module: layer.name for layer in self._layers}
 
     @property
-    def Ks(self) -> Mapping[str, StructuredMatrix]:  # noqa: N802 (the published name)
+    def Ks(self) -> Mapping[str, StructuredMatrix]:
         """Layer name -> ``K`` (a read-only view of the live state)."""
         return FactorView(self, "K")
 
     @property
-    def Cs(self) -> Mapping[str, StructuredMatrix]:  # noqa: N802
+    def Cs(self) -> Mapping[str, StructuredMatrix]:
         """Layer name -> ``C`` (a read-only view of the live state)."""
         return FactorView(self, "C")
 
     @property
-    def m_Ks(self) -> Mapping[str, StructuredMatrix]:  # noqa: N802
+    def m_Ks(self) -> Mapping[str, StructuredMatrix]:
         """Layer name -> ``m_K``; empty when alpha1 = 0 (no momentum is kept)."""
         return FactorView(self, "m_K")
 
     @property
-    def m_Cs(self) -> Mapping[str, StructuredMatrix]:  # noqa: N802
+    def m_Cs(self) -> Mapping[str, StructuredMatrix]:
         """Layer name -> ``m_C``; empty when alpha1 = 0 (no momentum is kept)."""
         return FactorView(self, "m_C")
 
     @property
-    def H_Ks(self) -> Mapping[str, StructuredMatrix]:  # noqa: N802
+    def H_Ks(self) -> Mapping[str, StructuredMatrix]:
         """Layer name -> ``H_K`` accumulated since the last preconditioner update."""
         return FactorView(self, "H_K")
 
     @property
-    def H_Cs(self) -> Mapping[str, StructuredMatrix]:  # noqa: N802
+    def H_Cs(self) -> Mapping[str, StructuredMatrix]:
         """Layer name -> ``H_C`` accumulated since the last preconditioner update."""
         return FactorView(self, "H_C")
 

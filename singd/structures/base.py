@@ -409,7 +409,13 @@ def _extremes(singular_values: Tensor) -> tuple[Tensor, Tensor]:
 
 def stored_frobenius_norm(tensors: dict[str, Tensor]) -> Tensor:
     """``||S||_F`` for structures whose stored entries are exactly the matrix entries: the
-    norm of the per-tensor norms, so nothing is copied and nothing squared overflows."""
-    return torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(t) for t in tensors.values()])
-    )
+    norm of the per-tensor norms, so nothing is copied and nothing squared overflows.
+
+    Both norms run in float32 (float64 for float64) and the result is rounded to the
+    stored dtype once: in float16, rounding each per-tensor norm first put the result
+    one unit in the last place away from the correctly rounded norm.
+    """
+    dtype = next(iter(tensors.values())).dtype
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    norms = torch.stack([torch.linalg.vector_norm(t, dtype=wide) for t in tensors.values()])
+    return torch.linalg.vector_norm(norms).to(dtype)
