@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from singd.curvature import LayerCurvature
 from singd.optim.base import DEFAULT_FALLBACK, FallbackFactory, KroneckerOptimizer, check_number
-from singd.optim.layers import KroneckerLayer, gradient_matrix
+from singd.optim.layers import KroneckerLayer, gradient_matrix, layer_dims
 from singd.optim.views import FactorView
 from singd.structures import StructuredMatrix, get_structure
 
@@ -340,6 +340,17 @@ class SINGD(KroneckerOptimizer):
     def H_Cs(self) -> Mapping[str, StructuredMatrix]:
         """Layer name -> ``H_C`` accumulated since the last preconditioner update."""
         return FactorView(self, "H_C")
+
+    @staticmethod
+    def preconditioner_dims(module: nn.Module) -> tuple[int, int]:
+        """``(dim_K, dim_C)`` of a Linear or Conv2d layer, counting its bias if it has one.
+
+        Raises:
+            NotImplementedError: For any other module (the published behaviour).
+        """
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            raise NotImplementedError(f"Only Linear and Conv2d layers have factors, got {module}.")
+        return layer_dims(module, module.bias is not None)
 
     def _get_param_group_entry(self, module: nn.Module, entry: str) -> Any:
         """The published package's private look-up, kept for code written against it:

@@ -226,7 +226,7 @@ def test_momentum_views_are_empty_without_riemannian_momentum():
     assert len(optimizer.m_Ks) == 0 and len(optimizer.m_Cs) == 0 and len(optimizer.Ks) == 3
 
 
-def test_supported_structures_and_group_lookup():
+def test_supported_structures_group_lookup_and_dims():
     from singd.optim.optimizer import SINGD
 
     expected = {"dense", "diagonal", "block30diagonal", "hierarchical15_15"}
@@ -246,6 +246,10 @@ def test_supported_structures_and_group_lookup():
     assert optimizer._get_param_group_entry(model[5], "lr") == 0.1
     with pytest.raises(KeyError):
         optimizer._get_param_group_entry(model[1], "lr")
+    assert SINGD.preconditioner_dims(nn.Linear(5, 3)) == (6, 3)
+    assert SINGD.preconditioner_dims(nn.Conv2d(4, 6, 3, groups=2, bias=False)) == (18, 6)
+    with pytest.raises(NotImplementedError):
+        SINGD.preconditioner_dims(nn.BatchNorm1d(3))
 
 
 def test_a_published_style_parameter_group_script_runs():
