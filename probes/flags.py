@@ -55,6 +55,85 @@ def _amax(low: float, high: float) -> float:
     return max(-low, high)
 
 
+class StepRecord:
+    """One closed iteration's readings, kept on the device until they are read.
+
+    Made by `StepFlags.record` with one copy per buffer in use (and GradScaler's
+    ``found_inf``): nothing is read, so the training loop never waits for the device.
+    `read_records` brings records back to the host.
+    """
+
+    __slots__ = ("step", "labels", "where", "buffers", "thresholds", "found_inf")
+
+    def __init__(self, step, labels, where, buffers, thresholds, found_inf) -> None:
+        self.step = step
+        self.labels = labels
+        self.where = where
+        self.buffers = buffers
+        self.thresholds = thresholds
+        self.found_inf = found_inf
+
+    def tensors(self) -> list[Tensor]:
+        return self.buffers + ([] if self.found_inf is None else [self.found_inf])
+
+
+class Replayed:
+    """A `StepRecord` read back: the interface of `StepFlags` that closing an iteration
+    uses (`clean`, `nonfinite`, `values`, `overflow`, `labels`) and whether GradScaler
+    skipped the iteration (`skipped`).
+    """
+
+    def __init__(self, record: StepRecord, host: dict[int, list]) -> None:
+        self.labels: list[Label] = list(record.labels)
+        rows = [host[id(b)] for b in record.buffers]
+        self._values = [_amax(*rows[buffer][row]) for buffer, row in record.where]
+        self._thresholds = [record.thresholds[buffer] for buffer, _ in record.where]
+        found = record.found_inf
+        self.skipped = found is not None and bool(host[id(found)])
+
+    def values(self) -> list[float]:
+        return self._values
+
+    def clean(self) -> bool:
+        return all(v <= t for v, t in zip(self._values, self._thresholds, strict=True))
+
+    def nonfinite(self, allowed=None, start: int = 0) -> list[int]:
+        return [
+            i
+            for i in range(start, len(self._values))
+            if math.isnan(self._values[i])
+            or (
+                math.isinf(self._values[i])
+                and not (allowed is not None and allowed(self.labels[i][0]))
+            )
+        ]
+
+    def overflow(self) -> bool:
+        return any(
+            math.isfinite(v) and v > t for v, t in zip(self._values, self._thresholds, strict=True)
+        )
+
+
+def read_records(records: list[StepRecord]) -> list[Replayed]:
+    """Bring records to the host: one copy per dtype and device over all of them."""
+    groups: dict[tuple, list[Tensor]] = {}
+    for record in records:
+        for t in record.tensors():
+            groups.setdefault((t.dtype, t.device), []).append(t)
+    host: dict[int, list] = {}
+    for tensors in groups.values():
+        flat = torch.cat([t.reshape(-1) for t in tensors]).tolist()
+        offset = 0
+        for t in tensors:
+            part = flat[offset : offset + t.numel()]
+            offset += t.numel()
+            if t.dim() == 2:  # (min, max) rows
+                host[id(t)] = [part[i : i + 2] for i in range(0, len(part), 2)]
+            else:
+                host[id(t)] = part[0] if t.dim() == 0 else part
+    return [Replayed(record, host) for record in records]
+
+
 class StepFlags:
     """Device-side ``amax`` readings of one step, in execution order.
 
@@ -183,6 +262,30 @@ class StepFlags:
         self.labels.clear()
         self._where.clear()
         self._host = self._values = self._clean = None
+
+    def record(self, step: int, found_inf: Tensor | None) -> StepRecord:
+        """This iteration's readings as a `StepRecord`, without reading them: one copy of
+        each buffer in use (the buffers are reused by the next iteration).
+
+        Args:
+            step: The iteration.
+            found_inf: GradScaler's verdict for the iteration, or None.
+        """
+        buffers, index = [], {}
+        for chunks in self._chunks.values():
+            for chunk in chunks:
+                if chunk.used:
+                    index[id(chunk)] = len(buffers)
+                    buffers.append(chunk)
+        where = tuple((index[id(chunk)], row) for chunk, row in self._where)
+        return StepRecord(
+            step,
+            tuple(self.labels),
+            where,
+            [chunk.buffer[: chunk.used].clone() for chunk in buffers],
+            [chunk.threshold for chunk in buffers],
+            found_inf,
+        )
 
     def nonfinite(self, allowed=None, start: int = 0) -> list[int]:
         """Indices (from ``start``) of NaN readings and of infinities not ``allowed``.

@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 from probes.condition import condition_rows
 from probes.device_memory import CudaAllocator, NvmlDevice
-from probes.flags import Label, StepFlags, watchable
+from probes.flags import Label, StepFlags, StepRecord, read_records, watchable
 from probes.limits import dtype_name, parse_dtype
 from probes.memory import (
     ProcessMemory,
@@ -83,6 +83,9 @@ with diagonal factors. The per-iteration finiteness checks are not cadenced: the
 the hooks they need, are most of the overhead (see the benchmark and the README's
 performance section). A first non-finite value is found at the step it appears
 whatever these cadences are."""
+PENDING_LIMIT = 1000
+"""Most iterations whose readings wait on the device (read-every-step off) before they are
+read even though no cadence is due: bounds their memory (two numbers per reading)."""
 USS_EVERY = 10
 """USS costs milliseconds: read it every this many memory readings."""
 MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")
@@ -162,6 +165,7 @@ class ProbeSession:
         dtype: str | torch.dtype | None = None,
         allow_inf: str | None = None,
         start_step: int = 0,
+        read_every_step: bool | None = None,
     ) -> None:
         names = list(PROBES if probes is None else probes)
         unknown = [n for n in names if n not in PROBES]
@@ -173,8 +177,18 @@ class ProbeSession:
             raise ValueError(f"every must be a positive integer or None, got {every!r}.")
         if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
             raise ValueError(f"start_step must be a non-negative integer, got {start_step!r}.")
+        if read_every_step is not None and not isinstance(read_every_step, bool):
+            raise ValueError(
+                f"read_every_step must be True, False or None, got {read_every_step!r}."
+            )
         self.model = model
         self.optimizer = optimizer
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if read_every_step is None:
+            # A host read waits for a device only where there is one.
+            read_every_step = all(p.device.type == "cpu" for p in params)
+        self.read_every_step = read_every_step
+        self._pending: list[StepRecord] = []
         self.probes = tuple(names)
         self.every = {n: every or DEFAULT_EVERY[n] for n in self.probes}
         self._time_every = self.every.get("time", 0)
@@ -270,6 +284,7 @@ class ProbeSession:
             return
         self._attached = False
         try:
+            self._flush()
             # A last iteration that never reached a step: after a backward it was skipped
             # (GradScaler); a forward alone (a loop that stops on a non-finite loss) is a
             # real event, recorded at its step.
@@ -300,6 +315,11 @@ class ProbeSession:
         self._opt_start: float | None = None
         self._opt_ms = math.nan
         self._scaler_skipped = False
+        self._found_inf = None
+        # Whether this iteration's readings wait on the device (`_defer`): no cadence due.
+        self._deferring = not (
+            self.read_every_step or self._full or self._due("condition") or self._due("memory")
+        )
         self._backward_seen = False
         self._before.clear()
         self._probe_s = 0.0
@@ -440,7 +460,10 @@ class ProbeSession:
         # torch's GradScaler hands optimizers that skip by themselves (SINGD, KFAC) its
         # verdict as the attribute ``found_inf``; others it never calls on infinities.
         found_inf = getattr(optimizer, "found_inf", None)
-        self._scaler_skipped = found_inf is not None and bool(found_inf)
+        if self._deferring:
+            self._found_inf = found_inf  # read with the iteration's readings, later
+        else:
+            self._scaler_skipped = found_inf is not None and bool(found_inf)
         if self._full:
             with torch.no_grad():
                 for label, grad in zip(*self._grads(), strict=True):
@@ -466,6 +489,9 @@ class ProbeSession:
             return
         start = time.perf_counter()
         self._opt_ms = (start - self._opt_start) * 1e3 if self._opt_start else math.nan
+        if self._deferring:
+            self._defer(start)
+            return
         if not self._full and self._flags.clean() and self._parameters_finite():
             # The hot path: every reading of the iteration is finite and within its
             # threshold, and nothing is due that needs the step's tensors.
@@ -474,6 +500,42 @@ class ProbeSession:
             return
         with torch.no_grad():
             self._step_post(start)
+
+    def _defer(self, start: float) -> None:
+        """Close an iteration without reading anything: its readings, the parameters'
+        (``update``, read exactly with ``aminmax`` rather than by sums: nothing is
+        decided here) and GradScaler's verdict wait on the device (`probes.flags.
+        StepRecord`) until `_flush` reads them, at the next cadence, `detach`,
+        `first_nonfinite`, `summary`, `to_frame` or `gather`, and records the events and
+        origins `_close` would have recorded at once. Gradients, factors and momenta are
+        not read: a value born in the optimizer step is reported at the ``update`` of the
+        parameter it reached, in the same step (``read_every_step=True`` traces it).
+        """
+        self._flags.add_many(*self._updates())
+        self._pending.append(self._flags.record(self.step, self._found_inf))
+        self._probe_s += time.perf_counter() - start
+        closing = time.perf_counter()
+        if self._process is not None:
+            self._process.sample()
+        self._end_iteration(closing)
+        if len(self._pending) >= PENDING_LIMIT:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Read the iterations that wait on the device (one copy per dtype and device for
+        all of them) and record what `_close` records: skipped steps, NaN/Inf/overflow
+        events and first origins, in step order."""
+        if not self._pending:
+            return
+        records, self._pending = self._pending, []
+        for record, flags in zip(records, read_records(records), strict=True):
+            if flags.skipped:
+                self.skipped_steps += 1
+                self.recorder.add(
+                    record.step, "numerics", "skipped_step", 1.0, phase="step", unit="count"
+                )
+            else:
+                self._count_events(record.step, flags)
 
     def _parameters_finite(self) -> bool:
         """Whether every parameter is finite, by sums (a false alarm only costs time).
@@ -523,6 +585,7 @@ class ProbeSession:
 
     def _close(self, *, skipped: bool, layers: list | None = None) -> None:
         start = time.perf_counter()
+        self._flush()
         step, rec = self.step, self.recorder
         if skipped:
             self.skipped_steps += 1
@@ -582,8 +645,8 @@ class ProbeSession:
     def _due(self, probe: str) -> bool:
         return probe in self.every and self.step % self.every[probe] == 0
 
-    def _count_events(self, step: int) -> None:
-        flags = self._flags
+    def _count_events(self, step: int, flags=None) -> None:
+        flags = self._flags if flags is None else flags
         if flags.clean():
             return
         bad = flags.nonfinite(self._allowed)
@@ -652,6 +715,7 @@ class ProbeSession:
     # ------------------------------------------------------------------------------
     def to_frame(self) -> pd.DataFrame:
         """The records as a DataFrame with the columns of `probes.records.COLUMNS`."""
+        self._flush()
         return self.recorder.to_frame()
 
     def save(self, path: str | Path) -> Path:
@@ -661,7 +725,12 @@ class ProbeSession:
         return path
 
     def first_nonfinite(self) -> NonFinite | None:
-        """The first NaN/Inf in execution order (skipped steps excluded), or None."""
+        """The first NaN/Inf in execution order (skipped steps excluded), or None.
+
+        Reads the iterations whose readings wait on the device (a host read, which waits
+        for the device): a loop that calls it every step stops at the first NaN.
+        """
+        self._flush()
         return self._first
 
     def gather(self, dst: int = 0) -> pd.DataFrame | None:
@@ -675,6 +744,7 @@ class ProbeSession:
             All ranks' records on ``dst``, None on the other ranks; this session's own
             records when torch.distributed is not initialized.
         """
+        self._flush()
         if not (dist.is_available() and dist.is_initialized()):
             return self.to_frame()
         mine = dist.get_rank()
@@ -719,6 +789,7 @@ class ProbeSession:
             ``peak_memory_delta_bytes`` (B: CPU only, that peak minus the RSS at attach)
             and ``probe_overhead_fraction`` (time in the probes / iteration time).
         """
+        self._flush()
         peak = self._peak_memory() if self._attached else self._final_peak
         delta = None
         if peak is not None and self._process is not None and self._cuda.device is None:
@@ -756,6 +827,7 @@ def attach(
     dtype: str | torch.dtype | None = None,
     allow_inf: str | None = None,
     start_step: int = 0,
+    read_every_step: bool | None = None,
 ) -> ProbeSession:
     """Attach probes to a model and its optimizer; use as a context manager or `detach`.
 
@@ -775,6 +847,15 @@ def attach(
         start_step: The number of the first iteration, for a run resumed from a
             checkpoint: records, cadences (``step % every == 0``) and
             `first_nonfinite` then follow the training's own step count.
+        read_every_step: False: in iterations where no cadence is due, the readings
+            wait on the device and are read at the next cadence, at `detach`,
+            or when asked (`first_nonfinite`, `summary`, `to_frame`): the loop never
+            waits for the device. A value born in the optimizer step is then reported
+            at the ``update`` of the parameter it reached (its step and module exact).
+            True: every iteration is read at its end (one wait per iteration on a GPU),
+            and such a value is traced to the gradient, factor or momentum it came from.
+            None (default): True where the parameters are on the CPU (there a read
+            waits for nothing), False on a GPU.
 
     Returns:
         The attached `ProbeSession`.
@@ -793,4 +874,5 @@ def attach(
         dtype=dtype,
         allow_inf=allow_inf,
         start_step=start_step,
+        read_every_step=read_every_step,
     )

@@ -6,7 +6,10 @@
 #   2. a short float16 (autocast + GradScaler) and bfloat16 (pure) SINGD training with
 #      every probe at every step, printing what NVML and the allocator reported;
 #   3. a measurement: peak CUDA memory of a step with activation checkpointing, AdamW
-#      against SINGD (on its curvature-update steps and between them).
+#      against SINGD (on its curvature-update steps and between them);
+#   4. the README's GPU column (Performance): the benchmark MLP's step times on the GPU
+#      (CUDA events, medians) and their ratios, and the probes' overhead with readings
+#      deferred (the GPU default) and read every step (the host reads the CPU counts).
 # Runs from the source tree (no install needed: torch, pandas, pyarrow, psutil, pytest
 # and nvidia-ml-py are what it imports; plotly is not). Both parts run even if the
 # first fails; exit code 1 if either failed or torch sees no GPU.
@@ -129,6 +132,73 @@ for name in ("adamw", "singd:diagonal"):
         torch.cuda.empty_cache()
 adamw, singd = results["adamw", True], results["singd:diagonal", True]
 assert singd[2] <= 1.1 * adamw[2], f"SINGD checkpointed peak {singd[2]:.0f} MiB, AdamW {adamw[2]:.0f}"
+PY
+
+echo "gpu-check: the README's GPU column (MLP 256-512-512-10, batch 128, T=1, float32)"
+timeout 120 "$PY" - <<'PY' || { echo "gpu-check: GPU column FAILED"; status=1; }
+import statistics
+import sys
+import warnings
+
+import torch
+from torch import nn
+
+sys.path.insert(0, "benchmarks")
+import mlp_step
+
+import probes
+from singd import KFAC, SINGD
+
+warnings.simplefilter("ignore")
+
+
+def build(name):
+    model, x, y = mlp_step.build()
+    model, x, y = model.cuda(), x.cuda(), y.cuda()
+    if name == "adamw":
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-3), x, y
+    if name == "sgd":
+        return model, torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9), x, y
+    if name.startswith("kfac:"):
+        return model, KFAC(model, T=1, inverse_method=name[5:]), x, y
+    structure = name.split(":")[1].split("+")[0]
+    optimizer = SINGD(model, structures=(structure, structure), **mlp_step.SINGD_KWARGS)
+    return model, optimizer, x, y
+
+
+def median_ms(name, probed=None, steps=60):
+    model, optimizer, x, y = build(name)
+    session = None
+    if probed is not None:
+        session = probes.attach(model, optimizer, read_every_step=probed)
+    step = mlp_step.make_step(model, optimizer, x, y)
+    for _ in range(10):
+        step()
+    times = []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    if session is not None:
+        session.detach()
+    return statistics.median(times)
+
+
+names = ["adamw", "sgd", "singd:diagonal", "singd:hierarchical15_15", "singd:dense",
+         "singd:triltoeplitz", "kfac:cholesky", "kfac:inv", "kfac:eigh"]
+ms = {name: median_ms(name) for name in names}
+print("| step | GPU ms | vs AdamW |")
+print("|---|---|---|")
+for name in names:
+    print(f"| {name} | {ms[name]:.2f} | {ms[name] / ms['adamw']:.2f} |")
+for structure in ("singd:diagonal", "singd:dense"):
+    bare = median_ms(structure)
+    deferred, every = median_ms(structure, False), median_ms(structure, True)
+    print(f"| probes on {structure}, deferred / read every step | "
+          f"{100 * (deferred / bare - 1):+.1f}% / {100 * (every / bare - 1):+.1f}% | |")
 PY
 
 if [ "$status" -eq 0 ]; then

@@ -102,6 +102,16 @@ _NO_LAYER = (
     "parameters; use a model with such a layer or another optimizer."
 )
 FallbackFactory = Callable[[list[dict[str, Any]]], Optimizer]
+Scale = float | Tensor
+"""A gradient scale or un-scaling factor: a Python number, or a 0-d tensor on the device."""
+
+
+def _not_one(value: Scale) -> bool:
+    """Whether multiplying by ``value`` may change something (a tensor always may: it is
+    not read, so that nothing waits for the device)."""
+    return isinstance(value, Tensor) or value != 1.0
+
+
 DEFAULT_FALLBACK = "adamw"
 
 
@@ -220,7 +230,9 @@ class KroneckerOptimizer(Optimizer):
             self._validate_group(group, index)
 
         self.steps = 0
-        self._grad_scales: dict[int, float] = {-1: float(init_grad_scale)}
+        # Scales by step: Python floats, or 0-d tensors where a GradScaler hands its scale
+        # over (kept on the device: reading one would wait for the step's kernels).
+        self._grad_scales: dict[int, Scale] = {-1: float(init_grad_scale)}
         self._factors: dict[str, dict[str, StructuredMatrix | Tensor]] = {}
         self._layers = self._find_layers(module)
         if not self._layers:
@@ -414,7 +426,9 @@ class KroneckerOptimizer(Optimizer):
                 grad.detach().to(dtype_g), layer, group["loss_average"], group["kfac_approx"]
             )
             prev_scale = self._grad_scales[self.steps - 1]
-            if prev_scale != 1.0:
+            if isinstance(prev_scale, Tensor):
+                g = g / prev_scale.sqrt()
+            elif prev_scale != 1.0:
                 g = g / math.sqrt(prev_scale)
             self._accumulate(layer, statistic, g)
         layer.passes += 1
@@ -447,7 +461,7 @@ class KroneckerOptimizer(Optimizer):
         output-gradient rows ``g`` (n x d_C)."""
         raise NotImplementedError
 
-    def _update_preconditioner(self, layer: KroneckerLayer, grad_unscaling: float) -> None:
+    def _update_preconditioner(self, layer: KroneckerLayer, grad_unscaling: Scale) -> None:
         """Update the layer's preconditioner from its accumulators, then clear them.
 
         Args:
@@ -471,23 +485,30 @@ class KroneckerOptimizer(Optimizer):
         _reset_passes(layer)
 
     # ------------------------------------------------------------------- step
-    def set_current_grad_scale(self, grad_scale: float) -> None:
+    def set_current_grad_scale(self, grad_scale: float | Tensor) -> None:
         """Record the gradient scale of the current step (done by `step` if not called).
 
         Call it before `step` when the scale reaches the optimizer another way than
-        through ``GradScaler.step``.
+        through ``GradScaler.step``. A tensor (GradScaler's scale) stays on its device.
         """
+        if isinstance(grad_scale, Tensor):
+            # A copy in float64, the precision of the Python numbers used otherwise.
+            self._grad_scales[self.steps] = grad_scale.detach().to(torch.float64, copy=True)
+            return  # the step-0 warning below is judged in `step`, with its one read
         self._grad_scales[self.steps] = float(grad_scale)
+        self._warn_first_scale(float(grad_scale))
+
+    def _warn_first_scale(self, grad_scale: float) -> None:
         init = self._grad_scales.get(-1)
-        if self.steps == 0 and init == 1.0 and grad_scale != 1.0:
+        if self.steps == 0 and init == 1.0 and grad_scale != 1.0 and grad_scale > 0:
             warnings.warn(
                 f"The gradient scale at step 0 is {grad_scale:g} but init_grad_scale is "
                 f"{init:g}; pass init_grad_scale={grad_scale:g} for stabler first "
                 "curvature estimates.",
-                stacklevel=3,
+                stacklevel=4,
             )
 
-    def _gradient_divisor(self) -> float:
+    def _gradient_divisor(self) -> Scale:
         """The scale to divide gradients by: none if the scaler already un-scaled them."""
         attr = getattr(self, "grad_scale", 1.0)
         if attr is None:  # GradScaler.unscale_ ran before step
@@ -515,17 +536,27 @@ class KroneckerOptimizer(Optimizer):
                 loss = closure()
         if self.steps not in self._grad_scales:
             scale = getattr(self, "grad_scale", None)
-            self.set_current_grad_scale(1.0 if scale is None else float(scale))
+            self.set_current_grad_scale(1.0 if scale is None else scale)
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and self._world() > 1 and not self._ddp:
             # Each rank's scaler saw only its own gradients: agree on skipping, or the
             # ranks would call different collectives and hang.
             # On the parameters' device: NCCL reduces CUDA tensors only.
             device = self._layers[0].module.weight.device
-            found_inf = torch.tensor([float(found_inf)], device=device)
+            found_inf = torch.as_tensor(found_inf, device=device).reshape(1).float()
             dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
-        if found_inf is not None and bool(found_inf):
-            warnings.warn("Gradients hold infs or NaNs; skipping this step.", stacklevel=2)
+        infs, bad_scale = self._skip_verdict(found_inf)
+        if infs or bad_scale:
+            warnings.warn(
+                "Gradients hold infs or NaNs; skipping this step."
+                if infs
+                else "The gradient scale is 0 or not finite (a GradScaler whose scale "
+                "collapsed after many non-finite steps); skipping this step.",
+                stacklevel=2,
+            )
+            if bad_scale:
+                # Later backward passes un-scale by this step's scale: keep the last usable.
+                self._grad_scales[self.steps] = self._grad_scales[self.steps - 1]
             for layer in self._layers:
                 self._clear_accumulators(layer)
                 layer.skipped_steps += 1
@@ -538,6 +569,29 @@ class KroneckerOptimizer(Optimizer):
         for t in [t for t in self._grad_scales if t < self.steps - 1]:
             del self._grad_scales[t]
         return loss
+
+    def _skip_verdict(self, found_inf: Tensor | None) -> tuple[bool, bool]:
+        """``(infs, bad_scale)``: whether the GradScaler found infs, and whether the
+        step's scale is not a positive finite number (a scale that collapsed to 0 makes
+        every gradient 0 and every un-scaling a division by 0: the step is skipped, as
+        torch's optimizers skip it, and counted).
+
+        With a GradScaler this is the step's one host read (torch's optimizers read
+        ``found_inf`` once too); without one, none: the scale is then a Python number.
+        """
+        scale = self._grad_scales[self.steps]
+        if not isinstance(scale, Tensor):
+            bad = not 0.0 < scale < math.inf
+            if found_inf is None:
+                return False, bad
+            return bool(found_inf), bad
+        parts = [(~torch.isfinite(scale) | (scale <= 0)).to(scale.dtype), scale]
+        if found_inf is not None:
+            parts.append(torch.as_tensor(found_inf).to(scale))
+        values = torch.stack([p.reshape(()) for p in parts]).tolist()
+        if not values[0]:
+            self._warn_first_scale(values[1])
+        return len(values) > 2 and bool(values[2]), bool(values[0])
 
     def _handle_silent_layers(self) -> None:
         """At the first step taken, hand layers whose forward never ran to the fallback."""
@@ -558,7 +612,9 @@ class KroneckerOptimizer(Optimizer):
         self._move_to_fallback(names)
 
     def _step_layers(self) -> None:
-        grad_unscaling = self._grad_scales[self.steps - 1] / self._grad_scales[self.steps] ** 2
+        prev_scale, scale = self._grad_scales[self.steps - 1], self._grad_scales[self.steps]
+        # Tensors (a GradScaler's, float64) stay on the device: never read.
+        grad_unscaling = prev_scale / scale**2
         divisor = self._gradient_divisor()
         world = self._world()
         active = [layer for layer in self._layers if layer.module.weight.grad is not None]
@@ -580,24 +636,38 @@ class KroneckerOptimizer(Optimizer):
                 self._clear_accumulators(layer)
         directions = []
         for layer in active:
-            grad = gradient_matrix(layer)  # a new tensor: scaled in place
-            if divisor != 1.0:
-                grad.div_(divisor)
-            if self._ddp and self.param_groups[layer.group_index]["loss_average"] is None:
-                grad.mul_(world)
-            directions.append(self._precondition(layer, grad))
+            # Inside DDP, a summed loss: DDP averaged the gradients, undo it.
+            summed = self._ddp and self.param_groups[layer.group_index]["loss_average"] is None
+            directions.append(self._layer_directions(layer, divisor, world if summed else 1.0))
         if world > 1 and not self._ddp:
             self._all_reduce_by_loss(active, directions)
-        for layer, direction in zip(active, directions, strict=True):
-            self._apply_update(layer, direction)
+        for layer, steps in zip(active, directions, strict=True):
+            self._apply_update(layer, steps)
 
-    def _apply_update(self, layer: KroneckerLayer, direction: Tensor) -> None:
+    def _layer_directions(
+        self, layer: KroneckerLayer, divisor: Scale, factor: float
+    ) -> list[Tensor]:
+        """The preconditioned gradient of each of the layer's parameters (new tensors, the
+        optimizer's own), of ``[dW | db] / divisor * factor``.
+
+        This default goes through the ``d_C x d_K`` matrix `_precondition` works on; a
+        subclass may override it to skip that copy where its preconditioner acts on the
+        parameters apart (SINGD with two diagonal factors).
+        """
+        grad = gradient_matrix(layer)  # a new tensor: scaled in place
+        if _not_one(divisor):
+            grad.div_(divisor)
+        if factor != 1.0:
+            grad.mul_(factor)
+        return split_matrix(layer, self._precondition(layer, grad))
+
+    def _apply_update(self, layer: KroneckerLayer, steps: list[Tensor]) -> None:
         """``p <- p - lr * buf`` with ``buf = momentum * buf + (direction + wd * p)``."""
         group = self.param_groups[layer.group_index]
         weight_decay, momentum, lr = group["weight_decay"], group["momentum"], group["lr"]
-        # `direction` is the optimizer's own tensor, so weight decay goes in in place. The
+        # `steps` are the optimizer's own tensors, so weight decay goes in in place. The
         # foreach calls do per tensor exactly what `add_`/`mul_` do, in fewer dispatches.
-        params, steps = layer.params, split_matrix(layer, direction)
+        params = layer.params
         if weight_decay != 0.0:
             torch._foreach_add_(steps, params, alpha=weight_decay)
         if momentum != 0.0:
@@ -628,7 +698,7 @@ class KroneckerOptimizer(Optimizer):
             for p in fgroup["params"]:
                 if p.grad is None:
                     continue
-                if divisor != 1.0:
+                if _not_one(divisor):
                     p.grad.div_(divisor)
                 if self._ddp and group["loss_average"] is None:
                     p.grad.mul_(world)
@@ -639,7 +709,7 @@ class KroneckerOptimizer(Optimizer):
         self.fallback.step()
 
     # ----------------------------------------------------------- distributed
-    def _all_reduce_accumulators(self, layers: list[KroneckerLayer], grad_unscaling: float) -> None:
+    def _all_reduce_accumulators(self, layers: list[KroneckerLayer], grad_unscaling: Scale) -> None:
         """All-reduce the accumulated curvature terms of ``layers`` in one call per kind,
         output-side terms multiplied by ``grad_unscaling`` first."""
         entries = []  # (layer state, key, tensors, average?)
@@ -648,7 +718,7 @@ class KroneckerOptimizer(Optimizer):
             average_output = self.param_groups[layer.group_index]["loss_average"] is not None
             for key, side in self.ACCUMULATORS.items():
                 value = state[key]
-                if side == "output" and grad_unscaling != 1.0:
+                if side == "output" and _not_one(grad_unscaling):
                     value.mul_(grad_unscaling)
                 tensors = value.tensors() if isinstance(value, StructuredMatrix) else {"": value}
                 entries.append((state, key, tensors, side == "input" or average_output))
@@ -660,12 +730,16 @@ class KroneckerOptimizer(Optimizer):
                 if isinstance(value, StructuredMatrix):
                     state[key] = type(value).from_tensors(value.dim, tensors)
 
-    def _all_reduce_by_loss(self, layers: list[KroneckerLayer], tensors: list[Tensor]) -> None:
+    def _all_reduce_by_loss(
+        self, layers: list[KroneckerLayer], directions: list[list[Tensor]]
+    ) -> None:
         averaged = [
             self.param_groups[layer.group_index]["loss_average"] is not None for layer in layers
         ]
         for average in (True, False):
-            chosen = [t for t, a in zip(tensors, averaged, strict=True) if a is average]
+            chosen = [
+                t for ts, a in zip(directions, averaged, strict=True) if a is average for t in ts
+            ]
             _all_reduce_flat(chosen, average)
 
     # ------------------------------------------------------------ checkpoint
@@ -702,7 +776,9 @@ class KroneckerOptimizer(Optimizer):
             }
         state["kronecker"] = {
             "steps": self.steps,
-            "grad_scales": dict(self._grad_scales),
+            "grad_scales": {
+                t: float(v) if isinstance(v, Tensor) else v for t, v in self._grad_scales.items()
+            },
             "layers": layers,
             "fallback_layers": list(self._fallback_layers),
             "silent_checked": self._silent_checked,

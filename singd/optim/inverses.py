@@ -337,6 +337,54 @@ def invert_or_keep(
         return previous, error
 
 
+DEVICE_METHODS = ("cholesky", "eigh", "inv")
+"""Methods `invert_or_keep_on_device` runs without reading a result on the host."""
+
+
+def invert_or_keep_on_device(
+    matrix: Tensor,
+    previous: Tensor | None,
+    method: str,
+    *,
+    inverse_dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor]:
+    """`invert_or_keep` for ``on_failure="keep"`` without reproducers, decided on the device.
+
+    The same verdicts as `invert` (non-finite input, not positive definite or singular,
+    non-finite result in the compute dtype), computed as a 0-d tensor that nothing
+    reads: the inverse, or ``previous`` (the identity if None) where the inversion
+    failed, is chosen with ``torch.where``. So a training step never waits for the
+    device to learn whether an inversion worked; the failure counts are read when asked.
+    LAPACK never sees a non-finite matrix (the identity stands in for it). Newton-Schulz
+    is not offered: its iteration count depends on its residuals.
+
+    Returns:
+        ``(inverse, failed)``: ``failed`` a 0-d bool tensor on the matrix's device.
+    """
+    if method not in DEVICE_METHODS:
+        raise ValueError(f"{method!r} cannot be decided on the device; use invert_or_keep.")
+    check_inverse_dtype(inverse_dtype)
+    dim = matrix.shape[-1]
+    eye = torch.eye(dim, dtype=inverse_dtype, device=matrix.device)
+    finite = torch.isfinite(matrix).all()
+    work = torch.where(finite, matrix.to(inverse_dtype), eye)
+    if method == "cholesky":
+        factor, info = torch.linalg.cholesky_ex(work)
+        ok = info == 0
+        result = torch.cholesky_inverse(torch.where(ok, factor, eye))
+    elif method == "eigh":
+        eigenvalues, eigenvectors = torch.linalg.eigh(work)
+        ok = eigenvalues.min() > 0
+        result = (eigenvectors / eigenvalues) @ eigenvectors.mT
+    else:
+        result, info = torch.linalg.inv_ex(work)
+        ok = info == 0
+    ok = ok & finite & torch.isfinite(result).all()
+    if previous is None:
+        previous = torch.eye(dim, dtype=matrix.dtype, device=matrix.device)
+    return torch.where(ok, result.to(matrix.dtype), previous), ~ok
+
+
 def replay(path: str | Path) -> tuple[dict, InversionError | None]:
     """Re-run a saved reproducer's inversion on its stored matrix.
 

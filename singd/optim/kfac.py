@@ -25,6 +25,12 @@ Factors, every ``T`` steps (on steps with ``steps % T == 0``), in ``factor_dtype
   saved to ``failure_dir``. A factor that overflowed stays non-finite (a moving average
   does not recover from inf), so each later inversion of it fails too and the last good
   inverse stays in use: the counter keeps growing, which is how the probes see it.
+  With the default ``on_failure="keep"``, no ``failure_dir`` and a LAPACK method, the
+  verdict, the choice of inverse (``torch.where``) and the count stay on the device, so
+  a step never waits for it (`singd.optim.inverses.invert_or_keep_on_device`); the count
+  is read at the probes' cadence (`curvature_state`) or on request
+  (`failed_decompositions`). Reproducers and ``"raise"`` need the verdict on the host at
+  once, and Newton-Schulz's iteration count depends on its residuals: those read it.
 
 Parameter update with the gradient ``Grad = [dW | db]`` (``d_C x d_K``), computed in
 ``factor_dtype`` and cast back: the natural gradient ``nat = G_inv Grad A_inv``, then,
@@ -42,12 +48,20 @@ import torch
 from torch import Tensor, nn
 
 from singd.curvature import LayerCurvature
-from singd.optim.base import DEFAULT_FALLBACK, FallbackFactory, KroneckerOptimizer, check_number
+from singd.optim.base import (
+    DEFAULT_FALLBACK,
+    FallbackFactory,
+    KroneckerOptimizer,
+    _not_one,
+    check_number,
+)
 from singd.optim.inverses import (
+    DEVICE_METHODS,
     INVERSE_DTYPES,
     INVERSE_METHODS,
     ON_FAILURE,
     invert_or_keep,
+    invert_or_keep_on_device,
 )
 from singd.optim.layers import KroneckerLayer, gradient_matrix
 
@@ -117,7 +131,8 @@ class KFAC(KroneckerOptimizer):
             raise ValueError(f"failure_dir must be a path or None, got {failure_dir!r}.")
         self.on_failure = on_failure
         self.failure_dir = failure_dir
-        self._failures: dict[str, int] = {}
+        # Failure counts per layer, 0-d tensors on the layer's device (read on request).
+        self._failures: dict[str, Tensor] = {}
         self._damping_used: dict[str, float] = {}
         defaults = dict(
             lr=lr,
@@ -171,7 +186,9 @@ class KFAC(KroneckerOptimizer):
     def _init_layer(self, layer: KroneckerLayer) -> None:
         # A, G and their inverses appear at the first update; until then the layer takes
         # plain gradient steps.
-        self._failures[layer.name] = 0
+        self._failures[layer.name] = torch.zeros(
+            (), dtype=torch.int64, device=layer.module.weight.device
+        )
 
     def _input_statistic(self, layer: KroneckerLayer, a: Tensor) -> Tensor:
         return a.T @ a
@@ -187,12 +204,12 @@ class KFAC(KroneckerOptimizer):
         else:
             state["A_batch"], state["G_batch"] = aTa, g.T @ g
 
-    def _update_preconditioner(self, layer: KroneckerLayer, grad_unscaling: float) -> None:
+    def _update_preconditioner(self, layer: KroneckerLayer, grad_unscaling) -> None:
         group = self.param_groups[layer.group_index]
         state = self._factors[layer.name]
         A_batch = state.pop("A_batch").div_(max(layer.passes, 1))
         G_batch = state.pop("G_batch")
-        if grad_unscaling != 1.0:
+        if _not_one(grad_unscaling):
             G_batch.mul_(grad_unscaling)
         decay = group["factor_decay"]
         for key, batch in (("A", A_batch), ("G", G_batch)):
@@ -205,18 +222,32 @@ class KFAC(KroneckerOptimizer):
         inverse_dtype = group["inverse_dtype"] or torch.promote_types(
             state["A"].dtype, torch.float32
         )
+        # Decided on the device where nothing needs the verdict at once: no reproducer
+        # to write, nothing to raise, and a method whose work does not depend on it.
+        on_device = (
+            self.on_failure == "keep"
+            and self.failure_dir is None
+            and group["inverse_method"] in DEVICE_METHODS
+        )
         for key in ("A", "G"):
-            inverse, error = invert_or_keep(
-                _damped(state[key], shift),
-                state.get(f"{key}_inv"),
-                group["inverse_method"],
-                inverse_dtype=inverse_dtype,
-                on_failure=self.on_failure,
-                failure_dir=self.failure_dir,
-                tag=f"{layer.name}.{key}.step{self.steps}",
-            )
+            damped, previous = _damped(state[key], shift), state.get(f"{key}_inv")
+            if on_device:
+                inverse, failed = invert_or_keep_on_device(
+                    damped, previous, group["inverse_method"], inverse_dtype=inverse_dtype
+                )
+                self._failures[layer.name] += failed
+            else:
+                inverse, error = invert_or_keep(
+                    damped,
+                    previous,
+                    group["inverse_method"],
+                    inverse_dtype=inverse_dtype,
+                    on_failure=self.on_failure,
+                    failure_dir=self.failure_dir,
+                    tag=f"{layer.name}.{key}.step{self.steps}",
+                )
+                self._failures[layer.name] += error is not None
             state[f"{key}_inv"] = inverse
-            self._failures[layer.name] += error is not None
 
     def _precondition(self, layer: KroneckerLayer, grad: Tensor) -> Tensor:
         state = self._factors[layer.name]
@@ -255,7 +286,7 @@ class KFAC(KroneckerOptimizer):
                     damping={} if shift is None else {"A": shift, "G": shift},
                     counters={
                         "skipped_steps": layer.skipped_steps,
-                        "failed_decompositions": self._failures[layer.name],
+                        "failed_decompositions": int(self._failures[layer.name]),
                     },
                     gradient=grad,
                     precondition=_cast_preconditioner(state.get("A_inv"), state.get("G_inv")),
@@ -266,8 +297,9 @@ class KFAC(KroneckerOptimizer):
 
     @property
     def failed_decompositions(self) -> int:
-        """Failed inversions over all layers and factors since construction."""
-        return sum(self._failures.values())
+        """Failed inversions over all layers and factors since construction (a host read:
+        the counts live on the device)."""
+        return sum(int(count) for count in self._failures.values())
 
     def _factor_bytes(self) -> dict[str, int]:
         """``factors`` (A, G), ``inverses`` (A_inv, G_inv), ``accumulators`` (batch terms), B."""
@@ -283,7 +315,7 @@ class KFAC(KroneckerOptimizer):
         """The base state plus, per layer, the failure count and the damping last applied."""
         state = super().state_dict()
         state["kfac"] = {
-            "failed_decompositions": dict(self._failures),
+            "failed_decompositions": {name: int(n) for name, n in self._failures.items()},
             "damping_used": dict(self._damping_used),
         }
         return state
@@ -293,8 +325,8 @@ class KFAC(KroneckerOptimizer):
         state_dict = dict(state_dict)
         saved = state_dict.pop("kfac")
         super().load_state_dict(state_dict)
-        for name in self._failures:
-            self._failures[name] = saved["failed_decompositions"].get(name, 0)
+        for name, count in self._failures.items():
+            count.fill_(saved["failed_decompositions"].get(name, 0))
         self._damping_used = {
             name: value for name, value in saved["damping_used"].items() if name in self._failures
         }

@@ -121,8 +121,9 @@ def _conv_patches(x: Tensor, conv: nn.Conv2d) -> Tensor:
     return patches.transpose(1, 2)
 
 
-def process_input(x: Tensor, layer: KroneckerLayer, kfac_approx: str) -> Tensor:
-    """Rows ``a`` (``n x d_K``) of the input factor, scaled by ``1/sqrt(n)``.
+def input_rows(x: Tensor, layer: KroneckerLayer, kfac_approx: str) -> Tensor:
+    """The rows of the input factor before scaling and without the bias's ones column
+    (``n x d_in``; a view of ``x`` where the layout allows).
 
     Args:
         x: The layer's input: ``(B, ..., d_in)`` for Linear, ``(B, C_in, I1, I2)`` for
@@ -130,18 +131,26 @@ def process_input(x: Tensor, layer: KroneckerLayer, kfac_approx: str) -> Tensor:
         layer: The layer.
         kfac_approx: ``"expand"`` (shared positions become rows) or ``"reduce"``
             (inputs averaged over shared positions).
-
-    Returns:
-        ``a`` with a ones column appended when the bias is optimized.
     """
     module = layer.module
     if isinstance(module, nn.Conv2d):
         patches = _conv_patches(x, module)
-        a = patches.flatten(0, 1) if kfac_approx == "expand" else patches.mean(1)
-    elif kfac_approx == "expand" or x.dim() == 2:
-        a = x.reshape(-1, x.shape[-1])
-    else:
-        a = x.flatten(1, -2).mean(1)
+        return patches.flatten(0, 1) if kfac_approx == "expand" else patches.mean(1)
+    if kfac_approx == "expand" or x.dim() == 2:
+        return x.reshape(-1, x.shape[-1])
+    return x.flatten(1, -2).mean(1)
+
+
+def process_input(x: Tensor, layer: KroneckerLayer, kfac_approx: str) -> Tensor:
+    """Rows ``a`` (``n x d_K``) of the input factor, scaled by ``1/sqrt(n)``.
+
+    Args:
+        x, layer, kfac_approx: As `input_rows`.
+
+    Returns:
+        ``a`` with a ones column appended when the bias is optimized.
+    """
+    a = input_rows(x, layer, kfac_approx)
     if layer.has_bias:
         # A fresh tensor: scale it in place (large temporaries cost page faults on CPU).
         a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)

@@ -46,10 +46,17 @@ import torch
 from torch import Tensor, nn
 
 from singd.curvature import LayerCurvature
-from singd.optim.base import DEFAULT_FALLBACK, FallbackFactory, KroneckerOptimizer, check_number
-from singd.optim.layers import KroneckerLayer, gradient_matrix, layer_dims
+from singd.optim.base import (
+    DEFAULT_FALLBACK,
+    FallbackFactory,
+    KroneckerOptimizer,
+    _not_one,
+    check_number,
+)
+from singd.optim.layers import KroneckerLayer, gradient_matrix, input_rows, layer_dims
 from singd.optim.views import FactorView
 from singd.structures import StructuredMatrix, get_structure
+from singd.structures.diagonal import DiagonalMatrix
 
 
 class SINGD(KroneckerOptimizer):
@@ -192,6 +199,15 @@ class SINGD(KroneckerOptimizer):
             state["m_K"] = K_cls.zeros(layer.dim_K, dtype=dtype_K, device=device)
             state["m_C"] = C_cls.zeros(layer.dim_C, dtype=dtype_C, device=device)
 
+    def _reduce_input(self, layer: KroneckerLayer, x: Tensor) -> StructuredMatrix:
+        K = self._factors[layer.name]["K"]
+        if isinstance(K, DiagonalMatrix):
+            # Without the copy of the input that appends the bias's ones column.
+            kfac_approx = self.param_groups[layer.group_index]["kfac_approx"]
+            rows = input_rows(x.to(K.dtype), layer, kfac_approx)
+            return K.from_input_rows(rows, layer.has_bias)
+        return super()._reduce_input(layer, x)
+
     def _input_statistic(self, layer: KroneckerLayer, a: Tensor) -> StructuredMatrix:
         return self._factors[layer.name]["K"].from_inner(a.T)
 
@@ -207,7 +223,7 @@ class SINGD(KroneckerOptimizer):
         else:
             state["H_K"], state["H_C"] = H_K, H_C
 
-    def _update_preconditioner(self, layer: KroneckerLayer, grad_unscaling: float) -> None:
+    def _update_preconditioner(self, layer: KroneckerLayer, grad_unscaling) -> None:
         group = self.param_groups[layer.group_index]
         state = self._factors[layer.name]
         K, C = state["K"], state["C"]
@@ -223,19 +239,23 @@ class SINGD(KroneckerOptimizer):
         scale_K = 1.0 / max(layer.passes, 1)
         passes = max(layer.backward_passes, 1)
         scale_C = grad_unscaling * (passes if group["loss_average"] is not None else 1.0)
-        if group["kfac_like"]:
-            coef_HK, coef_KK, coef_HC, coef_CC = scale_K, damping, scale_C, damping
-        else:
-            coef_HK = scale_C * H_C.average_trace().item() * scale_K
-            coef_KK = damping * C_tC.average_trace().item()
-            coef_HC = scale_K * H_K.average_trace().item() * scale_C
-            coef_CC = damping * K_tK.average_trace().item()
         c = 0.5 * ((1.0 - alpha1) if group["normalize_lr_cov"] else 1.0)
-        # H_K and H_C are consumed here, so they become m_K' and m_C' in place; c is
-        # folded into the coefficients (for c = 0.5 that is exact: bit for bit the same
-        # as scaling afterwards).
-        m_K = H_K.mul_(c * coef_HK).add_(K_tK, alpha=c * coef_KK).diag_add_(-c)
-        m_C = H_C.mul_(c * coef_HC).add_(C_tC, alpha=c * coef_CC).diag_add_(-c)
+        # c is folded into the coefficients (for c = 0.5 that is exact: bit for bit the
+        # same as scaling afterwards). SINGD's traces stay on the device, in float64 as
+        # Python numbers would be: reading them would wait for every queued kernel.
+        if group["kfac_like"]:
+            coef_HK, coef_KK, coef_HC, coef_CC = c * scale_K, c * damping, c * scale_C, c * damping
+        else:
+            trace_HC, trace_CC, trace_HK, trace_KK = (
+                M.average_trace().to(torch.float64) for M in (H_C, C_tC, H_K, K_tK)
+            )
+            coef_HK = trace_HC * (c * scale_C * scale_K)
+            coef_KK = trace_CC * (c * damping)
+            coef_HC = trace_HK * (c * scale_K * scale_C)
+            coef_CC = trace_KK * (c * damping)
+        # H_K, H_C, K^T K and C^T C are consumed here: m_K' and m_C' are made in place.
+        m_K = H_K.mul_(coef_HK).add_(K_tK.mul_(coef_KK)).diag_add_(-c)
+        m_C = H_C.mul_(coef_HC).add_(C_tC.mul_(coef_CC)).diag_add_(-c)
         if alpha1 != 0.0:
             state["m_K"] = m_K.add_(state["m_K"], alpha=alpha1)
             state["m_C"] = m_C.add_(state["m_C"], alpha=alpha1)
@@ -243,14 +263,36 @@ class SINGD(KroneckerOptimizer):
         beta1 = float(beta1(self.steps)) if callable(beta1) else beta1
         beta1_K = beta1_C = beta1
         if group["normalize_lr_cov"]:
-            beta1_K /= max(1.0, m_K.infinity_vector_norm().item())
-            beta1_C /= max(1.0, m_C.infinity_vector_norm().item())
+            beta1_K = beta1 / m_K.infinity_vector_norm().to(torch.float64).clamp_min(1.0)
+            beta1_C = beta1 / m_C.infinity_vector_norm().to(torch.float64).clamp_min(1.0)
         K.add_(K @ m_K, alpha=-beta1_K)
         C.add_(C @ m_C, alpha=-beta1_C)
 
     def _precondition(self, layer: KroneckerLayer, grad: Tensor) -> Tensor:
         state = self._factors[layer.name]
         return _natural_gradient(state["K"], state["C"], grad)
+
+    def _layer_directions(self, layer: KroneckerLayer, divisor, factor: float) -> list[Tensor]:
+        state = self._factors[layer.name]
+        K, C = state["K"], state["C"]
+        if not (isinstance(K, DiagonalMatrix) and isinstance(C, DiagonalMatrix)):
+            return super()._layer_directions(layer, divisor, factor)
+        # Two diagonal factors scale the weight's columns and the bias by k^2 and rows by
+        # c^2: done on each parameter's gradient apart, without the copy into [dW | db]
+        # (the same products, in the same order, as `_natural_gradient`).
+        k, c = K.tensors()["diag"], C.tensors()["diag"]
+        k2, c2 = k * k, c * c
+        grads = [p.grad.flatten(1) if p.dim() > 1 else p.grad for p in layer.params]
+        columns = [k2[:-1] if layer.has_bias else k2, k2[-1]]
+        steps = []
+        for grad, k2_part in zip(grads, columns, strict=False):
+            scaled = grad / divisor if _not_one(divisor) else grad
+            if factor != 1.0:
+                scaled = scaled * factor
+            nat = torch.mul(scaled.to(k.dtype), k2_part)  # a new tensor: scaled in place
+            nat = nat.to(c.dtype).mul_(c2 if nat.dim() == 1 else c2.unsqueeze(1))
+            steps.append(nat.to(grad.dtype).reshape(layer.params[len(steps)].shape))
+        return steps
 
     # ------------------------------------------------------------ read-only view
     def curvature_state(self) -> list[LayerCurvature]:

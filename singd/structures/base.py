@@ -174,27 +174,30 @@ class StructuredMatrix(ABC):
     # In-place arithmetic: linear in the stored tensors for every structure
     # ----------------------------------------------------------------------------------
     def add_(self, other: StructuredMatrix, alpha: float | Tensor = 1.0) -> Self:
-        """``S <- S + alpha T`` for ``T`` of the same structure and dim; returns self."""
+        """``S <- S + alpha T`` for ``T`` of the same structure and dim; returns self.
+
+        A tensor ``alpha`` (0-d) stays on the device: nothing waits to read it.
+        """
         self._check_same(other)
-        alpha = alpha.item() if isinstance(alpha, Tensor) else alpha
         mine = list(self._tensors.values())
         theirs = [other._tensors[key] for key in self._tensors]
         if other.dtype != self.dtype:
             theirs = [t.to(self.dtype) for t in theirs]
         # One foreach call for all stored tensors: these are small, so per-call overhead
         # dominates (each loop iteration was a separate dispatch).
-        torch._foreach_add_(mine, theirs, alpha=alpha)
+        if isinstance(alpha, Tensor):
+            torch._foreach_add_(mine, torch._foreach_mul(theirs, alpha))
+        else:
+            torch._foreach_add_(mine, theirs, alpha=alpha)
         return self
 
     def mul_(self, value: float | Tensor) -> Self:
-        """``S <- value S``; returns self."""
-        value = value.item() if isinstance(value, Tensor) else value
+        """``S <- value S``; returns self. A tensor ``value`` (0-d) is not read."""
         torch._foreach_mul_(list(self._tensors.values()), value)
         return self
 
     def diag_add_(self, value: float | Tensor) -> Self:
         """``S <- S + value I``; returns self. Dense fallback, overridden for speed."""
-        value = value.item() if isinstance(value, Tensor) else value
         dense = self.to_dense()
         dense.diagonal().add_(value)
         self._assign(type(self).from_dense(dense))

@@ -65,6 +65,28 @@ class DiagonalMatrix(StructuredMatrix):
         # in place.
         return type(self)(self._dim, {"diag": rows.to(self.dtype).square().sum(0).mul_(s * s)})
 
+    def from_input_rows(self, X: Tensor, ones_column: bool) -> Self:
+        """``P(S^T Y^T Y S)`` for ``Y = [X | 1] / sqrt(n)`` (``[X] / sqrt(n)`` without the
+        ones column), ``X`` of shape (n, d - 1) (or (n, d)), without forming ``Y``.
+
+        SINGD's input-side curvature term: ``Y`` is the rows of a layer's input with the
+        bias's ones column, scaled by ``1/sqrt(n)`` (`singd.optim.layers.process_input`).
+        Its diagonal is ``s_j^2 sum_i X_ij^2 / n`` and, for the ones column, ``s_d^2``
+        exactly: no copy of the input with a column appended.
+        """
+        rows = X.shape[0]
+        X = X.to(self.dtype)
+        squares = (X * X).sum(0).div_(rows)
+        if ones_column:
+            squares = torch.cat([squares, squares.new_ones(1)])
+        if squares.shape[0] != self._dim:
+            raise ValueError(
+                f"from_input_rows expects X of shape (n, {self._dim - ones_column}), "
+                f"got {tuple(X.shape)}."
+            )
+        s = self._tensors["diag"]
+        return type(self)(self._dim, {"diag": squares.mul_(s * s)})
+
     def _from_inner_identity(self) -> Self:
         s = self._tensors["diag"]
         return type(self)(self._dim, {"diag": s * s})
