@@ -58,16 +58,21 @@ coverage.run                  fails when a baseline run is missing from the run 
                               compared). A run that raised is a result: it broke.
 ===========================  ================================================================
 
-The tolerances are wider than the noise measured (quick suite, 1 against 2 threads, this
-2-core CPU, 5 seeds, every dtype; and the default suite's MLP, 2 seeds, bfloat16 and
-float16): final losses moved by at most 1.2e-7 relative in float32, one unit in the last
-place in float16 (1e-3), not at all in bfloat16; accuracy by one test image in 360 (0.3%);
-underflow fractions by 1.4e-4; condition numbers below their ceiling by 1e-7 relative;
-whether and when a run broke, and its NaN/Inf counts, never. Above the ceiling, condition
-numbers moved freely: float32 KFAC factors of 3.98e8 on one thread, 2.78e8 on two and
-4.24e9 on another CPU; bfloat16 KFAC factors of 340 and 380. ``failure_cause`` is not
-gated: it is a function of whether this run broke and whether its float32 control broke,
-and both are judged on their own rows.
+The tolerances are well above the noise measured (1 against 2 threads on this 2-core
+CPU: the quick suite in every dtype over 5 seeds, and the default suite's MLP with SINGD
+diagonal, KFAC and AdamW over 2 seeds in bfloat16 and float16; 2, 3 and 4 threads gave
+identical figures). In runs that did not break, final losses moved by at most 0.3% in
+float32, 0.24% in float16 and 0.9% in bfloat16 (a few units in the last place of a loss
+near 0.2); accuracy by one test image in 360 (0.28 points); underflow fractions by at most
+6e-4; condition numbers below their ceiling by at most 1.5e-6 relative. Whether a run
+broke, when, and the NaN/Inf counts of runs that did not break never moved. Above the
+ceiling, condition numbers moved freely: float32 KFAC factors of 3.98e8 on one thread and
+2.78e8 on two, and 4.24e9 on another CPU (10.6x, which failed CI under the former rule of
+10x on raw values); bfloat16 KFAC factors of 340 and 380. No divergence here moved its
+first non-finite step (float16 ones all at step 0; bfloat16 and float32 ones diverge by
+loss growth, with none): the 20% is headroom for other CPUs, not a measured spread.
+``failure_cause`` is not gated: it is a function of whether this run broke and whether
+its float32 control broke, and both are judged on their own rows.
 
 Anything that got better by more than the check's tolerance (the band is symmetric, so
 noise is not progress) is reported as ``better``, never as a failure. Runs without a
