@@ -32,7 +32,7 @@ from typing import Any
 
 from precision_lab import __version__
 from precision_lab.errors import UsageError
-from precision_lab.rundir import read_summary
+from precision_lab.rundir import broke, read_summary
 
 BASELINE_FORMAT = "precision-lab-baseline"
 BASELINE_SCHEMA = 1
@@ -66,8 +66,112 @@ FIGURES = (
     "control",
 )
 
-# Suite settings that change every figure: runs made with other values are not comparable.
-SETTINGS = ("steps", "batch_size", "every", "world_size")
+# Suite settings that change every figure, and the seeds: runs made with other values are not
+# comparable (and a baseline of other seeds would judge breaking by other luck).
+SETTINGS = ("steps", "batch_size", "every", "world_size", "seeds")
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _real(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _nonnegative(value: Any) -> bool:
+    return _real(value) and value >= 0
+
+
+def _fraction(value: Any) -> bool:
+    return _real(value) and 0 <= value <= 1
+
+
+# What each figure may hold besides null (DESIGN.md's run object), as a test and in words.
+_COUNT = (_whole, "a whole number >= 0")
+_FLAG = (lambda value: isinstance(value, bool), "true or false")
+_TEXT = (lambda value: isinstance(value, str), "a string")
+_TABLE = (lambda value: isinstance(value, dict), "an object")
+_FRACTION = (_fraction, "a number in [0, 1]")
+_BYTES = (_nonnegative, "a number of bytes >= 0")
+FIGURE_RULES: dict[str, tuple[Any, str]] = {
+    "structure": _TEXT,
+    "fallback_optimizer": _TEXT,
+    "steps": _COUNT,
+    "finished": _FLAG,
+    "diverged": _FLAG,
+    "first_nonfinite_step": _COUNT,
+    "nan_events": _COUNT,
+    "inf_events": _COUNT,
+    "skipped_steps": _COUNT,
+    "overflow_events": _COUNT,
+    "underflow_fraction": _FRACTION,
+    "max_condition": (lambda value: _real(value) and value >= 1, "a finite number >= 1"),
+    "optimizer_state_bytes": _BYTES,
+    "peak_memory_bytes": _BYTES,
+    "final_loss": (_real, "a finite number"),
+    "accuracy": _FRACTION,
+    "step_time_ms": (_nonnegative, "a number of milliseconds >= 0"),
+    "failure_cause": (
+        lambda value: value in ("none", "precision", "no_learning", "optimization"),
+        "one of none, precision, no_learning, optimization",
+    ),
+    "error": _TEXT,
+    "seeds_broken": _COUNT,
+    "seeds_total": _COUNT,
+    "hyperparameters": _TABLE,
+    "control": _TABLE,
+}
+"""Every figure a baseline keeps, with what it may hold besides null."""
+
+KEY_RULES: dict[str, tuple[Any, str]] = {
+    "model": _TEXT,
+    "scenario": _TEXT,
+    "optimizer": _TEXT,
+    "dtype": _TEXT,
+    "mode": _TEXT,
+    "seed": _COUNT,
+    "role": _TEXT,
+}
+"""What each coordinate of a run's key may hold (never null)."""
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_run(
+    run: dict[str, Any], label: str, where: str, *, key_fields=(), complete: bool = False
+) -> None:
+    """Refuse a run whose key coordinates or figures do not have their types and ranges.
+
+    Args:
+        run: a run object (figures, and ``key_fields`` of the key).
+        label: how to name the run in the message.
+        where: the file, for the message, and what to do about it.
+        key_fields: the key coordinates to check (never null).
+        complete: whether every figure of ``FIGURE_RULES`` must be present.
+
+    Raises:
+        UsageError: naming the first bad field, its value, what is allowed, and the file.
+    """
+    for name in key_fields:
+        test, allowed = KEY_RULES[name]
+        if not test(run.get(name)):
+            raise UsageError(
+                f"{where}: run {label} has {name} = {_shown(run.get(name))}, where "
+                f"{allowed} is expected."
+            )
+    for name, (test, allowed) in FIGURE_RULES.items():
+        if name not in run and complete:
+            raise UsageError(f"{where}: run {label} lacks the figure {name}.")
+        value = run.get(name)
+        if value is not None and not test(value):
+            raise UsageError(
+                f"{where}: run {label} has {name} = {_shown(value)}, where {allowed} or null "
+                "is expected."
+            )
 
 
 @dataclass(frozen=True, order=True)
@@ -95,6 +199,17 @@ class RunKey:
         text = "/".join(
             (self.model, self.scenario, self.optimizer, self.dtype, self.mode, f"seed{self.seed}")
         )
+        return f"{text} ({self.role})" if self.role else text
+
+    @property
+    def config(self) -> tuple[str, ...]:
+        """What the seeds of one configuration share: every coordinate but the seed."""
+        return (self.model, self.scenario, self.optimizer, self.dtype, self.mode, self.role)
+
+    @property
+    def config_label(self) -> str:
+        """The label of the key's configuration, any seed: ``.../pure/seed*``."""
+        text = "/".join((*self.config[:5], "seed*"))
         return f"{text} ({self.role})" if self.role else text
 
     def as_dict(self) -> dict[str, Any]:
@@ -148,12 +263,6 @@ def suite_name(suite: Any) -> str:
 
 
 def _key_of(run: dict[str, Any], by_id: dict[Any, dict[str, Any]], source: str) -> RunKey:
-    missing = [name for name in (*KEY_FIELDS, "run") if name not in run]
-    if missing:
-        raise UsageError(
-            f"A run in {source} lacks the fields {', '.join(missing)}: it was not written by "
-            "precision-lab stress (summary schema 1)."
-        )
     role = ""
     controlled = run.get("control_of")
     if controlled is not None:
@@ -179,6 +288,20 @@ def index_runs(runs: list[dict[str, Any]], source: str) -> dict[RunKey, dict[str
     """
     if not isinstance(runs, list) or not all(isinstance(run, dict) for run in runs):
         raise UsageError(f"{source} holds no list of run objects under 'runs'.")
+    for run in runs:
+        missing = [name for name in (*KEY_FIELDS, "run") if name not in run]
+        if missing:
+            raise UsageError(
+                f"A run in {source} lacks the fields {', '.join(missing)}: it was not written "
+                "by precision-lab stress (summary schema 1)."
+            )
+        for name in ("run", "control_of"):
+            value = run.get(name)
+            if not (isinstance(value, str) or (value is None and name == "control_of")):
+                raise UsageError(
+                    f"{source}: a run has {name} = {_shown(value)}, where a string is expected."
+                )
+        check_run(run, repr(run["run"]), source, key_fields=KEY_FIELDS)
     by_id = {run.get("run"): run for run in runs}
     indexed: dict[RunKey, dict[str, Any]] = {}
     for run in runs:
@@ -253,9 +376,10 @@ def make_baseline(run_set: RunSet) -> dict[str, Any]:
         summary's order.
 
     Raises:
-        UsageError: a run did not finish; a baseline must hold a whole suite's figures.
+        UsageError: a run stopped without a result (interrupted, not raised: a run that
+            raised broke, and is kept); a baseline must hold a whole suite's figures.
     """
-    unfinished = [key.label for key, run in run_set.runs.items() if not run.get("finished")]
+    unfinished = [key.label for key, run in run_set.runs.items() if broke(run) is None]
     if unfinished:
         raise UsageError(
             f"{len(unfinished)} run(s) of {run_set.source} did not finish (first: "
@@ -291,6 +415,25 @@ def write_baseline(run_dir: str | Path, output: str | Path) -> dict[str, Any]:
     return document
 
 
+def _check_seed_counts(runs: dict[RunKey, dict[str, Any]], where: str) -> None:
+    """Refuse stored seed counts that its runs contradict: the gate counts the runs."""
+    seeds: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for key, run in runs.items():
+        seeds.setdefault(key.config, []).append(run)
+    for key, run in runs.items():
+        configuration = seeds[key.config]
+        counted = {
+            "seeds_broken": sum(bool(broke(other)) for other in configuration),
+            "seeds_total": len(configuration),
+        }
+        for name, count in counted.items():
+            if run.get(name) is not None and run[name] != count:
+                raise UsageError(
+                    f"{where}: run {key.label} has {name} = {run[name]}, but its "
+                    f"configuration's runs count {count}; refresh it."
+                )
+
+
 def read_baseline(path: str | Path) -> RunSet:
     """Read a baseline file written by ``write_baseline``.
 
@@ -310,19 +453,27 @@ def read_baseline(path: str | Path) -> RunSet:
             f"schema {BASELINE_SCHEMA}: refresh it (reports/baselines/README.md)."
         )
     runs: dict[RunKey, dict[str, Any]] = {}
+    where = f"Baseline {target} is corrupt"
     try:
         for entry in document["runs"]:
+            label = _shown(entry.get("run"))
+            check_run(entry["key"], label, where, key_fields=(*KEY_FIELDS, "role"))
             key = RunKey(**entry["key"])
+            check_run(entry["figures"], key.label, where, complete=True)
             runs[key] = {**entry["figures"], **entry["key"], "run": entry.get("run")}
         suite = document["suite"]
-    except (KeyError, TypeError) as error:
+    except (KeyError, TypeError, AttributeError) as error:
         raise UsageError(
             f"Baseline {target} is corrupt ({error.__class__.__name__}: {error}): refresh it."
         ) from None
+    _check_seed_counts(runs, where)
+    settings = document.get("settings") or {}
+    if not isinstance(settings, dict) or not isinstance(document.get("environment") or {}, dict):
+        raise UsageError(f"{where}: its settings and environment must be objects; refresh it.")
     return RunSet(
         suite=suite_name(suite),
         runs=runs,
-        settings=document.get("settings") or {},
+        settings=settings,
         environment=document.get("environment") or {},
         source=str(target),
     )

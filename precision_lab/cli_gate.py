@@ -2,7 +2,9 @@
 
 The commands parse, build library objects (``precision_lab.baseline``,
 ``precision_lab.gate``) and call them. Exit codes: 0 pass, 1 regression, 2 usage or input
-error (one sentence on stderr, no traceback).
+error (one sentence on stderr, no traceback). ``gate --bisect`` follows ``git bisect run``
+instead: 0 good, 1 bad, 125 for a run that cannot be judged (any input or usage error,
+which would otherwise read as "bad"); 130 after Ctrl-C aborts the bisection.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from rich.text import Text
 
 from precision_lab.baseline import read_baseline, read_run_dir, write_baseline
 from precision_lab.context import LabContext, pass_lab
-from precision_lab.errors import EXIT_REGRESSION, UsageError, user_errors
+from precision_lab.errors import EXIT_REGRESSION, UsageError, fail, user_errors
 from precision_lab.gate import (
     BETTER,
     FAIL,
@@ -31,8 +33,12 @@ from precision_lab.gate import (
     gate,
     parse_factor,
     parse_fraction,
+    parse_probability,
     parse_size,
 )
+
+EXIT_CANNOT_JUDGE = 125
+"""``git bisect run``'s "skip": this commit's run cannot be judged."""
 
 _STYLE = {FAIL: "bold red", BETTER: "green", NEW: "yellow", SKIP: "dim"}
 
@@ -55,6 +61,7 @@ class _Parsed(click.ParamType):
 
 
 FRACTION = _Parsed("fraction", parse_fraction)
+PROBABILITY = _Parsed("probability", parse_probability)
 FACTOR = _Parsed("factor", parse_factor)
 SIZE = _Parsed("size", parse_size)
 
@@ -130,7 +137,20 @@ def _report(result: GateResult, console: Console) -> None:
         console.print(f"  {message}", markup=False, highlight=False, soft_wrap=True)
 
 
-@click.command("gate")
+class _GateCommand(click.Command):
+    """``gate``, whose own usage errors (a bad option) exit 125 under ``--bisect`` too."""
+
+    def make_context(self, info_name, args, parent=None, **extra) -> click.Context:
+        bisect = "--bisect" in args  # before parsing, which consumes ``args``
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.ClickException as error:
+            if bisect:
+                error.exit_code = EXIT_CANNOT_JUDGE
+            raise
+
+
+@click.command("gate", cls=_GateCommand)
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option(
     "--baseline",
@@ -189,6 +209,14 @@ def _report(result: GateResult, console: Console) -> None:
     help="Allowed relative rise of the final loss and fall of the accuracy.",
 )
 @click.option(
+    "--alpha",
+    type=PROBABILITY,
+    default="0.01",
+    show_default=True,
+    help="With several seeds per configuration: the significance level at which breaking "
+    "in more seeds than the baseline fails (one-sided Fisher exact test).",
+)
+@click.option(
     "--against",
     type=click.Path(path_type=Path),
     default=None,
@@ -201,6 +229,11 @@ def _report(result: GateResult, console: Console) -> None:
     help="With --against: fail when the geometric-mean step-time ratio exceeds this factor.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the verdicts as JSON.")
+@click.option(
+    "--bisect",
+    is_flag=True,
+    help="Exit codes for 'git bisect run': 0 good, 1 bad, 125 cannot judge (bad input).",
+)
 @pass_lab
 @user_errors
 def gate_command(
@@ -214,17 +247,19 @@ def gate_command(
     nonfinite_tolerance: float,
     underflow_tolerance: float,
     loss_tolerance: float,
+    alpha: float,
     against: Path | None,
     max_slowdown: float | None,
     as_json: bool,
+    bisect: bool,
 ) -> None:
     """Gate RUN_DIR against a baseline: exit 0 pass, 1 regression, 2 input error.
 
     Runs are matched by (model, scenario, optimizer, dtype, mode, seed); memory, stability,
-    learning and coverage are checked; improvements are reported, never failures.
+    learning and coverage are checked; improvements are reported, never failures. With
+    several seeds per configuration, breaking is judged across them (--alpha). With
+    --bisect, exit 125 instead of 2, for 'git bisect run'.
     """
-    if max_slowdown is not None and against is None:
-        raise UsageError("--max-slowdown needs --against RUN_DIR to compare with.")
     tolerances = Tolerances(
         memory=memory_tolerance,
         peak=peak_tolerance,
@@ -233,8 +268,28 @@ def gate_command(
         nonfinite=nonfinite_tolerance,
         underflow=underflow_tolerance,
         loss=loss_tolerance,
+        alpha=alpha,
         max_slowdown=max_slowdown,
     )
+    try:
+        _gate(lab, run_dir, baseline_path, tolerances, against, as_json)
+    except UsageError as error:
+        if not bisect:
+            raise
+        fail(str(error), EXIT_CANNOT_JUDGE)
+
+
+def _gate(
+    lab: LabContext,
+    run_dir: Path,
+    baseline_path: Path,
+    tolerances: Tolerances,
+    against: Path | None,
+    as_json: bool,
+) -> None:
+    """Read, gate, report; exit 1 on a regression (a `UsageError` on bad input)."""
+    if tolerances.max_slowdown is not None and against is None:
+        raise UsageError("--max-slowdown needs --against RUN_DIR to compare with.")
     baseline = read_baseline(baseline_path)
     current = read_run_dir(run_dir)
     reference = read_run_dir(against) if against is not None else None

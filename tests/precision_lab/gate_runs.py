@@ -84,6 +84,7 @@ def base_runs() -> list[dict[str, Any]]:
             accuracy=0.1,
             max_condition=None,
             failure_cause="precision",
+            seeds_broken=1,
         ),
         _run("r2", "cnn", "singd:diagonal", "bfloat16", optimizer_state_bytes=98_304),
         _run("r3", "mlp", "singd:diagonal", "float32", control_of="r0", final_loss=0.40),
@@ -109,3 +110,16 @@ def write_run_dir(
 def find(runs: list[dict[str, Any]], run_id: str) -> dict[str, Any]:
     """The run object with id ``run_id``."""
     return next(run for run in runs if run["run"] == run_id)
+
+
+def seeded_runs(seeds: int, broken: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One configuration (MLP, KFAC, bfloat16) over ``seeds`` seeds, the first ``broken`` of
+    which diverge, as a run directory's runs and config (seed counts consistent)."""
+    runs = []
+    for seed in range(seeds):
+        figures: dict[str, Any] = {"seed": seed, "seeds_broken": broken, "seeds_total": seeds}
+        if seed < broken:
+            figures |= {"diverged": True, "first_nonfinite_step": 12, "nan_events": 38}
+            figures |= {"final_loss": None, "accuracy": 0.1, "failure_cause": "optimization"}
+        runs.append(_run(f"r{seed}", "mlp", "kfac:cholesky", "bfloat16", **figures))
+    return runs, {**CONFIG, "seeds": list(range(seeds))}

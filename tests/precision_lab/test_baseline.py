@@ -153,3 +153,106 @@ def test_corrupt_baselines_are_refused(tmp_path, text, words):
     run_dir = write_run_dir(tmp_path / "run", base_runs())
     result = invoke("gate", str(run_dir), "--baseline", str(path))
     assert_one_sentence_error(result, str(path), *words)
+
+
+def tampered_baseline(tmp_path, edit) -> tuple:
+    """A baseline of the reference runs after ``edit(document)``, and an identical run dir."""
+    run_dir = write_run_dir(tmp_path / "run", base_runs())
+    path = tmp_path / "b.json"
+    assert invoke("baseline", str(run_dir), "-o", str(path)).exit_code == 0
+    document = json.loads(path.read_text())
+    edit(document)
+    # json.dumps writes 1e400 (inf) as Infinity; a hand-edited file may say 1e400 itself.
+    path.write_text(json.dumps(document).replace("Infinity", "1e400"), encoding="utf-8")
+    return run_dir, path
+
+
+def set_baseline_figure(name, value):
+    def edit(document):
+        document["runs"][0]["figures"][name] = value
+
+    return edit
+
+
+TAMPERED = [
+    pytest.param(
+        set_baseline_figure("optimizer_state_bytes", "abc"),
+        "optimizer_state_bytes",
+        id="bytes as text",
+    ),
+    pytest.param(
+        set_baseline_figure("max_condition", [1, 2]), "max_condition", id="a list as condition"
+    ),
+    pytest.param(set_baseline_figure("final_loss", float("inf")), "final_loss", id="1e400 as loss"),
+    pytest.param(set_baseline_figure("accuracy", 1.5), "accuracy", id="accuracy above 1"),
+    pytest.param(set_baseline_figure("nan_events", -1), "nan_events", id="a negative count"),
+    pytest.param(set_baseline_figure("diverged", "no"), "diverged", id="a flag as text"),
+    pytest.param(
+        set_baseline_figure("max_condition", 0.5), "max_condition", id="condition below 1"
+    ),
+    pytest.param(
+        lambda document: document["runs"][0]["figures"].pop("inf_events"),
+        "inf_events",
+        id="a figure removed",
+    ),
+    pytest.param(
+        lambda document: document["runs"][0]["key"].update(seed=[0]),
+        "seed",
+        id="seed as list",
+    ),
+    pytest.param(set_baseline_figure("seeds_broken", 1), "seeds_broken", id="seed count forged"),
+]
+
+
+@pytest.mark.parametrize(("edit", "field"), TAMPERED)
+@pytest.mark.parametrize("mode", [[], ["--json"]], ids=["text", "json"])
+def test_tampered_baselines_exit_2_naming_field_and_file(tmp_path, edit, field, mode):
+    run_dir, path = tampered_baseline(tmp_path, edit)
+    result = invoke("gate", str(run_dir), "--baseline", str(path), *mode)
+    # The run by its key where the key is sound, else by its id.
+    run = '"r0"' if field == "seed" else "mlp/baseline/singd:diagonal"
+    assert_one_sentence_error(result, str(path), field, run)
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("mode", [[], ["--json"]], ids=["text", "json"])
+def test_a_check_that_cannot_compare_is_an_error_not_a_pass(tmp_path, mode):
+    # A run that did not break, with no optimizer-state bytes in the baseline.
+    run_dir, path = tampered_baseline(tmp_path, set_baseline_figure("optimizer_state_bytes", None))
+    result = invoke("gate", str(run_dir), "--baseline", str(path), *mode)
+    assert_one_sentence_error(
+        result, "cannot compare", "optimizer_state_bytes", str(path), str(run_dir)
+    )
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("seed", [0, 1]), ("seed", True), ("model", 3), ("run", ["r0"]), ("control_of", 5)],
+)
+def test_a_run_directory_with_bad_keys_exits_2(tmp_path, field, value):
+    runs = base_runs()
+    runs[0][field] = value
+    run_dir = write_run_dir(tmp_path / "run", runs)
+    result = invoke("baseline", str(run_dir), "-o", str(tmp_path / "b.json"))
+    assert_one_sentence_error(result, "summary.json", field)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("optimizer_state_bytes", "abc"), ("underflow_fraction", 7)]
+)
+def test_a_run_directory_with_bad_figures_exits_2(tmp_path, field, value):
+    runs = base_runs()
+    runs[0][field] = value
+    run_dir = write_run_dir(tmp_path / "run", runs)
+    result = invoke("baseline", str(run_dir), "-o", str(tmp_path / "b.json"))
+    assert_one_sentence_error(result, "summary.json", field, "'r0'")
+
+
+def test_a_run_that_raised_is_kept_in_a_baseline(tmp_path):
+    runs = base_runs()
+    find(runs, "r2").update(finished=False, error="RuntimeError: boom", seeds_broken=1)
+    run_dir = write_run_dir(tmp_path / "run", runs)
+    out = tmp_path / "b.json"
+    result = invoke("baseline", str(run_dir), "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert invoke("gate", str(run_dir), "--baseline", str(out)).exit_code == 0

@@ -15,10 +15,11 @@ from precision_lab.gate import (
     AbsoluteGrowth,
     AtLeast,
     AtMost,
-    GrowthFactor,
+    ConditionGrowth,
     NoneWhereNone,
     NotEarlier,
     Tolerances,
+    condition_ceiling,
     gate,
 )
 from tests.precision_lab.gate_runs import CONFIG, MIB, base_runs, find, write_run_dir
@@ -27,6 +28,7 @@ from tests.precision_lab.test_baseline import assert_one_sentence_error
 MLP_SINGD = "mlp/baseline/singd:diagonal/bfloat16/pure/seed0"
 MLP_KFAC = "mlp/baseline/kfac:cholesky/bfloat16/pure/seed0"
 CNN_SINGD = "cnn/baseline/singd:diagonal/bfloat16/pure/seed0"
+MLP_SINGD_CONTROL = "mlp/baseline/singd:diagonal/float32/pure/seed0 (control of bfloat16/pure)"
 
 
 @pytest.fixture
@@ -70,10 +72,12 @@ def test_identical_run_passes(tmp_path, baseline_file):
         "nonfinite": 0.2,
         "underflow": 0.01,
         "loss": 0.05,
+        "alpha": 0.01,
         "max_slowdown": None,
     }
-    # Five runs, eleven checks each; the diverged baseline's two learning checks are skipped.
-    assert data["counts"] == {"fail": 0, "better": 0, "new": 0, "ok": 53, "skip": 2}
+    # Five runs, eleven checks each; six figures of the run that broke (r1) are chaos:
+    # its NaN / Inf counts, condition, underflow, loss and accuracy are skipped.
+    assert data["counts"] == {"fail": 0, "better": 0, "new": 0, "ok": 49, "skip": 6}
 
 
 # Each regression the issue names, and the figure its message must name.
@@ -97,10 +101,10 @@ REGRESSIONS = [
         id="an earlier divergence",
     ),
     pytest.param(
-        set_figure("r0", max_condition=1.5e5),
-        MLP_SINGD,
+        set_figure("r3", max_condition=1.5e5),
+        MLP_SINGD_CONTROL,
         "max_condition",
-        id="condition number 100x larger",
+        id="float32 condition number 100x larger",
     ),
     pytest.param(
         lambda runs: runs.remove(find(runs, "r2")),
@@ -116,7 +120,7 @@ REGRESSIONS = [
     ),
     pytest.param(
         set_figure("r3", final_loss=0.40 * 1.2),
-        "mlp/baseline/singd:diagonal/float32/pure/seed0 (control of bfloat16/pure)",
+        MLP_SINGD_CONTROL,
         "final_loss",
         id="worse loss of a float32 control",
     ),
@@ -165,7 +169,7 @@ def test_each_regression_fails_naming_run_and_figure(tmp_path, baseline_file, ed
 def test_failures_come_first_and_are_all_collected(tmp_path, baseline_file):
     def two_regressions(runs):
         find(runs, "r0")["optimizer_state_bytes"] += 1
-        find(runs, "r2")["max_condition"] = 1e9
+        find(runs, "r3")["max_condition"] = 1e6
 
     data = json.loads(gate_cli(tmp_path, baseline_file, two_regressions, "--json").output)
     statuses = [check["status"] for check in data["checks"]]
@@ -194,7 +198,17 @@ def test_failures_come_first_and_are_all_collected(tmp_path, baseline_file):
         pytest.param(
             set_figure("r1", first_nonfinite_step=33), [], id="first non-finite 17.5% earlier"
         ),
-        pytest.param(set_figure("r0", max_condition=1.5e4), [], id="condition exactly 10x"),
+        pytest.param(set_figure("r3", max_condition=1.5e4), [], id="condition exactly 10x"),
+        pytest.param(
+            set_figure("r0", max_condition=1.5e6),
+            [],
+            id="a bfloat16 condition number beyond 1/eps = 128, saturated in both",
+        ),
+        pytest.param(
+            set_figure("r1", nan_events=0, inf_events=3, max_condition=7.0, underflow_fraction=0.4),
+            [],
+            id="another pattern of NaN, Inf, condition and underflow after the same divergence",
+        ),
         pytest.param(
             set_figure("r1", nan_events=30, final_loss=12.0),
             [],
@@ -228,8 +242,7 @@ def test_improvements_are_reported_never_failures(tmp_path, baseline_file):
         (MLP_SINGD, "memory.optimizer_state_bytes"),
         (MLP_SINGD, "learning.final_loss"),
         (MLP_SINGD, "learning.accuracy"),
-        (MLP_KFAC, "stability.first_nonfinite_step"),
-        (MLP_KFAC, "stability.nan_events"),
+        (MLP_KFAC, "stability.diverged"),
     }
 
 
@@ -375,18 +388,28 @@ BOUNDARIES = [
     (NotEarlier("stability", "first_nonfinite_step", tolerance=0.2), 7, 10, True),
     (NotEarlier("stability", "first_nonfinite_step", tolerance=0.2), 7, None, True),
     (NotEarlier("stability", "first_nonfinite_step", tolerance=0.2), None, 10, False),
-    (GrowthFactor("stability", "max_condition", factor=10), 1e4, 1e3, False),
-    (GrowthFactor("stability", "max_condition", factor=10), 1.01e4, 1e3, True),
-    (GrowthFactor("stability", "max_condition", factor=10), None, 1e3, True),
-    (GrowthFactor("stability", "max_condition", factor=10), 1e3, None, False),
+    (ConditionGrowth("stability", "max_condition", factor=10), 1e4, 1e3, False),
+    (ConditionGrowth("stability", "max_condition", factor=10), 1.01e4, 1e3, True),
+    (ConditionGrowth("stability", "max_condition", factor=10), None, 1e3, True),
+    (ConditionGrowth("stability", "max_condition", factor=10), 1e3, None, False),
+    (ConditionGrowth("stability", "max_condition", factor=10), None, None, False),
     (AbsoluteGrowth("stability", "underflow_fraction", tolerance=0.01), 0.509, 0.5, False),
     (AbsoluteGrowth("stability", "underflow_fraction", tolerance=0.01), 0.52, 0.5, True),
 ]
 
 
+def compared(check, current, baseline, dtype="float32", mode="pure", **hyperparameters):
+    """What ``check`` compares for two runs with these figures (float32 factors by default)."""
+    runs = [
+        {check.figure: value, "dtype": dtype, "mode": mode, "hyperparameters": hyperparameters}
+        for value in (current, baseline)
+    ]
+    return check.values(*runs)
+
+
 @pytest.mark.parametrize(("check", "current", "baseline", "expected"), BOUNDARIES)
 def test_check_boundaries(check, current, baseline, expected):
-    message = check.fails(current, baseline)
+    message = check.fails(*compared(check, current, baseline))
     assert (message is not None) == expected, message
     if message is not None:
         assert check.figure in message
@@ -405,8 +428,8 @@ IMPROVEMENTS = [
     (NotEarlier("stability", "first_nonfinite_step", tolerance=0.2), None, 10, True),
     (NotEarlier("stability", "first_nonfinite_step", tolerance=0.2), 12, 10, False),
     (NotEarlier("stability", "first_nonfinite_step", tolerance=0.2), 13, 10, True),
-    (GrowthFactor("stability", "max_condition", factor=10), 1.1e2, 1e3, False),
-    (GrowthFactor("stability", "max_condition", factor=10), 0.9e2, 1e3, True),
+    (ConditionGrowth("stability", "max_condition", factor=10), 1.1e2, 1e3, False),
+    (ConditionGrowth("stability", "max_condition", factor=10), 0.9e2, 1e3, True),
     (AbsoluteGrowth("stability", "underflow_fraction", tolerance=0.01), 0.491, 0.5, False),
     (AbsoluteGrowth("stability", "underflow_fraction", tolerance=0.01), 0.48, 0.5, True),
 ]
@@ -414,8 +437,9 @@ IMPROVEMENTS = [
 
 @pytest.mark.parametrize(("check", "current", "baseline", "expected"), IMPROVEMENTS)
 def test_improvement_boundaries(check, current, baseline, expected):
-    assert check.improves(current, baseline) == expected
-    assert check.fails(current, baseline) is None
+    values = compared(check, current, baseline)
+    assert check.improves(*values) == expected
+    assert check.fails(*values) is None
 
 
 @pytest.mark.parametrize(("device", "code"), [("cpu", 0), ("cuda:0", 1)])
@@ -447,3 +471,69 @@ def test_environment_and_hyperparameter_changes_are_noted_not_failed(tmp_path, b
         f"note: {MLP_SINGD} ran with other hyperparameters: damping None -> 0.001, lr 0.01 -> 0.02."
         in result.output
     )
+
+
+@pytest.mark.parametrize(
+    ("was", "now", "code"),
+    [
+        pytest.param(3.978e8, 4.237e9, 0, id="saturated in both: the issue's two machines"),
+        pytest.param(3.978e8, None, 0, id="saturated, then non-finite"),
+        pytest.param(1e6, 9e6, 0, id="crossing 1/eps within 10x"),
+        pytest.param(1.5e3, 4.237e9, 1, id="from 1.5e3 to saturated"),
+        pytest.param(1.5e3, None, 1, id="from 1.5e3 to non-finite"),
+    ],
+)
+def test_float32_condition_numbers_saturate_at_1_over_eps(tmp_path, was, now, code):
+    """KFAC's float32 factors (r4, the control of r1) at and beyond 1/eps = 8.4e6."""
+    runs = base_runs()
+    find(runs, "r4")["max_condition"] = was
+    base = write_run_dir(tmp_path / "base", runs)
+    path = tmp_path / "baseline.json"
+    assert CliRunner().invoke(cli, ["baseline", str(base), "-o", str(path)]).exit_code == 0
+    result = gate_cli(tmp_path, path, set_figure("r4", max_condition=now), "--json")
+    assert result.exit_code == code, result.output
+    verdict = next(
+        c
+        for c in json.loads(result.output)["checks"]
+        if c["check"] == "stability.max_condition"
+        and c["key"]["dtype"] == "float32"
+        and c["key"]["optimizer"] == "kfac:cholesky"
+    )
+    assert verdict["status"] == ("ok" if code == 0 else "fail")
+    if was > 8.4e6:
+        assert verdict["change"] == "saturated"
+    if code:
+        assert "saturated: at or beyond 1/eps = 8.39e+06" in verdict["message"]
+
+
+@pytest.mark.parametrize(
+    ("run", "ceiling"),
+    [
+        ({"dtype": "float32", "mode": "pure"}, 2.0**23),
+        ({"dtype": "bfloat16", "mode": "pure"}, 128),
+        ({"dtype": "float16", "mode": "pure"}, 1024),
+        ({"dtype": "bfloat16", "mode": "mixed"}, 2.0**23),
+        (
+            {
+                "dtype": "bfloat16",
+                "mode": "pure",
+                "hyperparameters": {"factor_dtype": "torch.float32"},
+            },
+            2.0**23,
+        ),
+        (
+            {
+                "dtype": "float32",
+                "mode": "mixed",
+                "hyperparameters": {"preconditioner_dtype": [None, "torch.bfloat16"]},
+            },
+            128,
+        ),
+        (
+            {"dtype": "float16", "mode": "pure", "hyperparameters": {"factor_dtype": None}},
+            1024,
+        ),
+    ],
+)
+def test_the_condition_ceiling_follows_the_factors_dtype(run, ceiling):
+    assert condition_ceiling(run) == ceiling

@@ -1,17 +1,22 @@
-"""The gate on a real quick-suite run: its own baseline passes, injected regressions fail.
+"""The gate on real quick-suite runs: its own baseline passes, injected regressions fail,
+and verdicts hold across thread counts.
 
-The quick suite runs once per test session in float32 (real training on the digits, real
-probes, a real run directory); each test copies the run directory and edits one figure
-of one real run in its summary.json, as a regressing change would.
+The quick suite runs at most once per test session for each (dtype, thread count) asked
+for (real training on the digits, real probes, a real run directory); the float32 run on
+the machine's default thread count is the one the injected regressions edit: each test
+copies the run directory and edits one figure of one real run in its summary.json, as a
+regressing change would.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from precision_lab.baseline import read_run_dir
@@ -19,22 +24,58 @@ from precision_lab.cli import cli
 
 pytestmark = pytest.mark.slow
 
+BASELINES = Path(__file__).resolve().parents[2] / "reports/baselines"
 
-@pytest.fixture(scope="session")
-def quick_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("quick") / "run"
-    args = ["stress", "--suite", "quick", "--dtype", "fp32", "--device", "cpu", "--out", str(out)]
-    result = CliRunner().invoke(cli, args)
-    assert result.exit_code == 0, result.output
-    return out
+# In-process runs share one process, whose resident-memory high-water mark is not that of a
+# fresh `precision-lab stress`: peak memory is left out (a floor of 1 TiB). .ci/run gates it
+# on separate processes.
+NO_PEAK = ("--peak-floor", "1024GiB")
 
 
 @pytest.fixture(scope="session")
-def quick_baseline(quick_run, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("baseline") / "quick-fp32.json"
-    result = CliRunner().invoke(cli, ["baseline", str(quick_run), "-o", str(path)])
-    assert result.exit_code == 0, result.output
+def quick_runs(tmp_path_factory) -> Callable[[str, int], Path]:
+    """``run(dtype, threads)``: the quick suite's run directory in ``dtype`` (fp32, fp16,
+    bf16) on ``threads`` torch threads, run on first use."""
+    done: dict[tuple[str, int], Path] = {}
+
+    def run(dtype: str, threads: int) -> Path:
+        if (dtype, threads) not in done:
+            out = tmp_path_factory.mktemp(f"quick-{dtype}-{threads}threads") / "run"
+            args = ["stress", "--suite", "quick", "--dtype", dtype, "--device", "cpu"]
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                result = CliRunner().invoke(cli, [*args, "--out", str(out)])
+            finally:
+                torch.set_num_threads(before)
+            assert result.exit_code == 0, result.output
+            done[dtype, threads] = out
+        return done[dtype, threads]
+
+    return run
+
+
+def baseline_of(run_dir: Path) -> Path:
+    """The baseline of a run directory, written beside it once."""
+    path = run_dir.with_name("baseline.json")
+    if not path.exists():
+        result = CliRunner().invoke(cli, ["baseline", str(run_dir), "-o", str(path)])
+        assert result.exit_code == 0, result.output
     return path
+
+
+DEFAULT_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(scope="session")
+def quick_run(quick_runs) -> Path:
+    """The float32 quick suite on the machine's default thread count."""
+    return quick_runs("fp32", DEFAULT_THREADS)
+
+
+@pytest.fixture(scope="session")
+def quick_baseline(quick_run) -> Path:
+    return baseline_of(quick_run)
 
 
 def edited_copy(quick_run: Path, tmp_path: Path, edit) -> Path:
@@ -141,15 +182,54 @@ def test_a_missing_real_run_fails_coverage(quick_run, quick_baseline, tmp_path):
     ]
 
 
-def test_the_committed_float32_baseline_still_holds(quick_run):
-    """This session's quick run against reports/baselines/quick-suite-fp32.json.
+def gate_failures(run_dir: Path, baseline: Path) -> list[str]:
+    """The failures of gating ``run_dir`` (peak memory left out), asserting it could judge."""
+    args = ["gate", str(run_dir), "--baseline", str(baseline), *NO_PEAK, "--json"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code in (0, 1), result.output
+    return json.loads(result.output)["failures"]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize(("threads", "baseline_threads"), [(1, 2), (2, 1)])
+def test_verdicts_hold_across_thread_counts(quick_runs, dtype, threads, baseline_threads):
+    """A run on one thread count passes a baseline made on the other, both ways."""
+    baseline = baseline_of(quick_runs(dtype, baseline_threads))
+    assert gate_failures(quick_runs(dtype, threads), baseline) == []
+
+
+@pytest.mark.parametrize(
+    ("dtype", "threads"),
+    [("fp32", DEFAULT_THREADS)]
+    + [(dtype, threads) for dtype in ("fp32", "fp16", "bf16") for threads in (1, 2)],
+)
+def test_the_committed_baselines_still_hold(quick_runs, dtype, threads):
+    """This session's quick runs against reports/baselines/quick-suite-DTYPE.json.
 
     A change that moves the figures fails here as it fails CI: refresh the baselines
-    deliberately (reports/baselines/README.md). Peak memory is left out (a floor of
-    1 TiB): inside pytest it is the resident memory of a process that has run other
-    tests, not of a fresh ``precision-lab stress`` as in CI.
+    deliberately (reports/baselines/README.md).
     """
-    committed = Path(__file__).resolve().parents[2] / "reports/baselines/quick-suite-fp32.json"
-    args = ["gate", str(quick_run), "--baseline", str(committed), "--peak-floor", "1024GiB"]
-    result = CliRunner().invoke(cli, [*args, "--json"])
-    assert result.exit_code == 0, json.loads(result.output)["failures"]
+    baseline = BASELINES / f"quick-suite-{dtype}.json"
+    assert gate_failures(quick_runs(dtype, threads), baseline) == []
+
+
+def test_a_real_regression_fails_the_committed_baseline(tmp_path):
+    """The quick suite with SINGD's learning rate at 0.01 instead of 0.03, as a change might
+    set it, fails the committed float32 baseline on SINGD's loss and accuracy (only that
+    run is made: the others fail as missing, which is not what is tested)."""
+    quick = Path(__file__).resolve().parents[2] / "precision_lab/suites/quick.toml"
+    text = quick.read_text(encoding="utf-8")
+    assert "[hyperparameters.singd]\nlr = 0.03\n" in text
+    suite = tmp_path / "quick.toml"
+    suite.write_text(text.replace("singd]\nlr = 0.03", "singd]\nlr = 0.01"), encoding="utf-8")
+    out = tmp_path / "run"
+    args = ["stress", "--suite", str(suite), "--dtype", "fp32", "--device", "cpu"]
+    args += ["--optimizers", "singd:diagonal", "--scenarios", "baseline"]
+    result = CliRunner().invoke(cli, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    failures = gate_failures(out, BASELINES / "quick-suite-fp32.json")
+    singd = "mlp/baseline/singd:diagonal/float32/pure/seed0: "
+    assert {message.split(" ")[1] for message in failures if message.startswith(singd)} == {
+        "final_loss",
+        "accuracy",
+    }, failures
