@@ -49,14 +49,18 @@ class StopSignals:
         self._depth = 0
         self._pending = False
         self._writing_report = False
+        self._hurried = False
         self._previous = (
             {s: signal.signal(s, self._handle) for s in STOP_SIGNALS} if install else {}
         )
 
     def restore(self) -> None:
-        """Put the handlers found at construction back."""
+        """Put the handlers found at construction back, unless a signal came: then the
+        command is on its way out, and one more Ctrl-C during the interpreter's shutdown
+        must not kill it by the signal (Python re-raises an uncaught SIGINT), so later
+        signals are ignored until the process ends."""
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if self.received else handler)
         self._previous = {}
 
     @property
@@ -67,7 +71,7 @@ class StopSignals:
     @property
     def skip_report(self) -> bool:
         """A second signal, or one that came while saving, asks to leave without the report."""
-        return len(self.received) > 1 or (self.closing and bool(self.received))
+        return self._hurried
 
     @contextmanager
     def protected(self) -> Iterator[None]:
@@ -95,6 +99,7 @@ class StopSignals:
         if self._writing_report:
             raise ReportSkipped
         if self.closing or len(self.received) > 1:
+            self._hurried = True
             # os.write: a print from a handler can collide with the print it interrupted.
             os.write(
                 2,
