@@ -79,13 +79,28 @@ def _device(choice: str) -> torch.device:
 
 
 def _default_out() -> Path:
+    """A new folder reports/runs/<UTC timestamp>[-n], created here: two suites started in
+    the same second get two folders, never one shared (mkdir is atomic)."""
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
-    out = Path("reports") / "runs" / stamp
-    n = 1
-    while out.exists():
-        out = Path("reports") / "runs" / f"{stamp}-{n}"
-        n += 1
-    return out
+    root = Path("reports") / "runs"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(
+            f"Cannot create {root} ({err.strerror or err}); pass a writable --out directory."
+        ) from None
+    n = 0
+    while True:
+        out = root / (stamp if n == 0 else f"{stamp}-{n}")
+        try:
+            out.mkdir()
+            return out
+        except FileExistsError:
+            n += 1
+        except OSError as err:
+            raise UsageError(
+                f"Cannot create {out} ({err.strerror or err}); pass a writable --out directory."
+            ) from None
 
 
 def _init_distributed(device: torch.device) -> dist.Store | None:
