@@ -377,7 +377,7 @@ def _stress(
     if run_dir is not None and world > 1:
         # Once a rank fails, torchrun stops the others with SIGTERM (and SIGKILL after its
         # grace period): rank 0 lets its collective fail instead, so that it can record
-        # the run and close the run directory (records.parquet's footer, the report).
+        # the run and close the run directory (its records merged, the report).
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     failure: RankFailedError | None = None
     try:

@@ -717,7 +717,7 @@ class KroneckerOptimizer(Optimizer):
             ValueError: In one sentence, at the first way the checkpoint does not fit this
                 optimizer and model (`singd.optim.checkpoint`); nothing is loaded then.
         """
-        from singd.optim.checkpoint import check_state_dict  # it imports this module's types
+        from singd.optim.checkpoint import check_state_dict  # needed only when loading
 
         check_state_dict(self, state_dict)
         state_dict = dict(state_dict)
