@@ -96,9 +96,7 @@ class StopSignals:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.received.append(signum)
-        if self._writing_report:
-            raise ReportSkipped
-        if self.closing or len(self.received) > 1:
+        if self._writing_report or self.closing or len(self.received) > 1:
             self._hurried = True
             # os.write: a print from a handler can collide with the print it interrupted.
             os.write(
@@ -106,6 +104,8 @@ class StopSignals:
                 b"\nInterrupted while saving: the runs recorded so far are saved first; the "
                 b"report is skipped.\n",
             )
+            if self._writing_report:
+                raise ReportSkipped
             return
         if self._depth:
             self._pending = True
