@@ -32,9 +32,9 @@ REPO = HERE.parent
 # Our package is also called `singd`: only the venv's may be importable here.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]
 import mlp_step  # noqa: E402  (sys.path[0] is this script's folder, not the repository)
-from singd.optim.optimizer import SINGD  # noqa: E402
 
 import singd  # noqa: E402
+from singd.optim.optimizer import SINGD  # noqa: E402
 
 if REPO in Path(singd.__file__).resolve().parents:
     sys.exit(f"`singd` resolves to this repository ({singd.__file__}); use the reference venv.")

@@ -1,10 +1,10 @@
 """The ``precision-lab`` command line: parses, builds library objects, calls them.
 
 Exit codes (DESIGN.md): 0 success, 1 a gate found a regression, 2 usage or input error
-(one sentence, no traceback), 130 after Ctrl-C once what was recorded is saved. Each
-command lives in its own module and is added to the group below; commands receive the
-shared `precision_lab.context.LabContext` through ``@pass_lab`` and report bad input by
-raising `precision_lab.errors.UsageError` inside ``@user_errors``.
+(one sentence, no traceback), 130 after Ctrl-C and 143 after SIGTERM once what was
+recorded is saved. Each command lives in its own module and is added to the group below;
+commands receive the shared `precision_lab.context.LabContext` through ``@pass_lab`` and
+report bad input by raising `precision_lab.errors.UsageError` inside ``@user_errors``.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from precision_lab.cli_gate import baseline_command, gate_command
 from precision_lab.cli_report import memory_command, report_command
 from precision_lab.context import LabContext
 from precision_lab.errors import EXIT_INTERRUPTED, EXIT_REGRESSION, EXIT_USAGE
+from precision_lab.interrupts import EXIT_TERMINATED
 from precision_lab.stress import stress
 
-__all__ = ["EXIT_INTERRUPTED", "EXIT_REGRESSION", "EXIT_USAGE", "cli", "main"]
+__all__ = ["EXIT_INTERRUPTED", "EXIT_REGRESSION", "EXIT_TERMINATED", "EXIT_USAGE", "cli", "main"]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

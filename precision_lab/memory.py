@@ -236,6 +236,13 @@ class _MetaBuild:
             mode.__exit__(*exc)
 
 
+MAX_D_MODEL = 2**20
+"""Largest width the planner builds (1,048,576; today's largest models are near 2**14)."""
+MAX_LAYERS = 1024
+"""Most layers or blocks the planner builds: 1,024 transformer blocks take about 5 s on
+the meta device on a 2-core CPU (with ``-o``, the plot's sweep builds seven more)."""
+
+
 def build_meta_model(
     model: str, d_model: int = 512, layers: int | None = None, heads: int | None = None
 ) -> nn.Module:
@@ -254,6 +261,15 @@ def build_meta_model(
     """
     if d_model < 1 or (layers is not None and layers < 1):
         raise UsageError(f"Sizes must be positive, got --d-model {d_model} --layers {layers}.")
+    for option, value, bound in (
+        ("--d-model", d_model, MAX_D_MODEL),
+        ("--layers", layers, MAX_LAYERS),
+    ):
+        if value is not None and value > bound:
+            raise UsageError(
+                f"{option} {value} is beyond the planner's bound of {bound}, past which it "
+                "would build the model for minutes or overflow its sizes."
+            )
     with meta_device():
         if model in ("mlp", "cnn", "transformer"):
             built = _builtin(model, d_model, layers, heads)

@@ -14,7 +14,9 @@ whole.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -207,9 +209,16 @@ def write_report(
     page_title = title or "precision-lab report: " + " vs ".join(labels)
     html = render_page(page_title, sections, sources_html(data))
     out = Path(out)
+    # Written under a name of this process's own, then renamed: a kill or a full disk
+    # leaves the previous report or none, never half of one.
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(html, encoding="utf-8")
+        tmp.write_text(html, encoding="utf-8")
+        os.replace(tmp, out)
     except OSError as err:
         raise UsageError(f"Cannot write the report to {str(out)!r} ({err.strerror}).") from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return out

@@ -5,38 +5,58 @@
     RUN_DIR/
       config.json      the suite (its TOML text), optimizers, dtypes, modes, seeds,
                        versions, device and command line
-      summary.json     {"schema": 1, "runs": [one object per run]}, rewritten after every run
-      records.parquet  the long table: every probe row plus ``train`` rows
+      summary.json     {"schema": 1, "runs": [one object per run], "records": [files]},
+                       rewritten after every run
+      records/         while the suite runs: one Parquet file per recorded run
+      records.parquet  once the suite has closed: those files as one long table (every
+                       probe row plus ``train`` rows)
       report.html      the report
       failures/        KFAC's reproducers of failed decompositions, in failures/<run id>/
+      .lock            locked (``flock``) by the one process writing the directory
 
 Every planned run is in summary.json from the start, ``finished: false`` until it has
 run, so a suite stopped by Ctrl-C or a crash says what it did not do. Every field's
 definition is in `FIELDS` (DESIGN.md's where it names the field), and summary.json
 repeats them under ``fields``.
 
-Non-finite numbers are written as null, so the JSON stays valid.
+A kill at any instant (SIGKILL included) leaves every recorded run readable: each file
+is written under a temporary name unique to the process and renamed into place, a run's
+records are complete in their own file before summary.json lists that file under
+``records``, and readers read only the files listed (a directory written before
+``records`` existed has records.parquet alone). One process writes a directory: it
+holds the lock from the start, and only an empty directory (or a new one) is accepted.
+
+Non-finite numbers are written as null, so the JSON stays valid. `read_summary` checks
+every run's figures (type and range) when a directory is read.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
+import re
+import shutil
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from precision_lab.dtypes import dtype_name
 from precision_lab.errors import UsageError
 from precision_lab.report import write_report
 from precision_lab.suite import RunPlan
-from probes.records import ARROW_SCHEMA, COLUMNS, read_parquet
+from probes.records import ARROW_SCHEMA, frame_from_rows, read_parquet, write_parquet
 
 SUMMARY_SCHEMA = 1
+RECORDS_FILE = "records.parquet"
+RECORDS_DIR = "records"
+LOCK_FILE = ".lock"
 
 FIELDS: dict[str, str] = {
     "run": "the run's id: model/scenario/optimizer/dtype/mode/s<seed>[/control-<dtype>-<mode>]",
@@ -136,11 +156,75 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Write ``path`` through ``write(tmp)`` and a rename: a reader (or a kill) sees the old
+    file or the whole new one. The temporary name is unique to this process.
+
+    Raises:
+        UsageError: The file cannot be written (read-only, disk full, file too large).
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise UsageError(
+                f"Cannot write {path} ({err.strerror or err}); the runs recorded before it "
+                f"stay readable in {path.parent}."
+            ) from None
+        raise
+
+
 def _write_json(path: Path, data: Any) -> None:
-    """Write atomically: a reader (or a Ctrl-C) never sees a half-written file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n"
+    _atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _lock(path: Path) -> int:
+    """Create ``path`` if needed, lock it for this process and check that it is empty.
+
+    Returns:
+        The lock file's descriptor; the lock lasts until it is closed (or the process
+        ends, however it ends).
+
+    Raises:
+        UsageError: The directory cannot be created, another process holds its lock, or
+            it holds anything but the lock file.
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as err:
+        raise UsageError(
+            f"Cannot create the run directory {path} ({err.strerror or err}); pass a "
+            "writable --out directory."
+        ) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        os.close(fd)
+        why = (
+            "another precision-lab process is writing it"
+            if isinstance(err, BlockingIOError)
+            else f"it cannot be locked ({err.strerror or err})"
+        )
+        raise UsageError(f"{path} cannot be used as a run directory: {why}.") from None
+    found = sorted(p.name for p in path.iterdir() if p.name != LOCK_FILE)
+    if found:
+        os.close(fd)
+        if "summary.json" in found:
+            raise UsageError(
+                f"{path} already holds a run (summary.json): pass a new --out directory."
+            )
+        raise UsageError(
+            f"{path} is not empty (it holds {found[0]!r}"
+            f"{f' and {len(found) - 1} more' if len(found) > 1 else ''}): pass a new or "
+            "empty --out directory."
+        )
+    return fd
 
 
 def planned_run(plan: RunPlan) -> dict[str, Any]:
@@ -167,33 +251,38 @@ class RunDirectory:
     """Writes one run directory as the suite goes; see the module docstring.
 
     Args:
-        path: The directory (created; it must not hold a previous run's summary).
+        path: The directory: new, or empty. It is locked for this process until `close`.
         config: The content of config.json.
         plans: Every run of the suite, in order.
+
+    Raises:
+        UsageError: The directory cannot be created, is not empty, or is being written
+            by another process; or a file cannot be written (then and in every method).
     """
 
     def __init__(self, path: Path, config: dict[str, Any], plans: list[RunPlan]) -> None:
         self.path = Path(path)
-        if (self.path / "summary.json").exists():
-            raise UsageError(
-                f"{self.path} already holds a run (summary.json): pass a new --out directory."
-            )
+        self._lock = _lock(self.path)
         self.failures = self.path / "failures"
-        self.failures.mkdir(parents=True, exist_ok=True)
-        _write_json(self.path / "config.json", config)
         self.plans = plans
         self.runs: dict[str, dict[str, Any]] = {p.run_id: planned_run(p) for p in plans}
-        self._writer = pq.ParquetWriter(str(self.path / "records.parquet"), ARROW_SCHEMA)
+        self.records: list[str] = []
+        """The records files summary.json lists, relative to the directory."""
+        try:
+            for folder in (self.failures, self.path / RECORDS_DIR):
+                folder.mkdir()
+        except OSError as err:
+            raise UsageError(f"Cannot write in {self.path} ({err.strerror or err}).") from None
+        _write_json(self.path / "config.json", config)
         self.write_summary()
 
     def add(self, summary: dict[str, Any], records: pd.DataFrame) -> None:
-        """Record one run's outcome: append its records, rewrite summary.json."""
-        self.runs[summary["run"]].update(summary)
+        """Record one run's outcome: its records in a file of their own, then summary.json."""
         if len(records):
-            table = pa.Table.from_pandas(
-                records[list(COLUMNS)], schema=ARROW_SCHEMA, preserve_index=False
-            )
-            self._writer.write_table(table)
+            name = f"{RECORDS_DIR}/{len(self.records) + 1:05d}.parquet"
+            _atomic(self.path / name, partial(write_parquet, records))
+            self.records.append(name)
+        self.runs[summary["run"]].update(summary)
         self.write_summary()
 
     def summary(self) -> list[dict[str, Any]]:
@@ -219,21 +308,128 @@ class RunDirectory:
         return out
 
     def write_summary(self) -> None:
-        summary = {"schema": SUMMARY_SCHEMA, "fields": FIELDS, "runs": self.summary()}
+        summary = {
+            "schema": SUMMARY_SCHEMA,
+            "fields": FIELDS,
+            "records": self.records,
+            "runs": self.summary(),
+        }
         _write_json(self.path / "summary.json", summary)
 
-    def close(self) -> None:
-        """Finish records.parquet (its footer) and write report.html."""
-        self._writer.close()
+    def merge_records(self) -> None:
+        """Join the runs' records files into records.parquet, then point summary.json at it.
+
+        Until the new summary.json is in place it lists the runs' files, which stay
+        until then: a kill in between loses nothing.
+        """
+        parts = [self.path / name for name in self.records]
+
+        def write(tmp: Path) -> None:
+            with pq.ParquetWriter(str(tmp), ARROW_SCHEMA) as writer:
+                for part in parts:  # one run's records in memory at a time
+                    writer.write_table(pq.read_table(str(part)))
+
+        _atomic(self.path / RECORDS_FILE, write)
+        self.records = [RECORDS_FILE]
+        self.write_summary()
+        shutil.rmtree(self.path / RECORDS_DIR, ignore_errors=True)
+
+    def write_report(self) -> None:
+        """Write report.html from what the directory holds."""
         write_report([self.path], self.path / "report.html")
+
+    def close(self) -> None:
+        """Merge the records, write report.html and release the directory's lock."""
+        self.merge_records()
+        self.write_report()
+        self.release()
+
+    def release(self) -> None:
+        """Let another process use the directory (the lock also ends with the process)."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+
+_COUNT = (int, "a non-negative integer", lambda v: v >= 0)
+_SCORE = (float, "a number", math.isfinite)
+_FRACTION = (float, "a number in [0, 1]", lambda v: 0 <= v <= 1)
+_SIZE = (float, "a non-negative number", lambda v: v >= 0 and math.isfinite(v))
+_TEXT = (str, "a string", None)
+FIGURE_TYPES: dict[str, tuple[type, str, Callable[[Any], bool] | None]] = {
+    **dict.fromkeys(("model", "scenario", "optimizer", "structure", "dtype", "mode"), _TEXT),
+    **dict.fromkeys(("control_of", "error", "fallback_optimizer"), _TEXT),
+    **dict.fromkeys(("finished", "diverged"), (bool, "true or false", None)),
+    **dict.fromkeys(
+        (
+            "seed",
+            "steps",
+            "first_nonfinite_step",
+            "nan_events",
+            "inf_events",
+            "skipped_steps",
+            "overflow_events",
+            "seeds_broken",
+            "seeds_total",
+        ),
+        _COUNT,
+    ),
+    "underflow_fraction": _FRACTION,
+    "accuracy": _FRACTION,
+    **dict.fromkeys(("optimizer_state_bytes", "peak_memory_bytes", "max_condition"), _SIZE),
+    "step_time_ms": _SIZE,
+    "final_loss": _SCORE,
+    "failure_cause": (
+        str,
+        "one of none, precision, no_learning, optimization",
+        lambda v: v in ("none", "precision", "no_learning", "optimization"),
+    ),
+    "control": (dict, "an object", None),
+    "hyperparameters": (dict, "an object", None),
+    "warnings": (list, "a list", None),
+}
+"""Each summary field's JSON type, its description and its range check; every field may
+be null (a planned run has no figures yet) except ``run``, a non-empty string."""
+
+_PART = re.compile(rf"{RECORDS_DIR}/\d{{5}}\.parquet")
+
+
+def _fits(value: Any, kind: type, check: Callable[[Any], bool] | None) -> bool:
+    if isinstance(value, bool) and kind is not bool:
+        return False
+    ok = isinstance(value, int | float if kind is float else kind)
+    return ok and (check is None or check(value))
+
+
+def _check_runs(path: Path, runs: list[Any]) -> None:
+    """Every run an object with a ``run`` id and figures of `FIGURE_TYPES`' types."""
+    for i, run in enumerate(runs, 1):
+        if not isinstance(run, dict):
+            raise UsageError(
+                f"{path}: run {i} is a {type(run).__name__}, but every run must be an object."
+            )
+        name = run.get("run")
+        if not isinstance(name, str) or not name:
+            raise UsageError(f"{path}: run {i} has run = {name!r}, but its id must be a string.")
+        for field, (kind, what, check) in FIGURE_TYPES.items():
+            value = run.get(field)
+            if value is not None and not _fits(value, kind, check):
+                raise UsageError(
+                    f"{path}: run {name!r} has {field} = {value!r}, but {field} must be "
+                    f"{what} or null."
+                )
 
 
 def read_summary(root: Path) -> dict[str, Any]:
     """A run directory's summary.json, checked: ``{"schema", "fields", "runs": [...]}``.
 
+    Every run must be an object whose figures have the types and ranges of
+    `FIGURE_TYPES`; ``records``, where present, lists files of this directory only.
+
     Raises:
         UsageError: (a ValueError) the directory or its summary.json is missing, not
-            JSON, or not a summary of `SUMMARY_SCHEMA`, in one sentence.
+            JSON, or not a summary of `SUMMARY_SCHEMA`, or a figure is of the wrong type
+            or out of range, in one sentence naming the file and the field.
     """
     if not root.is_dir():
         raise UsageError(
@@ -262,15 +458,28 @@ def read_summary(root: Path) -> dict[str, Any]:
             f"{root / 'summary.json'} is not a precision-lab summary of schema "
             f"{SUMMARY_SCHEMA} (schema {found!r})."
         )
+    path = root / "summary.json"
+    _check_runs(path, data["runs"])
+    records = data.get("records", [RECORDS_FILE])
+    if not isinstance(records, list) or not all(
+        isinstance(n, str) and (n == RECORDS_FILE or _PART.fullmatch(n)) for n in records
+    ):
+        raise UsageError(
+            f"{path} has records = {records!r}, but records must list {RECORDS_FILE} or "
+            f"{RECORDS_DIR}/NNNNN.parquet files of the run directory."
+        )
     return data
 
 
 def load_run(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """A run directory's summary and records as DataFrames, for notebooks.
 
+    Reads a directory whose suite was killed as well as a finished one: the records
+    are those of the files summary.json lists.
+
     Returns:
         ``(summary, records)``: one row per run (the ``control`` figures flattened into
-        ``control.<field>`` columns), and the long table of records.parquet.
+        ``control.<field>`` columns), and the long table of the records.
 
     Raises:
         ValueError: The directory, its summary.json or records.parquet is missing or
@@ -278,10 +487,12 @@ def load_run(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """
     root = Path(path)
     data = read_summary(root)
-    records_path = root / "records.parquet"
-    if not records_path.is_file():
-        raise ValueError(f"{root} has no records.parquet; the run directory is incomplete.")
-    records = read_parquet(records_path)
+    frames = []
+    for name in data.get("records", [RECORDS_FILE]):
+        if not (root / name).is_file():
+            raise ValueError(f"{root} has no {name}; the run directory is incomplete.")
+        frames.append(read_parquet(root / name))
+    records = pd.concat(frames, ignore_index=True) if frames else frame_from_rows([])
     summary = (
         pd.json_normalize(data["runs"], max_level=1)
         if data["runs"]

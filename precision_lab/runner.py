@@ -33,7 +33,7 @@ from precision_lab.dtypes import dtype_name
 from precision_lab.models import build_model
 from precision_lab.scenarios import get_scenario
 from precision_lab.specs import parse_spec
-from precision_lab.suite import RunPlan
+from precision_lab.suite import FILE_LOCATIONS, RunPlan
 from probes.memory import optimizer_state_bytes
 from probes.records import Recorder, frame_from_rows
 
@@ -198,10 +198,12 @@ def _train(
         model.to(dtype)
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model)
-    overrides = dict(plan.hyperparameters)
+    # A place to write comes from the caller alone, never from the plan's hyperparameters
+    # (a suite file's): reproducers stay inside the run directory.
+    overrides = {k: v for k, v in plan.hyperparameters.items() if k not in FILE_LOCATIONS}
     if spec.family == "kfac" and failure_dir is not None:
         # One folder per run (the run id's parts as nested folders): runs never mix.
-        overrides.setdefault("failure_dir", str(failure_dir.joinpath(*plan.run_id.split("/"))))
+        overrides["failure_dir"] = str(failure_dir.joinpath(*plan.run_id.split("/")))
     optimizer = spec.build(model, overrides)
     scaler = (
         torch.amp.GradScaler(device.type) if mode == "mixed" and dtype == torch.float16 else None

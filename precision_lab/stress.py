@@ -34,7 +34,8 @@ from rich.table import Table
 from precision_lab import __version__
 from precision_lab.context import LabContext, pass_lab
 from precision_lab.dtypes import dtype_name, parse_dtype
-from precision_lab.errors import EXIT_INTERRUPTED, EXIT_REGRESSION, UsageError, fail, user_errors
+from precision_lab.errors import EXIT_REGRESSION, UsageError, fail, user_errors
+from precision_lab.interrupts import ReportSkipped, StopSignals
 from precision_lab.rundir import RunDirectory
 from precision_lab.runner import Outcome, RankFailedError, train
 from precision_lab.specs import parse_specs
@@ -78,13 +79,28 @@ def _device(choice: str) -> torch.device:
 
 
 def _default_out() -> Path:
+    """A new folder reports/runs/<UTC timestamp>[-n], created here: two suites started in
+    the same second get two folders, never one shared (mkdir is atomic)."""
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
-    out = Path("reports") / "runs" / stamp
-    n = 1
-    while out.exists():
-        out = Path("reports") / "runs" / f"{stamp}-{n}"
-        n += 1
-    return out
+    root = Path("reports") / "runs"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(
+            f"Cannot create {root} ({err.strerror or err}); pass a writable --out directory."
+        ) from None
+    n = 0
+    while True:
+        out = root / (stamp if n == 0 else f"{stamp}-{n}")
+        try:
+            out.mkdir()
+            return out
+        except FileExistsError:
+            n += 1
+        except OSError as err:
+            raise UsageError(
+                f"Cannot create {out} ({err.strerror or err}); pass a writable --out directory."
+            ) from None
 
 
 def _init_distributed(device: torch.device) -> dist.Store | None:
@@ -274,9 +290,50 @@ def stress(
 
     Writes a run directory (config.json, summary.json, records.parquet, report.html,
     failures/) and prints a summary table and the directory's path. A run that diverges
-    is stopped and recorded; the suite goes on. Exit codes: 0 done, 2 bad input,
-    130 interrupted (what ran is saved).
+    is stopped and recorded; the suite goes on. Ctrl-C or SIGTERM stops the run in
+    progress and saves what was recorded; a second one skips the report. Exit codes:
+    0 done, 2 bad input (a non-empty or locked --out, a full disk), 130 after Ctrl-C and
+    143 after SIGTERM (what ran is saved).
     """
+    stop = StopSignals(install=int(os.environ.get("WORLD_SIZE", "1")) <= 1)
+    try:
+        _stress(
+            lab,
+            stop,
+            dtypes,
+            modes,
+            suite_name,
+            optimizers,
+            models,
+            scenarios,
+            steps,
+            seeds,
+            every,
+            device,
+            out,
+        )
+    except KeyboardInterrupt:  # before the run directory existed: nothing to save
+        fail("Interrupted before any run was recorded.", stop.exit_code)
+    finally:
+        stop.restore()
+
+
+def _stress(
+    lab: LabContext,
+    stop: StopSignals,
+    dtypes: tuple[str, ...],
+    modes: tuple[str, ...],
+    suite_name: str,
+    optimizers: str | None,
+    models: str | None,
+    scenarios: str | None,
+    steps: int | None,
+    seeds: str | None,
+    every: int | None,
+    device: str,
+    out: Path | None,
+) -> None:
+    """The stress command's work once its signal handlers are in place."""
     parsed_dtypes = []
     for name in dtypes:
         try:
@@ -320,12 +377,12 @@ def stress(
     if run_dir is not None and world > 1:
         # Once a rank fails, torchrun stops the others with SIGTERM (and SIGKILL after its
         # grace period): rank 0 lets its collective fail instead, so that it can record
-        # the run and close the run directory (records.parquet's footer, the report).
+        # the run and close the run directory (its records merged, the report).
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     failure: RankFailedError | None = None
     try:
         interrupted = _run_all(
-            plans, suite.every, torch_device, run_dir, lab.progress_console, store
+            plans, suite.every, torch_device, run_dir, lab.progress_console, store, stop
         )
         if dist.is_initialized() and not interrupted:
             # Leave together: a rank that destroys its process group while rank 0 still
@@ -342,7 +399,7 @@ def stress(
         if failure is not None:
             fail(str(failure), EXIT_REGRESSION)
         return
-    run_dir.close()
+    report_skipped = _close(run_dir, stop)
     if failure is not None:
         click.echo(f"Run directory: {run_dir.path}", err=True)
         fail(str(failure), EXIT_REGRESSION)
@@ -351,9 +408,34 @@ def stress(
         lab.console.width = max(lab.console.width, 240)
     lab.console.print(summary_table(run_dir.summary(), seeds=len(suite.seeds) > 1))
     lab.console.print(f"Run directory: {run_dir.path}", soft_wrap=True)
-    if interrupted:
+    if report_skipped:
+        lab.progress_console.print(
+            "Report skipped: rebuild it with: precision-lab report "
+            + shlex.quote(str(run_dir.path)),
+            soft_wrap=True,
+        )
+    if interrupted or stop.received:
         lab.progress_console.print("Interrupted: the runs recorded so far are saved.")
-        raise click.exceptions.Exit(EXIT_INTERRUPTED)
+        raise click.exceptions.Exit(stop.exit_code)
+
+
+def _close(run_dir: RunDirectory, stop: StopSignals) -> bool:
+    """Merge the records and write the report, unless a signal asks to leave sooner.
+
+    Returns:
+        True when the report was skipped (a second signal, or one while closing).
+    """
+    stop.closing = True
+    run_dir.merge_records()
+    skipped = stop.skip_report
+    if not skipped:
+        try:
+            with stop.writing_report():
+                run_dir.write_report()
+        except ReportSkipped:
+            skipped = True
+    run_dir.release()
+    return skipped
 
 
 def _run_all(
@@ -363,8 +445,13 @@ def _run_all(
     run_dir: RunDirectory | None,
     console: Console,
     store: dist.Store | None = None,
+    stop: StopSignals | None = None,
 ) -> bool:
-    """Train every plan in order, recording each outcome; True if Ctrl-C stopped the suite."""
+    """Train every plan in order, recording each outcome; True if Ctrl-C stopped the suite.
+
+    A signal that arrives while an outcome is being recorded is held until it is (``stop``).
+    """
+    stop = stop or StopSignals(install=False)
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -397,7 +484,8 @@ def _run_all(
                         plan.run_id, outcome.summary["error"], outcome, started=False, store=store
                     )
             if run_dir is not None:
-                run_dir.add(outcome.summary, outcome.records)
+                with stop.protected():
+                    run_dir.add(outcome.summary, outcome.records)
                 if outcome.summary.get("error"):
                     # Error texts may hold brackets (gloo's "[.../pair.cc:553]"): not markup.
                     error = escape(outcome.summary["error"])

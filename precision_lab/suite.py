@@ -45,6 +45,11 @@ TOP_KEYS = {
     "hyperparameters",
 }
 MATRIX_KEYS = {"models", "scenarios", "optimizers"}
+MAX_SEED = 2**32 - 1
+"""Largest seed accepted (the common 32-bit range; torch's generators stop at 2**64 - 1)."""
+FILE_LOCATIONS = {"failure_dir"}
+"""Hyperparameters that name a place to write: set by the command line, never by a suite,
+so that a suite file cannot write outside its run directory."""
 
 
 @dataclass(frozen=True)
@@ -173,14 +178,16 @@ class Suite:
         for mode in self.modes:
             if mode not in MODES:
                 raise UsageError(f"Unknown mode {mode!r}; expected one of {', '.join(MODES)}.")
-        for label, value in (("steps", self.steps), ("batch_size", self.batch_size)):
-            if not isinstance(value, int) or value < 1:
+        for label, value in (
+            ("steps", self.steps),
+            ("batch_size", self.batch_size),
+            ("every", self.every),
+        ):
+            if not _is_int(value) or value < 1:
                 raise UsageError(f"{label} must be a positive integer, got {value!r}.")
-        if not isinstance(self.every, int) or self.every < 1:
-            raise UsageError(f"every must be a positive integer, got {self.every!r}.")
         for seed in self.seeds:
-            if not isinstance(seed, int) or seed < 0:
-                raise UsageError(f"Seeds must be non-negative integers, got {seed!r}.")
+            if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
+                raise UsageError(f"Seeds must be integers from 0 to {MAX_SEED}, got {seed!r}.")
 
     def plan(self) -> list[RunPlan]:
         """The runs in order: for each configuration, a float32 control before each run.
@@ -244,8 +251,18 @@ def _check_hyperparameters(plans: list[RunPlan]) -> None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the runs record their warnings themselves
                 spec.build(build_model("mlp", 0), plan.hyperparameters)
-        except (ValueError, TypeError) as err:
-            raise UsageError(f"Optimizer {plan.optimizer!r} in suite: {err}") from None
+        except UsageError:
+            raise
+        except Exception as err:  # any value the optimizer cannot take is the suite's error
+            raise UsageError(
+                f"Optimizer {plan.optimizer!r} in suite cannot be built with its "
+                f"hyperparameters {plan.hyperparameters} ({type(err).__name__}: {err})."
+            ) from None
+
+
+def _is_int(value: Any) -> bool:
+    """An integer, not a bool (TOML's true is no seed or step count)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _wrap(fn, *args):
@@ -261,11 +278,18 @@ def _parse_spec(text: str):
     return _wrap(parse_spec, text)
 
 
-def _strings(table: dict, key: str, where: str) -> tuple[str, ...]:
-    value = table[key]
+def _strings(table: dict, key: str, where: str, default: list | None = None) -> tuple[str, ...]:
+    value = table.get(key, default)
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value) or not value:
         raise UsageError(f"{where}: {key} must be a non-empty list of strings, got {value!r}.")
     return tuple(value)
+
+
+def _text(data: dict, key: str, source: str, default: str) -> str:
+    value = data.get(key, default)
+    if not isinstance(value, str) or (key == "name" and not value.strip()):
+        raise UsageError(f"Suite {source}: {key} must be a non-empty string, got {value!r}.")
+    return value
 
 
 def parse_suite(text: str, source: str) -> Suite:
@@ -308,7 +332,7 @@ def parse_suite(text: str, source: str) -> Suite:
             f"Suite {source}: hyperparameters must be tables keyed by optimizer family or "
             'spec, e.g. [hyperparameters."singd:diagonal"].'
         )
-    for key in hyper:
+    for key, table in hyper.items():
         if ":" in key or key in ("ingd", "ikfac"):
             _parse_spec(key)
         elif key not in ("singd", "kfac", "adamw", "sgd"):
@@ -316,15 +340,26 @@ def parse_suite(text: str, source: str) -> Suite:
                 f"Suite {source}: hyperparameters table {key!r} is neither an optimizer family "
                 "(singd, kfac, adamw, sgd) nor a spec string."
             )
+        locations = sorted(FILE_LOCATIONS & set(table))
+        if locations:
+            raise UsageError(
+                f"Suite {source}: hyperparameter {locations[0]!r} in table {key!r} names a place "
+                "to write, which a suite may not set; stress writes it inside the run "
+                "directory (failures/)."
+            )
+    seeds = data.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds:
+        raise UsageError(f"Suite {source}: seeds must be a non-empty list, got {seeds!r}.")
+    where = f"Suite {source}"
     suite = Suite(
-        name=data.get("name", Path(source).stem),
-        description=data.get("description", ""),
+        name=_text(data, "name", source, Path(source).stem),
+        description=_text(data, "description", source, ""),
         source=source,
         text=text,
         matrices=tuple(matrices),
-        dtypes=tuple(_wrap(parse_dtype, d) for d in data.get("dtypes", ["bfloat16"])),
-        modes=tuple(data.get("modes", ["pure"])),
-        seeds=tuple(data.get("seeds", [0])),
+        dtypes=tuple(_wrap(parse_dtype, d) for d in _strings(data, "dtypes", where, ["bfloat16"])),
+        modes=_strings(data, "modes", where, ["pure"]),
+        seeds=tuple(seeds),
         steps=data.get("steps", 100),
         batch_size=data.get("batch_size", 64),
         every=data.get("every", 10),
@@ -349,4 +384,13 @@ def load_suite(name_or_path: str) -> Suite:
             f"Suite {name_or_path!r} is neither a built-in suite "
             f"({', '.join(BUILTIN_SUITES)}) nor an existing TOML file."
         )
-    return parse_suite(path.read_text(), str(path))
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as err:
+        raise UsageError(f"Suite {path} cannot be read ({err.strerror or err}).") from None
+    except UnicodeDecodeError as err:
+        raise UsageError(
+            f"Suite {path} is not UTF-8 text, as TOML requires (byte {err.start}: "
+            f"{err.reason}); save it as UTF-8."
+        ) from None
+    return parse_suite(text, str(path))

@@ -787,7 +787,15 @@ class KroneckerOptimizer(Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state from `state_dict`; callable hyperparameters keep their current value."""
+        """Load a state from `state_dict`; callable hyperparameters keep their current value.
+
+        Raises:
+            ValueError: In one sentence, at the first way the checkpoint does not fit this
+                optimizer and model (`singd.optim.checkpoint`); nothing is loaded then.
+        """
+        from singd.optim.checkpoint import check_state_dict  # needed only when loading
+
+        check_state_dict(self, state_dict)
         state_dict = dict(state_dict)
         saved = state_dict.pop("kronecker")
         callables = [{k: v for k, v in group.items() if callable(v)} for group in self.param_groups]
@@ -798,13 +806,6 @@ class KroneckerOptimizer(Optimizer):
                         "The checkpoint was saved with a schedule (callable) for lr_cov; "
                         "build the optimizer with that schedule again before loading it."
                     )
-        current = {layer.name for layer in self._layers} | set(self._fallback_layers)
-        known = set(saved["layers"]) | set(saved["fallback_layers"])
-        if current != known:
-            raise ValueError(
-                f"The checkpoint covers layers {sorted(known)} but this optimizer covers "
-                f"{sorted(current)}; load it into an optimizer built on the same model."
-            )
         names = [n for n in saved["fallback_layers"] if n not in self._fallback_layers]
         if names:
             self._move_to_fallback(names)

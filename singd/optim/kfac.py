@@ -321,10 +321,9 @@ class KFAC(KroneckerOptimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state from `state_dict`."""
-        state_dict = dict(state_dict)
-        saved = state_dict.pop("kfac")
+        """Load a state from `state_dict` (checked first, as the base class says)."""
         super().load_state_dict(state_dict)
+        saved = state_dict["kfac"]
         for name, count in self._failures.items():
             count.fill_(saved["failed_decompositions"].get(name, 0))
         self._damping_used = {

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -60,6 +63,15 @@ def test_chosen_optimizers_and_a_users_factory():
         (("--model", "cnn", "--layers", "3"), "drop --layers"),
         (("--model", "resnet50"), "Unknown model 'resnet50'"),
         (("--d-model", "0"), "--d-model"),
+        (
+            ("--d-model", str(10**30)),
+            f"--d-model {10**30} is beyond the planner's bound of 1048576",
+        ),
+        (("--d-model", "1048577", "--model", "mlp"), "bound of 1048576"),
+        (
+            ("--layers", "1025", "--model", "mlp"),
+            "--layers 1025 is beyond the planner's bound of 1024",
+        ),
     ],
 )
 def test_bad_input_is_one_sentence_and_exit_2(args, fragment):
@@ -96,3 +108,15 @@ def test_html_plot_draws_in_chromium(tmp_path):
     page = browser.load(out)
     assert page.errors == []
     assert 'data-figures-rendered="1"' in page.dom and 'class="main-svg"' in page.dom
+
+
+def test_a_billion_layers_is_refused_at_once_by_a_real_process():
+    """Before the bound, ``--layers 10**9`` built blocks for more than 300 s."""
+    command = [sys.executable, "-m", "precision_lab", "memory", "--layers", str(10**9)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip() == (
+        f"Error: --layers {10**9} is beyond the planner's bound of 1024, past which it would "
+        "build the model for minutes or overflow its sizes."
+    )

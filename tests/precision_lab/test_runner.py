@@ -180,3 +180,21 @@ def test_an_unreachable_store_leaves_each_rank_its_own_error():
     with pytest.raises(RuntimeError):  # what the exchange survived
         client.check(["precision-lab/failed/a/rank1"])
     assert runner._exchange_errors(None, "a", 0, 2, "mine") == []
+
+
+def test_reproducers_land_where_the_caller_says_never_where_the_plan_says(tmp_path):
+    """A plan whose hyperparameters name a failure_dir (a suite file's, say) cannot send
+    KFAC's reproducers there: near_fp16_max in float16 makes A overflow and its Cholesky
+    fail, and the reproducer is written under the caller's failure_dir only."""
+    elsewhere = tmp_path / "elsewhere"
+    bad = plan(
+        "kfac:cholesky",
+        "kfac",
+        dtype=torch.float16,
+        steps=2,
+        scenario="near_fp16_max",
+        hyperparameters={"failure_dir": str(elsewhere)},
+    )
+    runner.train(bad, device=CPU, every=1, failure_dir=tmp_path / "failures")
+    assert not elsewhere.exists()
+    assert list((tmp_path / "failures").rglob("*.pt"))

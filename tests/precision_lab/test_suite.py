@@ -141,3 +141,90 @@ def test_user_suite_file(tmp_path):
     path.write_text(MINIMAL)
     suite = load_suite(str(path))
     assert suite.name == "mine" and suite.text == MINIMAL
+
+
+def _stress_with_suite(tmp_path, text, encoding="utf-8"):
+    """``precision-lab stress`` on a suite file written with ``text``."""
+    from click.testing import CliRunner
+
+    from precision_lab.cli import cli
+
+    path = tmp_path / "suite.toml"
+    path.write_text(text, encoding=encoding)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["stress", "--suite", str(path), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    (line,) = [ln for ln in result.output.splitlines() if ln.startswith("Error:")]
+    assert not out.exists()  # refused before anything is written
+    return line
+
+
+ONE_RUN = """
+models = ["mlp"]
+scenarios = ["baseline"]
+optimizers = ["adamw"]
+dtypes = ["float32"]
+steps = 2
+"""
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        ("seeds = [true]", "got True"),
+        ("seeds = [false, 1]", "got False"),
+        ("seeds = [4294967296]", "from 0 to 4294967295, got 4294967296"),
+        ("seeds = [99999999999999999999]", "got 99999999999999999999"),
+        ("seeds = 3", "seeds must be a non-empty list"),
+        ("steps = true", "steps must be a positive integer, got True"),
+        ("every = false", "every must be a positive integer"),
+        ("name = 123", "name must be a non-empty string, got 123"),
+        ('name = ""', "name must be a non-empty string"),
+        ("description = [1]", "description must be a non-empty string"),
+        ("dtypes = [1]", "dtypes must be a non-empty list of strings, got [1]"),
+        ('modes = ["pure", 2]', "modes must be a non-empty list of strings"),
+        ("[hyperparameters.adamw]\nbetas = [0.9]", "'adamw' in suite cannot be built"),
+        ('[hyperparameters.adamw]\nbetas = "x"', "'adamw' in suite cannot be built"),
+        (
+            '[hyperparameters.kfac]\nfailure_dir = "../../../../tmp/x"',
+            "hyperparameter 'failure_dir' in table 'kfac' names a place to write",
+        ),
+    ],
+)
+def test_suite_values_that_would_doom_every_run_are_refused(tmp_path, extra, fragment):
+    text = ONE_RUN.replace('dtypes = ["float32"]\n', "") if "dtypes" in extra else ONE_RUN
+    text = text.replace("steps = 2\n", "") if extra.startswith("steps") else text
+    assert fragment in _stress_with_suite(tmp_path, f"{text}\n{extra}\n")
+
+
+def test_failure_dir_in_a_spec_table_is_refused_too(tmp_path):
+    text = ONE_RUN + '[hyperparameters."kfac:cholesky"]\nfailure_dir = "/tmp/elsewhere"\n'
+    assert "names a place to write" in _stress_with_suite(tmp_path, text)
+
+
+def test_a_utf16_suite_file_is_one_sentence(tmp_path):
+    line = _stress_with_suite(tmp_path, ONE_RUN, encoding="utf-16")
+    assert "is not UTF-8 text" in line
+
+
+def test_a_suite_directory_is_one_sentence(tmp_path):
+    from click.testing import CliRunner
+
+    from precision_lab.cli import cli
+
+    (tmp_path / "dir.toml").mkdir()
+    result = CliRunner().invoke(cli, ["stress", "--suite", str(tmp_path / "dir.toml")])
+    assert result.exit_code == 2 and "neither a built-in suite" in result.output
+
+
+def test_huge_seeds_on_the_command_line_are_refused(tmp_path):
+    from click.testing import CliRunner
+
+    from precision_lab.cli import cli
+
+    out = tmp_path / "run"
+    args = ["stress", "--suite", "quick", "--seeds", "0,18446744073709551616", "--out", str(out)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert "from 0 to 4294967295" in result.output and not out.exists()

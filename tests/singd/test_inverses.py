@@ -199,3 +199,57 @@ def test_replay_one_liner_runs_outside_training(tmp_path):
 def test_replay_of_a_missing_file_is_exit_2(tmp_path, capsys):
     assert main([str(tmp_path / "nope.pt")]) == 2
     assert "cannot read reproducer" in capsys.readouterr().err
+
+
+def _reproducer(tmp_path, **changes):
+    """A real reproducer file (a failed Cholesky), with ``changes`` made to its record."""
+    invert_or_keep(torch.diag(torch.tensor([1.0, -1.0])), None, "cholesky", failure_dir=tmp_path)
+    (path,) = tmp_path.glob("*.pt")
+    record = torch.load(path, weights_only=True)
+    record.update(changes)
+    torch.save({k: v for k, v in record.items() if v is not None}, path)
+    return path
+
+
+def _saved(folder, obj):
+    path = folder / "case.pt"
+    if isinstance(obj, bytes):
+        path.write_bytes(obj)
+    else:
+        torch.save(obj, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "fragment"),
+    [
+        (lambda d: _saved(d, b""), "is not a reproducer saved by KFAC"),
+        (lambda d: _saved(d, b"not a torch file"), "is not a reproducer saved by KFAC"),
+        (lambda d: _saved(d, [1, 2]), "holds a list, not a reproducer"),
+        (lambda d: _saved(d, {"matrix": torch.eye(2)}), "its 'dtype' should be a str"),
+        (lambda d: _reproducer(d, tag=None), "its 'tag' should be a str, found nothing"),
+        (lambda d: _reproducer(d, method="lu"), "names method 'lu'; expected one of"),
+        (lambda d: _reproducer(d, method=3), "its 'method' should be a str, found int"),
+        (lambda d: _reproducer(d, inverse_dtype="nope"), "no torch dtype"),
+        (lambda d: _reproducer(d, device="floppy"), "no torch device"),
+        (lambda d: _reproducer(d, matrix=torch.ones(2, 3)), "is square"),
+    ],
+)
+def test_replay_of_what_is_not_a_reproducer_is_one_sentence_and_exit_2(
+    tmp_path, capsys, make, fragment
+):
+    assert main([str(make(tmp_path))]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and fragment in err, err
+
+
+def test_replay_of_an_empty_file_in_a_real_process_is_exit_2(tmp_path):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    done = subprocess.run(
+        [sys.executable, "-m", "singd.optim.replay", str(tmp_path / "empty.pt")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("Error: ") and "Traceback" not in done.stderr

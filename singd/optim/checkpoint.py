@@ -1,0 +1,212 @@
+"""A checkpoint checked against the SINGD or KFAC optimizer that is about to load it.
+
+``load_state_dict`` calls `check_state_dict` before it changes anything: the entries
+`KroneckerOptimizer.state_dict` writes must be there, of the optimizer's kind (SINGD's
+factors K, C, m_K, m_C, H_K, H_C or KFAC's A, G, their inverses and batch sums), with the
+structure, dimension, shape and dtype this optimizer uses for each layer; the parameters'
+own state (momentum buffers, the fallback's moments) must have the parameters' shapes.
+The first mismatch is named in one sentence (a ValueError), so a checkpoint of a wider
+model, of the other optimizer, of another structure or no checkpoint at all never loads
+into a state that fails at the next step, or quietly changes the configuration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from singd.structures import get_structure
+
+if TYPE_CHECKING:
+    from singd.optim.base import KroneckerOptimizer
+    from singd.optim.layers import KroneckerLayer
+
+FACTOR_SIDES = {
+    "SINGD": {"K": 0, "C": 1, "m_K": 0, "m_C": 1, "H_K": 0, "H_C": 1},
+    "KFAC": {"A": 0, "G": 1, "A_inv": 0, "G_inv": 1, "A_batch": 0, "G_batch": 1},
+}
+"""Each kind's factors and their side: 0 the input side (d_K), 1 the output side (d_C)."""
+
+INVERSES = {"A_inv", "G_inv"}
+"""Factors whose dtype is the inversion's, not the curvature's: any floating dtype."""
+
+
+def kind_of(optimizer: KroneckerOptimizer) -> str:
+    """``SINGD`` (IKFAC and INGD included) or ``KFAC``."""
+    return "SINGD" if "H_K" in optimizer.ACCUMULATORS else "KFAC"
+
+
+def check_state_dict(optimizer: KroneckerOptimizer, state_dict: Any) -> None:
+    """Raise a one-sentence ValueError at the first way ``state_dict`` does not fit.
+
+    Args:
+        optimizer: The SINGD or KFAC optimizer that will load it.
+        state_dict: What was passed to ``load_state_dict``.
+    """
+    kind = kind_of(optimizer)
+    problem = _first_problem(optimizer, kind, state_dict)
+    if problem is not None:
+        raise ValueError(f"Cannot load this checkpoint into {kind}: {problem}.")
+
+
+def _first_problem(optimizer: KroneckerOptimizer, kind: str, state_dict: Any) -> str | None:
+    if not isinstance(state_dict, Mapping):
+        return f"it is a {type(state_dict).__name__}, not a state_dict"
+    missing = [k for k in ("state", "param_groups", "kronecker") if k not in state_dict]
+    if missing:
+        return (
+            f"it has no {missing[0]!r} entry, so it is not a state_dict of SINGD or KFAC "
+            f"(its keys: {sorted(map(str, state_dict))})"
+        )
+    saved = state_dict["kronecker"]
+    if (
+        not isinstance(saved, Mapping)
+        or not isinstance(saved.get("layers"), Mapping)
+        or not isinstance(saved.get("fallback_layers"), list)
+    ):
+        return "its 'kronecker' entry has no 'layers' table or 'fallback_layers' list"
+    current = {layer.name for layer in optimizer._layers} | set(optimizer._fallback_layers)
+    known = set(saved["layers"]) | set(saved["fallback_layers"])
+    if current != known:
+        return (
+            f"it covers layers {sorted(map(str, known))} but this optimizer covers "
+            f"{sorted(current)}; "
+            "load it into an optimizer built on the same model"
+        )
+    groups = state_dict["param_groups"]
+    own_groups = len(optimizer.param_groups)
+    if not isinstance(groups, list) or len(groups) != own_groups:
+        found = len(groups) if isinstance(groups, list) else type(groups).__name__
+        return f"it has {found} parameter groups where this optimizer has {own_groups}"
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    problem = _param_state_problem("", state_dict["state"], params)
+    for layer in optimizer._layers:
+        if problem is None and layer.name in saved["layers"]:
+            problem = _layer_problem(optimizer, kind, layer, saved["layers"][layer.name])
+    fallback = saved.get("fallback")
+    if problem is None and optimizer.fallback is not None and isinstance(fallback, Mapping):
+        fallback_params = [p for g in optimizer.fallback.param_groups for p in g["params"]]
+        problem = _param_state_problem("fallback ", fallback.get("state", {}), fallback_params)
+    kfac = state_dict.get("kfac")
+    if (
+        problem is None
+        and kind == "KFAC"
+        and not (
+            isinstance(kfac, Mapping)
+            and isinstance(kfac.get("failed_decompositions"), Mapping)
+            and isinstance(kfac.get("damping_used"), Mapping)
+        )
+    ):
+        return "it has no 'kfac' entry with KFAC's counters (failed_decompositions, damping_used)"
+    return problem
+
+
+def _param_state_problem(where: str, state: Any, params: list[Tensor]) -> str | None:
+    """A parameter's saved state (momentum, moments) whose shape is not the parameter's."""
+    if not isinstance(state, Mapping):
+        return f"its {where}'state' entry is a {type(state).__name__}, not a table"
+    for index, entry in state.items():
+        if not isinstance(index, int) or not 0 <= index < len(params):
+            return f"its {where}state names parameter {index!r}, of {len(params)}"
+        for key, value in entry.items() if isinstance(entry, Mapping) else ():
+            shape = tuple(params[index].shape)
+            if isinstance(value, Tensor) and value.ndim and tuple(value.shape) != shape:
+                return (
+                    f"{where}parameter {index} has shape {shape} but its {key!r} in the "
+                    f"checkpoint has shape {tuple(value.shape)} (a checkpoint of another model)"
+                )
+    return None
+
+
+def _layer_problem(
+    optimizer: KroneckerOptimizer, kind: str, layer: KroneckerLayer, entry: Any
+) -> str | None:
+    factors = entry.get("factors") if isinstance(entry, Mapping) else None
+    if not isinstance(factors, Mapping):
+        return f"layer {layer.name!r} has no 'factors' table"
+    own = FACTOR_SIDES[kind]
+    for key in factors:
+        if key not in own:
+            other = next((k for k, sides in FACTOR_SIDES.items() if key in sides), None)
+            if other is not None and other != kind:
+                return (
+                    f"it holds {other} state (layer {layer.name!r} has factor {key!r}); "
+                    f"load it into {other}"
+                )
+            return f"layer {layer.name!r} has factor {key!r}, which {kind} does not keep"
+    if kind == "SINGD":
+        group = optimizer.param_groups[layer.group_index]
+        required = {"K", "C"} | ({"m_K", "m_C"} if group["alpha1"] != 0.0 else set())
+        optional = set(optimizer.ACCUMULATORS)
+        missing = sorted(required - set(factors))
+        if missing:
+            return f"layer {layer.name!r} has no factor {missing[0]!r}, which this {kind} keeps"
+        extra = sorted(set(factors) - required - optional)
+        if extra:
+            return (
+                f"layer {layer.name!r} has factor {extra[0]!r}, which this {kind} does not keep "
+                f"(alpha1={group['alpha1']})"
+            )
+    dims = (layer.dim_K, layer.dim_C)
+    dtypes = optimizer._curvature_dtypes(layer)
+    for key, value in factors.items():
+        side = own[key]
+        where = f"layer {layer.name!r} factor {key!r}"
+        if kind == "SINGD":
+            structure = optimizer.param_groups[layer.group_index]["structures"][side]
+            problem = _structured_problem(where, value, structure, dims[side], dtypes[side])
+        else:
+            dtype = None if key in INVERSES else dtypes[side]
+            problem = _tensor_problem(where, value, (dims[side], dims[side]), dtype)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _structured_problem(
+    where: str, value: Any, structure: str, dim: int, dtype: torch.dtype
+) -> str | None:
+    """A SINGD factor as `KroneckerOptimizer.state_dict` writes it: structure, dim, tensors."""
+    if not isinstance(value, Mapping) or not {"structure", "dim", "tensors"} <= set(value):
+        return f"{where} is not a saved structured matrix (structure, dim, tensors)"
+    if value["structure"] != structure:
+        return (
+            f"{where} is {value['structure']!r} in the checkpoint but this optimizer is "
+            f"configured {structure!r}"
+        )
+    if value["dim"] != dim:
+        return (
+            f"{where} has dimension {value['dim']!r} in the checkpoint but {dim} here "
+            "(a checkpoint of another model)"
+        )
+    tensors = value["tensors"]
+    shapes = get_structure(structure).tensor_shapes(dim)
+    if not isinstance(tensors, Mapping) or set(tensors) != set(shapes):
+        found = sorted(tensors) if isinstance(tensors, Mapping) else type(tensors).__name__
+        return f"{where} stores {found} where a {structure} matrix stores {sorted(shapes)}"
+    for name, shape in shapes.items():
+        problem = _tensor_problem(f"{where} ({name})", tensors[name], tuple(shape), dtype)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _tensor_problem(
+    where: str, value: Any, shape: tuple[int, ...], dtype: torch.dtype | None
+) -> str | None:
+    """A tensor of ``shape`` and ``dtype`` (any floating dtype where ``dtype`` is None)."""
+    if not isinstance(value, Tensor):
+        return f"{where} is a {type(value).__name__}, not a tensor"
+    if tuple(value.shape) != shape:
+        return (
+            f"{where} has shape {tuple(value.shape)} in the checkpoint but {shape} here "
+            "(a checkpoint of another model)"
+        )
+    if dtype is None and not value.is_floating_point():
+        return f"{where} is {value.dtype}, not floating point"
+    if dtype is not None and value.dtype != dtype:
+        return f"{where} is {value.dtype} in the checkpoint but {dtype} here"
+    return None
