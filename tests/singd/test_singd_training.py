@@ -480,7 +480,7 @@ def test_reducing_the_input_in_the_forward_trains_bit_for_bit_as_in_the_backward
     forward hook must not compute it in bfloat16) and with two accumulated passes."""
     runs = []
     for ratio in (0, 10**12):  # always in the forward; never
-        monkeypatch.setattr("singd.optim.base.EAGER_INPUT_RATIO", ratio)
+        monkeypatch.setattr("singd.optim.hooks.EAGER_INPUT_RATIO", ratio)
         model = mlp(torch.float32)
         opt = EAGER_CASES[optimizer](model)
         for i, (x, y) in enumerate(data(4, dtype=torch.float32)):
