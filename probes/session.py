@@ -114,7 +114,6 @@ FINITE_PRESERVING = (
 whenever their inputs and output gradients are (bounded derivatives): a NaN or Inf cannot
 be born in them, so their hooks (which cost as much as a small layer's) are attached only
 in the numerics probe's full iterations. Exact types: a subclass may compute otherwise."""
-CONDITION_TENSORS = ("K", "C", "KKT", "CCT", "A", "G", "A_inv", "G_inv")
 _GRAPH_TASK = getattr(torch._C, "_current_graph_task_id", None)
 
 
@@ -761,11 +760,7 @@ class ProbeSession:
 
     def _max_condition(self) -> float | None:
         frame = self.to_frame()
-        rows = frame[
-            (frame["probe"] == "condition")
-            & (frame["metric"] == "condition_number")
-            & frame["tensor"].isin(CONDITION_TENSORS)
-        ]
+        rows = frame[(frame["probe"] == "condition") & (frame["metric"] == "condition_number")]
         return float(rows["value"].max()) if len(rows) else None
 
     def _underflow_fraction(self) -> float | None:

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from singd.curvature import LayerCurvature
+from singd.curvature import KFAC_ROLES, LayerCurvature
 from singd.optim.base import KroneckerOptimizer
 from singd.optim.coverage import DEFAULT_FALLBACK, FallbackFactory
 from singd.optim.inverses import (
@@ -289,6 +289,7 @@ class KFAC(KroneckerOptimizer):
                     gradient=grad,
                     precondition=_cast_preconditioner(state.get("A_inv"), state.get("G_inv")),
                     param_names=layer.param_names,
+                    roles={k: KFAC_ROLES[k] for k in factors},
                 )
             )
         return views

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from singd.curvature import LayerCurvature
+from singd.curvature import SINGD_ROLES, LayerCurvature
 from singd.optim.base import KroneckerOptimizer
 from singd.optim.coverage import DEFAULT_FALLBACK, FallbackFactory
 from singd.optim.functional import singd_factor_update, singd_natural_gradient
@@ -302,6 +302,7 @@ class SINGD(KroneckerOptimizer):
                     ),
                     precondition=_cast_preconditioner(state["K"], state["C"]),
                     param_names=layer.param_names,
+                    roles={k: SINGD_ROLES[k] for k in factors},
                 )
             )
         return views
