@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from probes.limits import dtype_name
+from probes.records import Recorder
 
 Row = tuple[str, str, str, float, str, str]
 """``(module, tensor, metric, value, unit, dtype)``."""
@@ -138,3 +139,25 @@ def condition_rows(layers: list) -> list[Row]:
             rows.append((layer.name, "update", "precond_rel_error", rel, "", dtype_name(dtype)))
             rows.append((layer.name, "update", "precond_angle", angle, "rad", dtype_name(dtype)))
     return rows
+
+
+class ConditionProbe:
+    """Records `condition_rows` at the probe's cadence and keeps the largest condition
+    number of any factor or preconditioner for the summary."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        """Rows go to ``recorder``."""
+        self.recorder = recorder
+        self.max_condition: float | None = None
+
+    def record(self, step: int, layers: list) -> None:
+        """Write the condition rows of ``curvature_state()``'s ``layers`` at ``step``."""
+        with torch.no_grad():
+            rows = condition_rows(layers)
+        for module, tensor, metric, value, unit, dt in rows:
+            if metric == "condition_number" and not math.isnan(value):
+                top = self.max_condition
+                self.max_condition = value if top is None else max(top, value)
+            self.recorder.add(
+                step, "condition", metric, value, module=module, tensor=tensor, dtype=dt, unit=unit
+            )

@@ -254,6 +254,21 @@ def test_summary_fields_and_time_shares():
     assert summary["step_time_ms"] == pytest.approx(per_step["step_time_ms"].median())
 
 
+@pytest.mark.parametrize("family", ["singd", "kfac"])
+def test_summary_aggregates_equal_what_the_records_say(family):
+    """The summary keeps running figures; they are exactly the records' extremes."""
+    model = _mlp()
+    optimizer = OPTIMIZERS[family](model)
+    with probes.attach(model, optimizer, every=2) as session:
+        _steps(model, optimizer, 5)
+    summary, frame = session.summary(), session.to_frame()
+    cond = frame.query("probe == 'condition' and metric == 'condition_number'")["value"]
+    under = frame.query("probe == 'numerics' and metric == 'underflow_fraction'")["value"]
+    assert summary["max_condition"] == cond.max() and summary["underflow_fraction"] == under.max()
+    memory = frame.query("probe == 'memory' and metric == 'bytes' and tensor == 'total'")
+    assert summary["optimizer_state_bytes"] == memory["value"].iloc[-1]
+
+
 def test_probes_never_modify_training():
     torch.manual_seed(1)
     reference, probed = _mlp(), _mlp()
