@@ -13,7 +13,7 @@ import probes
 from probes.memory import adamw_state_bytes
 from probes.records import COLUMNS, SCHEMA_VERSION, read_parquet
 from singd import SINGD
-from singd.optim.kfac import KFAC
+from tests.optimizers import factory
 
 
 def _mlp(dtype=torch.float32):
@@ -42,10 +42,10 @@ def _hook_count(model, optimizer) -> int:
 
 
 OPTIMIZERS = {
-    "sgd": lambda m: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9),
-    "adamw": lambda m: torch.optim.AdamW(m.parameters(), lr=0.01),
-    "singd": lambda m: SINGD(m, lr=0.01, T=1, structures=("diagonal", "dense")),
-    "kfac": lambda m: KFAC(m, lr=0.01, T=1),
+    "sgd": factory("sgd", lr=0.01, momentum=0.9),
+    "adamw": factory("adamw", lr=0.01),
+    "singd": factory("singd:diagonal/dense", lr=0.01, T=1),
+    "kfac": factory("kfac", lr=0.01, T=1),
 }
 
 

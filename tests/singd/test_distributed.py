@@ -23,7 +23,6 @@ seconds) and run every optimizer on every case.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import warnings
 from collections.abc import Callable
@@ -34,8 +33,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from singd import KFAC, SINGD
 from tests.gloo import spawn
+from tests.optimizers import factory
 
 WORLD = 2
 STEPS = 3
@@ -45,10 +44,10 @@ CASES = list(itertools.product(("bare", "ddp"), ("batch", None), (torch.float32,
 
 #: name -> picklable `factory(model, *, loss_average) -> torch.optim.Optimizer`.
 OPTIMIZER_FACTORIES: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "singd:hierarchical15_15/dense": functools.partial(
-        SINGD, lr=0.05, lr_cov=0.05, T=1, structures=("hierarchical15_15", "dense")
+    "singd:hierarchical15_15/dense": factory(
+        "singd:hierarchical15_15/dense", lr=0.05, lr_cov=0.05, T=1
     ),
-    "kfac:cholesky": functools.partial(KFAC, lr=0.05, damping=1e-2, T=1),
+    "kfac:cholesky": factory("kfac:cholesky", lr=0.05, damping=1e-2, T=1),
 }
 
 

@@ -15,6 +15,7 @@ import torch
 
 from singd.optim.functional import heavy_ball_, singd_factor_update, singd_natural_gradient
 from singd.structures import STRUCTURE_NAMES, get_structure
+from tests.singd.dense_singd import dense_factor_update
 from tests.singd.structures.cases import random_structured, random_symmetric, reference_projection
 
 F64 = torch.float64
@@ -38,28 +39,10 @@ def curvature(name: str, dim: int, dtype: torch.dtype, seed: int):
 
 
 def reference_update(name_K, name_C, K, C, m_K, m_C, H_K, H_C, hp, scale_K, scale_C):
-    """The paper's update of ``(K, C, m_K, m_C)``, dense float64."""
+    """The paper's update of ``(K, C, m_K, m_C)``, dense float64, H scaled first."""
     P_K = lambda M: reference_projection(name_K, M)  # noqa: E731
     P_C = lambda M: reference_projection(name_C, M)  # noqa: E731
-    avg = lambda M: torch.trace(M) / M.shape[0]  # noqa: E731
-    H_K, H_C = scale_K * H_K, scale_C * H_C
-    KtK, CtC = P_K(K.T @ K), P_C(C.T @ C)
-    I_K, I_C = torch.eye(DIM_K, dtype=F64), torch.eye(DIM_C, dtype=F64)
-    c = 0.5 * ((1 - hp["alpha1"]) if hp["normalize_lr_cov"] else 1.0)
-    lam = hp["damping"]
-    if hp["kfac_like"]:
-        new_m_K = c * (H_K + lam * KtK - I_K)
-        new_m_C = c * (H_C + lam * CtC - I_C)
-    else:
-        new_m_K = c * (avg(H_C) * H_K + lam * avg(CtC) * KtK - I_K)
-        new_m_C = c * (avg(H_K) * H_C + lam * avg(KtK) * CtC - I_C)
-    new_m_K = new_m_K + hp["alpha1"] * m_K
-    new_m_C = new_m_C + hp["alpha1"] * m_C
-    beta_K = beta_C = hp["lr_cov"]
-    if hp["normalize_lr_cov"]:
-        beta_K /= max(1.0, new_m_K.abs().max().item())
-        beta_C /= max(1.0, new_m_C.abs().max().item())
-    return K @ (I_K - beta_K * new_m_K), C @ (I_C - beta_C * new_m_C), new_m_K, new_m_C
+    return dense_factor_update(K, C, m_K, m_C, scale_K * H_K, scale_C * H_C, P_K, P_C, hp)
 
 
 def assert_close(actual, expected, dtype):
