@@ -1,19 +1,22 @@
 """The condition probe: how well conditioned the preconditioner is, and what precision costs.
 
-Read from ``optimizer.curvature_state()`` (`singd.curvature.LayerCurvature`) only.
+Read from ``optimizer.curvature_state()`` (`singd.curvature.LayerCurvature`) only, by
+each factor's role (`singd.curvature.FactorRole`), never by its name.
 
 - Extreme singular values ``sigma_max``, ``sigma_min`` and ``condition_number =
-  sigma_max / sigma_min`` of each factor, in float64: SINGD's ``K``, ``C`` through the
-  structure's ``extreme_singular_values()`` (diagonal: exact in O(d); block-diagonal:
-  per block; otherwise a dense float64 SVD), and of the preconditioners ``K K^T`` and
-  ``C C^T`` without a second decomposition, since ``sigma_i(K K^T) = sigma_i(K)^2`` and
-  so ``cond(K K^T) = cond(K)^2``. KFAC's ``A``, ``G`` (damped, exactly as inverted) and
-  ``A_inv``, ``G_inv`` are dense: a symmetric one by ``eigvalsh`` (its singular values
-  are the eigenvalues' magnitudes, at a third of an SVD's cost), any other by ``svdvals``.
-  A factor with a non-finite entry gives NaN.
-- KFAC inversion residual ``||S S^-1 - I||_F`` (Frobenius norm, dimensionless; 0 for an
-  exact inverse, ``sqrt(d)`` for a useless one), with the product computed in the stored
-  inverse's dtype, so it shows what that dtype's rounding did.
+  sigma_max / sigma_min`` of each factor but momenta, in float64: a structured one
+  (SINGD's ``K``, ``C``) through the structure's ``extreme_singular_values()``
+  (diagonal: exact in O(d); block-diagonal: per block; otherwise a dense float64 SVD);
+  for a ``preconditioner`` factor ``S`` also of ``S S^T`` (recorded as tensor ``SST``:
+  ``KKT``, ``CCT``) without a second decomposition, since ``sigma_i(S S^T) =
+  sigma_i(S)^2`` and so ``cond(S S^T) = cond(S)^2``. Dense factors (KFAC's ``A``, ``G``,
+  damped, exactly as inverted, and ``A_inv``, ``G_inv``): a symmetric one by
+  ``eigvalsh`` (its singular values are the eigenvalues' magnitudes, at a third of an
+  SVD's cost), any other by ``svdvals``. A factor with a non-finite entry gives NaN.
+- Inversion residual ``||S S^-1 - I||_F`` of a ``statistic`` and the ``inverse`` on its
+  side (Frobenius norm, dimensionless; 0 for an exact inverse, ``sqrt(d)`` for a useless
+  one), with the product computed in the stored inverse's dtype, so it shows what that
+  dtype's rounding did; recorded under the inverse's name.
 - Differential precision error of the update: with ``g`` the layer's gradient matrix,
   ``u = P(g)`` computed in the dtype the preconditioner is stored in (the lowest precision
   among its factors: what the optimizer itself computes in) and ``u* = P(g)`` recomputed in
@@ -31,13 +34,15 @@ import torch
 from torch import Tensor
 
 from probes.limits import dtype_name
+from probes.records import Recorder
 
 Row = tuple[str, str, str, float, str, str]
 """``(module, tensor, metric, value, unit, dtype)``."""
 
-_PRECONDITIONERS = {"K": "KKT", "C": "CCT"}
-_INVERSES = {"A": "A_inv", "G": "G_inv"}
-_MOMENTA = ("m_K", "m_C")
+
+def square_name(name: str) -> str:
+    """The tensor name under which ``S S^T`` of a preconditioner factor ``S`` is recorded."""
+    return f"{name}{name}T"
 
 
 def _dense(factor) -> Tensor:
@@ -66,13 +71,13 @@ def _ratio(top: float, bottom: float) -> float:
     return top / bottom if bottom > 0 else math.inf
 
 
-def _singular_rows(layer: str, name: str, factor, dtype: str) -> Iterator[Row]:
+def _singular_rows(layer: str, name: str, factor, dtype: str, squared: bool) -> Iterator[Row]:
     smax, smin = extreme_singular_values(factor)
     yield layer, name, "sigma_max", smax, "", dtype
     yield layer, name, "sigma_min", smin, "", dtype
     yield layer, name, "condition_number", _ratio(smax, smin), "", dtype
-    if name in _PRECONDITIONERS:
-        square = _PRECONDITIONERS[name]
+    if squared:
+        square = square_name(name)
         yield layer, square, "sigma_max", smax**2, "", dtype
         yield layer, square, "sigma_min", smin**2, "", dtype
         yield layer, square, "condition_number", _ratio(smax, smin) ** 2, "", dtype
@@ -110,13 +115,14 @@ def condition_rows(layers: list) -> list[Row]:
     rows: list[Row] = []
     for layer in layers:
         for name, factor in layer.factors.items():
-            if name in _MOMENTA:
+            kind = layer.roles[name].kind
+            if kind == "momentum":
                 continue
-            rows.extend(_singular_rows(layer.name, name, factor, dtype_name(factor.dtype)))
-        for name, inverse_name in _INVERSES.items():
-            if name in layer.factors and inverse_name in layer.factors:
-                inverse = layer.factors[inverse_name]
-                residual = inversion_residual(layer.factors[name], inverse)
+            dtype = dtype_name(factor.dtype)
+            rows.extend(_singular_rows(layer.name, name, factor, dtype, kind == "preconditioner"))
+        for name, statistic in layer.named("statistic").items():
+            for inverse_name, inverse in layer.named("inverse", layer.roles[name].side).items():
+                residual = inversion_residual(statistic, inverse)
                 rows.append(
                     (
                         layer.name,
@@ -133,3 +139,25 @@ def condition_rows(layers: list) -> list[Row]:
             rows.append((layer.name, "update", "precond_rel_error", rel, "", dtype_name(dtype)))
             rows.append((layer.name, "update", "precond_angle", angle, "rad", dtype_name(dtype)))
     return rows
+
+
+class ConditionProbe:
+    """Records `condition_rows` at the probe's cadence and keeps the largest condition
+    number of any factor or preconditioner for the summary."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        """Rows go to ``recorder``."""
+        self.recorder = recorder
+        self.max_condition: float | None = None
+
+    def record(self, step: int, layers: list) -> None:
+        """Write the condition rows of ``curvature_state()``'s ``layers`` at ``step``."""
+        with torch.no_grad():
+            rows = condition_rows(layers)
+        for module, tensor, metric, value, unit, dt in rows:
+            if metric == "condition_number" and not math.isnan(value):
+                top = self.max_condition
+                self.max_condition = value if top is None else max(top, value)
+            self.recorder.add(
+                step, "condition", metric, value, module=module, tensor=tensor, dtype=dt, unit=unit
+            )

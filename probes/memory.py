@@ -24,12 +24,20 @@ All figures are bytes (B).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import psutil
 import torch
 from torch import Tensor
+
+from probes.device_memory import CudaAllocator, NvmlDevice
+from probes.records import Recorder
+
+log = logging.getLogger(__name__)
+USS_EVERY = 10
+"""USS costs milliseconds: read it every this many memory readings."""
 
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
@@ -123,3 +131,77 @@ class ProcessMemory:
             if hwm is not None:
                 return hwm
         return max(self._sampled_peak, self.rss())
+
+
+class MemoryProbe:
+    """Records the memory rows at the probe's cadence and keeps the summary's figures.
+
+    Args:
+        recorder: Where rows go.
+        optimizer: The optimizer whose state is measured.
+        params: The optimized parameters (for AdamW's comparison figure).
+        names: ``id(parameter)`` -> qualified name.
+        device: The parameters' device (CUDA allocator and NVML readings there).
+    """
+
+    def __init__(
+        self,
+        recorder: Recorder,
+        optimizer: torch.optim.Optimizer,
+        params: list[Tensor],
+        names: dict[int, str],
+        device: torch.device,
+    ) -> None:
+        self.recorder = recorder
+        self.optimizer = optimizer
+        self.params = params
+        self.names = names
+        self.process = ProcessMemory()
+        self.cuda = CudaAllocator(device)
+        self.nvml = NvmlDevice(device)
+        if self.nvml.handle is None:
+            log.info("probes: NVML readings not available: %s", self.nvml.reason)
+        self.optimizer_state_bytes: int | None = None
+        self._readings = 0
+
+    def sample(self) -> None:
+        """Track the peak RSS at an iteration's end (`ProcessMemory.sample`)."""
+        self.process.sample()
+
+    def record(self, step: int, layers: list) -> None:
+        """Write the memory rows of step ``step``; ``layers``: ``curvature_state()``."""
+        rec = self.recorder
+        categories = optimizer_state_bytes(self.optimizer)
+        for category, nbytes in categories.items():
+            rec.add(step, "memory", "bytes", nbytes, tensor=category, unit="B")
+        self.optimizer_state_bytes = sum(categories.values())
+        rec.add(step, "memory", "bytes", self.optimizer_state_bytes, tensor="total", unit="B")
+        rec.add(
+            step,
+            "memory",
+            "adamw_state_bytes",
+            adamw_state_bytes(self.params),
+            tensor="total",
+            unit="B",
+        )
+        for module, tensor, nbytes in factor_bytes(layers):
+            rec.add(step, "memory", "bytes", nbytes, module=module, tensor=tensor, unit="B")
+        for module, tensor, nbytes in state_tensor_bytes(self.optimizer, self.names):
+            rec.add(step, "memory", "bytes", nbytes, module=module, tensor=tensor, unit="B")
+        process = self.process
+        rec.add(step, "memory", "rss_bytes", process.rss(), tensor="process", unit="B")
+        rec.add(step, "memory", "peak_rss_bytes", process.peak(), tensor="process", unit="B")
+        if self._readings % USS_EVERY == 0:
+            rec.add(step, "memory", "uss_bytes", process.uss(), tensor="process", unit="B")
+        self._readings += 1
+        for module, tensor, metric, value in self.cuda.rows() + self.nvml.rows():
+            unit = "" if metric == "available" else "B"
+            rec.add(step, "memory", metric, value, module=module, tensor=tensor, unit=unit)
+
+    def peak(self) -> int:
+        """The run's peak memory (B): the CUDA allocator's on a GPU, else the peak RSS."""
+        return self.cuda.peak() if self.cuda.device is not None else self.process.peak()
+
+    def peak_delta(self, peak: int) -> int | None:
+        """On the CPU, ``peak`` minus the RSS at attach (B); None on a GPU."""
+        return peak - self.process.start_rss if self.cuda.device is None else None

@@ -28,46 +28,38 @@ its step, module, tensor and phase (see `ProbeSession._on_step_post` for why tha
 enough, and its one exception, KFAC's ``A`` and ``G``). Parameter-level tensors are named
 by their qualified parameter name (``0.weight``).
 
-At their cadences (step ``s`` with ``s % every == 0``) the probes record full rows:
-``numerics`` (`probes.stats` of all the tensors above, factors included, plus ``weight``
-before the step and ``update`` = the parameter's change over the step), ``condition``
-(`probes.condition`), ``memory`` (`probes.memory`, `probes.device_memory`) and ``time``
-(per iteration: ``step_time_ms`` from the iteration's first forward to the end of its
-step, the optimizer step's share ``optimizer_time_ms`` and the time spent in this
-session's hooks ``probe_time_ms``; wall clock, ms).
+At their cadences (step ``s`` with ``s % every == 0``) the probes record full rows, each
+probe an object with one recording method that also keeps its running summary figures:
+``numerics`` (`probes.numerics.NumericsProbe`: `probes.stats` of all the tensors above,
+factors included, plus ``weight`` before the step and ``update`` = the parameter's
+change over the step), ``condition`` (`probes.condition.ConditionProbe`), ``memory``
+(`probes.memory.MemoryProbe`, with `probes.device_memory`) and ``time``
+(`probes.timing.TimeProbe`). This module is the iteration state machine and the hooks
+that feed them.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import re
-import statistics
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from probes.condition import condition_rows
-from probes.device_memory import CudaAllocator, NvmlDevice
+from probes.condition import ConditionProbe
 from probes.flags import Label, StepFlags, StepRecord, read_records, watchable
-from probes.limits import dtype_name, parse_dtype
-from probes.memory import (
-    ProcessMemory,
-    adamw_state_bytes,
-    factor_bytes,
-    optimizer_state_bytes,
-    state_tensor_bytes,
-)
+from probes.limits import parse_dtype
+from probes.memory import MemoryProbe
+from probes.numerics import NumericsProbe
 from probes.records import Recorder, finite_or_none, frame_from_rows, write_parquet
-from probes.stats import STAT_METRICS, STAT_UNITS, tensor_stats
-
-log = logging.getLogger(__name__)
+from probes.timing import TimeProbe
 
 PROBES = ("condition", "numerics", "memory", "time")
 DEFAULT_EVERY = {"condition": 1000, "numerics": 1000, "memory": 1000, "time": 1}
@@ -86,8 +78,6 @@ whatever these cadences are."""
 PENDING_LIMIT = 1000
 """Most iterations whose readings wait on the device (read-every-step off) before they are
 read even though no cadence is due: bounds their memory (two numbers per reading)."""
-USS_EVERY = 10
-"""USS costs milliseconds: read it every this many memory readings."""
 MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")
 FINITE_PRESERVING = (
     nn.ReLU,
@@ -114,7 +104,6 @@ FINITE_PRESERVING = (
 whenever their inputs and output gradients are (bounded derivatives): a NaN or Inf cannot
 be born in them, so their hooks (which cost as much as a small layer's) are attached only
 in the numerics probe's full iterations. Exact types: a subclass may compute otherwise."""
-CONDITION_TENSORS = ("K", "C", "KKT", "CCT", "A", "G", "A_inv", "G_inv")
 _GRAPH_TASK = getattr(torch._C, "_current_graph_task_id", None)
 
 
@@ -151,7 +140,40 @@ def _factor_tensors(factor) -> list[Tensor]:
 
 
 class ProbeSession:
-    """Records probes over a training loop; see `attach` for the arguments."""
+    """Records probes over a training loop: hooks on a model and its optimizer that
+    write the long table. Build it with `attach`; use it as a context manager or call
+    `detach`.
+
+    Args:
+        model: The model being trained (hooks go on its modules).
+        optimizer: Any torch optimizer; SINGD and KFAC also expose their curvature.
+        probes: Names among ``condition``, ``numerics``, ``memory``, ``time``; None: all.
+        every: One cadence (iterations) for every probe; None: each probe's default
+            (`DEFAULT_EVERY`). Finiteness is checked every iteration regardless.
+        run: The run id written into every row.
+        rank: The rank written into every row; None: torch.distributed's rank, else 0.
+        dtype: The run's low-precision dtype, which cast metrics refer to (``fp16``,
+            ``bfloat16``, ``torch.float16``); None: the model's parameter dtype. Pass it
+            for mixed precision, where parameters stay float32.
+        allow_inf: A regex on module names whose infinities are intentional (attention
+            masks); NaNs there still count.
+        start_step: The number of the first iteration, for a run resumed from a
+            checkpoint: records, cadences (``step % every == 0``) and
+            `first_nonfinite` then follow the training's own step count.
+        read_every_step: False: in iterations where no cadence is due, the readings
+            wait on the device and are read at the next cadence, at `detach`,
+            or when asked (`first_nonfinite`, `summary`, `to_frame`): the loop never
+            waits for the device. A value born in the optimizer step is then reported
+            at the ``update`` of the parameter it reached (its step and module exact).
+            True: every iteration is read at its end (one wait per iteration on a GPU),
+            and such a value is traced to the gradient, factor or momentum it came from.
+            None (default): True where the parameters are on the CPU (there a read
+            waits for nothing), False on a GPU.
+
+    Raises:
+        ValueError: On an unknown probe name, a non-positive cadence, a negative
+            ``start_step`` or a bad dtype.
+    """
 
     def __init__(
         self,
@@ -191,7 +213,6 @@ class ProbeSession:
         self._pending: list[StepRecord] = []
         self.probes = tuple(names)
         self.every = {n: every or DEFAULT_EVERY[n] for n in self.probes}
-        self._time_every = self.every.get("time", 0)
         params = [p for group in optimizer.param_groups for p in group["params"]]
         self._params = params
         self.run_dtype = parse_dtype(dtype) if dtype is not None else self._model_dtype()
@@ -214,11 +235,15 @@ class ProbeSession:
                     stacklevel=3,
                 )
         device = params[0].device if params else torch.device("cpu")
-        self._process = ProcessMemory() if "memory" in self.probes else None
-        self._cuda = CudaAllocator(device) if "memory" in self.probes else None
-        self._nvml = NvmlDevice(device) if "memory" in self.probes else None
-        if self._nvml is not None and self._nvml.handle is None:
-            log.info("probes: NVML readings not available: %s", self._nvml.reason)
+        # The probes: each records its own rows and keeps its summary figures.
+        self._numerics = NumericsProbe(self.recorder, self.run_dtype)
+        self._condition = ConditionProbe(self.recorder) if "condition" in self.probes else None
+        self._memory = (
+            MemoryProbe(self.recorder, optimizer, params, self._names, device)
+            if "memory" in self.probes
+            else None
+        )
+        self._time = TimeProbe(self.recorder, self.every.get("time"))
         # Session totals.
         self.step = start_step
         self._start_step = start_step
@@ -228,10 +253,6 @@ class ProbeSession:
         self.skipped_steps = 0
         self._first: NonFinite | None = None
         self._origins: set[Label] = set()
-        self._step_ms: list[float] = []
-        self._probe_ms: list[float] = []
-        self._optimizer_state_bytes: int | None = None
-        self._memory_readings = 0
         self._flags = StepFlags(self.run_dtype)
         self._by_name = {self._names[id(p)]: p for p in params}
         self._update_labels = [(self._names[id(p)], "update", "step") for p in params]
@@ -243,7 +264,6 @@ class ProbeSession:
                 groups.setdefault((p.dtype, p.device), []).append(p)
         self._param_groups = list(groups.values())
         self._final_peak: int | None = None
-        self._stats: list[tuple[Label, str, list[float]]] = []
         self._before: dict[int, Tensor] = {}
         self._begin_iteration()
         self._attached = True
@@ -308,7 +328,7 @@ class ProbeSession:
     # ------------------------------------------------------------------------------
     def _begin_iteration(self) -> None:
         self._flags.reset()
-        self._stats.clear()
+        self._numerics.clear()
         numerics = self.every.get("numerics")
         self._full = numerics is not None and self.step % numerics == 0
         self._iter_start: float | None = None
@@ -323,11 +343,6 @@ class ProbeSession:
         self._backward_seen = False
         self._before.clear()
         self._probe_s = 0.0
-
-    def _measure(self, label: Label, tensor: Tensor) -> None:
-        if not watchable(tensor):
-            return
-        self._stats.append((label, dtype_name(tensor.dtype), tensor_stats(tensor, self.run_dtype)))
 
     # The hooks are not decorated with torch.no_grad() (entering and leaving it costs more
     # than the rest of a hot-path hook): readings are taken of detached tensors, and the
@@ -400,7 +415,7 @@ class ProbeSession:
                 if not recomputing:
                     flags.add(label, tensor)
                     if self._full:
-                        self._measure(label, tensor.detach())
+                        self._numerics.measure(label, tensor.detach())
                 if grad_enabled and tensor.requires_grad:
                     tensor.register_hook(grad_hook)
             self._probe_s += perf_counter() - start
@@ -418,7 +433,7 @@ class ProbeSession:
             self._backward_seen = True
             flags.add(label, grad)
             if self._full:
-                self._measure(label, grad.detach())
+                self._numerics.measure(label, grad.detach())
             self._probe_s += perf_counter() - start
 
         return hook
@@ -467,9 +482,9 @@ class ProbeSession:
         if self._full:
             with torch.no_grad():
                 for label, grad in zip(*self._grads(), strict=True):
-                    self._measure(label, grad)
+                    self._numerics.measure(label, grad)
                     param = self._by_name[label[0]]
-                    self._measure((label[0], "weight", "step"), param)
+                    self._numerics.measure((label[0], "weight", "step"), param)
                     self._before[id(param)] = param.detach().clone()
         self._opt_start = time.perf_counter()
         self._probe_s += self._opt_start - start
@@ -515,8 +530,8 @@ class ProbeSession:
         self._pending.append(self._flags.record(self.step, self._found_inf))
         self._probe_s += time.perf_counter() - start
         closing = time.perf_counter()
-        if self._process is not None:
-            self._process.sample()
+        if self._memory is not None:
+            self._memory.sample()
         self._end_iteration(closing)
         if len(self._pending) >= PENDING_LIMIT:
             self._flush()
@@ -569,11 +584,11 @@ class ProbeSession:
         if self._full:
             for part in (self._factors(layers or []), self._momenta()):
                 for label, tensor in zip(*part, strict=True):
-                    self._measure(label, tensor)
+                    self._numerics.measure(label, tensor)
             for p in self._params:
                 before = self._before.get(id(p))
                 if before is not None:
-                    self._measure((self._names[id(p)], "update", "step"), p - before)
+                    self._numerics.measure((self._names[id(p)], "update", "step"), p - before)
         self._probe_s += time.perf_counter() - start
         self._close(skipped=self._scaler_skipped, layers=layers)
 
@@ -592,28 +607,16 @@ class ProbeSession:
             rec.add(step, "numerics", "skipped_step", 1.0, phase="step", unit="count")
         else:
             self._count_events(step)
-        self._record_stats(step)
+        self._numerics.record(step)
         if self._due("condition") and self._curvature is not None:
             layers = self._curvature() if layers is None else layers
-            with torch.no_grad():
-                rows = condition_rows(layers)
-            for module, tensor, metric, value, unit, dt in rows:
-                rec.add(
-                    step,
-                    "condition",
-                    metric,
-                    value,
-                    module=module,
-                    tensor=tensor,
-                    dtype=dt,
-                    unit=unit,
-                )
-        if self._process is not None:
-            self._process.sample()
+            self._condition.record(step, layers)
+        if self._memory is not None:
+            self._memory.sample()
         if self._due("memory"):
             if layers is None and self._curvature is not None:
                 layers = self._curvature()
-            self._record_memory(step, layers or [])
+            self._memory.record(step, layers or [])
         self._end_iteration(start)
 
     def _end_iteration(self, start: float) -> None:
@@ -621,21 +624,8 @@ class ProbeSession:
         end = time.perf_counter()
         probe_ms = (self._probe_s + end - start) * 1e3
         step_ms = (end - (self._iter_start or start)) * 1e3
-        self._step_ms.append(step_ms)
-        self._probe_ms.append(probe_ms)
         step = self.step
-        if self._time_every and step % self._time_every == 0:
-            self.recorder.add_many(
-                step,
-                "time",
-                "step",
-                "ms",
-                (
-                    ("step_time_ms", step_ms),
-                    ("optimizer_time_ms", self._opt_ms),
-                    ("probe_time_ms", probe_ms),
-                ),
-            )
+        self._time.record(step, step_ms, self._opt_ms, probe_ms)
         for handle in self._occasional_handles:
             handle.remove()
         self._occasional_handles = []
@@ -665,50 +655,6 @@ class ProbeSession:
             )
             if self._first is None:
                 self._first = NonFinite(step, module, tensor, phase)
-
-    def _record_stats(self, step: int) -> None:
-        for (module, tensor, phase), dt, row in self._stats:
-            for metric, value in zip(STAT_METRICS, row, strict=True):
-                self.recorder.add(
-                    step,
-                    "numerics",
-                    metric,
-                    value,
-                    module=module,
-                    tensor=tensor,
-                    phase=phase,
-                    dtype=dt,
-                    unit=STAT_UNITS[metric],
-                )
-
-    def _record_memory(self, step: int, layers: list) -> None:
-        rec = self.recorder
-        categories = optimizer_state_bytes(self.optimizer)
-        for category, nbytes in categories.items():
-            rec.add(step, "memory", "bytes", nbytes, tensor=category, unit="B")
-        self._optimizer_state_bytes = sum(categories.values())
-        rec.add(step, "memory", "bytes", self._optimizer_state_bytes, tensor="total", unit="B")
-        rec.add(
-            step,
-            "memory",
-            "adamw_state_bytes",
-            adamw_state_bytes(self._params),
-            tensor="total",
-            unit="B",
-        )
-        for module, tensor, nbytes in factor_bytes(layers):
-            rec.add(step, "memory", "bytes", nbytes, module=module, tensor=tensor, unit="B")
-        for module, tensor, nbytes in state_tensor_bytes(self.optimizer, self._names):
-            rec.add(step, "memory", "bytes", nbytes, module=module, tensor=tensor, unit="B")
-        process = self._process
-        rec.add(step, "memory", "rss_bytes", process.rss(), tensor="process", unit="B")
-        rec.add(step, "memory", "peak_rss_bytes", process.peak(), tensor="process", unit="B")
-        if self._memory_readings % USS_EVERY == 0:
-            rec.add(step, "memory", "uss_bytes", process.uss(), tensor="process", unit="B")
-        self._memory_readings += 1
-        for module, tensor, metric, value in self._cuda.rows() + self._nvml.rows():
-            unit = "" if metric == "available" else "B"
-            rec.add(step, "memory", metric, value, module=module, tensor=tensor, unit=unit)
 
     # ------------------------------------------------------------------------------
     # Results
@@ -755,23 +701,7 @@ class ProbeSession:
         return frame_from_rows([row for rows in gathered for row in rows])
 
     def _peak_memory(self) -> int | None:
-        if self._cuda is not None and self._cuda.device is not None:
-            return self._cuda.peak()
-        return self._process.peak() if self._process is not None else None
-
-    def _max_condition(self) -> float | None:
-        frame = self.to_frame()
-        rows = frame[
-            (frame["probe"] == "condition")
-            & (frame["metric"] == "condition_number")
-            & frame["tensor"].isin(CONDITION_TENSORS)
-        ]
-        return float(rows["value"].max()) if len(rows) else None
-
-    def _underflow_fraction(self) -> float | None:
-        frame = self.to_frame()
-        rows = frame[(frame["probe"] == "numerics") & (frame["metric"] == "underflow_fraction")]
-        return float(rows["value"].max()) if len(rows) else None
+        return self._memory.peak() if self._memory is not None else None
 
     def summary(self) -> dict:
         """The run's figures, as DESIGN.md defines them; non-finite numbers become None.
@@ -791,88 +721,37 @@ class ProbeSession:
         """
         self._flush()
         peak = self._peak_memory() if self._attached else self._final_peak
-        delta = None
-        if peak is not None and self._process is not None and self._cuda.device is None:
-            delta = peak - self._process.start_rss
-        total_step = sum(self._step_ms)
+        delta = None if peak is None else self._memory.peak_delta(peak)
+        condition = self._condition
         return {
             "steps": self.step - self._start_step,
             "nan_events": self.nan_events,
             "inf_events": self.inf_events,
             "overflow_events": self.overflow_events,
             "skipped_steps": self.skipped_steps,
-            "underflow_fraction": finite_or_none(self._underflow_fraction()),
-            "max_condition": finite_or_none(self._max_condition()),
+            "underflow_fraction": finite_or_none(self._numerics.max_underflow),
+            "max_condition": finite_or_none(condition.max_condition if condition else None),
             "first_nonfinite_step": self._first.step if self._first else None,
-            "optimizer_state_bytes": self._optimizer_state_bytes,
-            "step_time_ms": finite_or_none(statistics.median(self._step_ms))
-            if self._step_ms
-            else None,
+            "optimizer_state_bytes": (
+                self._memory.optimizer_state_bytes if self._memory is not None else None
+            ),
+            "step_time_ms": self._time.median_step_ms(),
             "peak_memory_bytes": peak,
             "peak_memory_delta_bytes": delta,
-            "probe_overhead_fraction": (
-                finite_or_none(sum(self._probe_ms) / total_step) if total_step > 0 else None
-            ),
+            "probe_overhead_fraction": self._time.overhead_fraction(),
         }
 
 
-def attach(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    *,
-    probes: list[str] | tuple[str, ...] | None = None,
-    every: int | None = None,
-    run: str = "",
-    rank: int | None = None,
-    dtype: str | torch.dtype | None = None,
-    allow_inf: str | None = None,
-    start_step: int = 0,
-    read_every_step: bool | None = None,
-) -> ProbeSession:
+def attach(model: nn.Module, optimizer: torch.optim.Optimizer, **options: Any) -> ProbeSession:
     """Attach probes to a model and its optimizer; use as a context manager or `detach`.
 
     Args:
         model: The model being trained (hooks go on its modules).
         optimizer: Any torch optimizer; SINGD and KFAC also expose their curvature.
-        probes: Names among ``condition``, ``numerics``, ``memory``, ``time``; None: all.
-        every: One cadence (iterations) for every probe; None: each probe's default
-            (`DEFAULT_EVERY`). Finiteness is checked every iteration regardless.
-        run: The run id written into every row.
-        rank: The rank written into every row; None: torch.distributed's rank, else 0.
-        dtype: The run's low-precision dtype, which cast metrics refer to (``fp16``,
-            ``bfloat16``, ``torch.float16``); None: the model's parameter dtype. Pass it
-            for mixed precision, where parameters stay float32.
-        allow_inf: A regex on module names whose infinities are intentional (attention
-            masks); NaNs there still count.
-        start_step: The number of the first iteration, for a run resumed from a
-            checkpoint: records, cadences (``step % every == 0``) and
-            `first_nonfinite` then follow the training's own step count.
-        read_every_step: False: in iterations where no cadence is due, the readings
-            wait on the device and are read at the next cadence, at `detach`,
-            or when asked (`first_nonfinite`, `summary`, `to_frame`): the loop never
-            waits for the device. A value born in the optimizer step is then reported
-            at the ``update`` of the parameter it reached (its step and module exact).
-            True: every iteration is read at its end (one wait per iteration on a GPU),
-            and such a value is traced to the gradient, factor or momentum it came from.
-            None (default): True where the parameters are on the CPU (there a read
-            waits for nothing), False on a GPU.
+        **options: The keyword arguments of `ProbeSession` (``probes``, ``every``, ``run``,
+            ``rank``, ``dtype``, ``allow_inf``, ``start_step``, ``read_every_step``).
 
     Returns:
         The attached `ProbeSession`.
-
-    Raises:
-        ValueError: On an unknown probe name, a non-positive cadence, a negative
-            ``start_step`` or a bad dtype.
     """
-    return ProbeSession(
-        model,
-        optimizer,
-        probes=probes,
-        every=every,
-        run=run,
-        rank=rank,
-        dtype=dtype,
-        allow_inf=allow_inf,
-        start_step=start_step,
-        read_every_step=read_every_step,
-    )
+    return ProbeSession(model, optimizer, **options)

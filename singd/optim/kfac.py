@@ -47,14 +47,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from singd.curvature import LayerCurvature
-from singd.optim.base import (
-    DEFAULT_FALLBACK,
-    FallbackFactory,
-    KroneckerOptimizer,
-    _not_one,
-    check_number,
-)
+from singd.curvature import KFAC_ROLES, LayerCurvature
+from singd.optim.base import KroneckerOptimizer
+from singd.optim.coverage import DEFAULT_FALLBACK, FallbackFactory
 from singd.optim.inverses import (
     DEVICE_METHODS,
     INVERSE_DTYPES,
@@ -64,6 +59,8 @@ from singd.optim.inverses import (
     invert_or_keep_on_device,
 )
 from singd.optim.layers import KroneckerLayer, gradient_matrix
+from singd.optim.scaling import not_one
+from singd.optim.validation import check_number, group_location
 
 
 class KFAC(KroneckerOptimizer):
@@ -103,6 +100,7 @@ class KFAC(KroneckerOptimizer):
     """
 
     ACCUMULATORS = {"A_batch": "input", "G_batch": "output"}
+    BYTE_CATEGORIES = {"A": "factors", "G": "factors", "A_inv": "inverses", "G_inv": "inverses"}
 
     def __init__(
         self,
@@ -158,7 +156,7 @@ class KFAC(KroneckerOptimizer):
 
     def _validate_group(self, group: dict[str, Any], index: int) -> None:
         super()._validate_group(group, index)
-        where = f" (parameter group {index})" if len(self.param_groups) > 1 else ""
+        where = group_location(index, len(self.param_groups))
         check_number(group["damping"], f"damping{where}")
         check_number(group["factor_decay"], f"factor_decay{where}", high=1.0)
         if group["inverse_method"] not in INVERSE_METHODS:
@@ -209,7 +207,7 @@ class KFAC(KroneckerOptimizer):
         state = self._factors[layer.name]
         A_batch = state.pop("A_batch").div_(max(layer.passes, 1))
         G_batch = state.pop("G_batch")
-        if _not_one(grad_unscaling):
+        if not_one(grad_unscaling):
             G_batch.mul_(grad_unscaling)
         decay = group["factor_decay"]
         for key, batch in (("A", A_batch), ("G", G_batch)):
@@ -291,6 +289,7 @@ class KFAC(KroneckerOptimizer):
                     gradient=grad,
                     precondition=_cast_preconditioner(state.get("A_inv"), state.get("G_inv")),
                     param_names=layer.param_names,
+                    roles={k: KFAC_ROLES[k] for k in factors},
                 )
             )
         return views
@@ -300,15 +299,6 @@ class KFAC(KroneckerOptimizer):
         """Failed inversions over all layers and factors since construction (a host read:
         the counts live on the device)."""
         return sum(int(count) for count in self._failures.values())
-
-    def _factor_bytes(self) -> dict[str, int]:
-        """``factors`` (A, G), ``inverses`` (A_inv, G_inv), ``accumulators`` (batch terms), B."""
-        totals = {"factors": 0, "inverses": 0, "accumulators": 0}
-        category = {"A": "factors", "G": "factors", "A_inv": "inverses", "G_inv": "inverses"}
-        for state in self._factors.values():
-            for key, value in state.items():
-                totals[category.get(key, "accumulators")] += value.numel() * value.element_size()
-        return totals
 
     # ------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:

@@ -45,15 +45,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from singd.curvature import LayerCurvature
-from singd.optim.base import (
-    DEFAULT_FALLBACK,
-    FallbackFactory,
-    KroneckerOptimizer,
-    _not_one,
-    check_number,
-)
+from singd.curvature import SINGD_ROLES, LayerCurvature
+from singd.optim.base import KroneckerOptimizer
+from singd.optim.coverage import DEFAULT_FALLBACK, FallbackFactory
+from singd.optim.functional import singd_factor_update, singd_natural_gradient
 from singd.optim.layers import KroneckerLayer, gradient_matrix, input_rows, layer_dims
+from singd.optim.scaling import not_one
+from singd.optim.validation import check_number, group_location
 from singd.optim.views import FactorView
 from singd.structures import StructuredMatrix, get_structure
 from singd.structures.diagonal import DiagonalMatrix
@@ -103,6 +101,7 @@ class SINGD(KroneckerOptimizer):
     """
 
     ACCUMULATORS = {"H_K": "input", "H_C": "output"}
+    BYTE_CATEGORIES = {"K": "factors", "C": "factors", "m_K": "momenta", "m_C": "momenta"}
 
     def __init__(
         self,
@@ -151,7 +150,7 @@ class SINGD(KroneckerOptimizer):
 
     def _validate_group(self, group: dict[str, Any], index: int) -> None:
         super()._validate_group(group, index)
-        where = f" (parameter group {index})" if len(self.param_groups) > 1 else ""
+        where = group_location(index, len(self.param_groups))
         check_number(group["damping"], f"damping{where}")
         check_number(group["alpha1"], f"alpha1{where}", high=1.0)
         if not callable(group["lr_cov"]):
@@ -226,51 +225,36 @@ class SINGD(KroneckerOptimizer):
     def _update_preconditioner(self, layer: KroneckerLayer, grad_unscaling) -> None:
         group = self.param_groups[layer.group_index]
         state = self._factors[layer.name]
-        K, C = state["K"], state["C"]
-        H_K, H_C = state.pop("H_K"), state.pop("H_C")
-        K_tK, C_tC = K.from_inner(), C.from_inner()
-        damping, alpha1 = group["damping"], group["alpha1"]
         # Over n accumulated passes the sums are n * mean (input side) and, for a mean
         # loss divided by n, (1/n) * whole-batch (output side): rescale both to the
         # whole batch. A layer run r times per forward adds r calls to one pass: its
         # calls are rows of one batch ("expand"), averaged on the input side and summed,
         # not rescaled, on the output side. (For SINGD with one call per pass the
         # factors cancel in avg(H_C) H_K; IKFAC needs them.)
-        scale_K = 1.0 / max(layer.passes, 1)
         passes = max(layer.backward_passes, 1)
-        scale_C = grad_unscaling * (passes if group["loss_average"] is not None else 1.0)
-        c = 0.5 * ((1.0 - alpha1) if group["normalize_lr_cov"] else 1.0)
-        # c is folded into the coefficients (for c = 0.5 that is exact: bit for bit the
-        # same as scaling afterwards). SINGD's traces stay on the device, in float64 as
-        # Python numbers would be: reading them would wait for every queued kernel.
-        if group["kfac_like"]:
-            coef_HK, coef_KK, coef_HC, coef_CC = c * scale_K, c * damping, c * scale_C, c * damping
-        else:
-            trace_HC, trace_CC, trace_HK, trace_KK = (
-                M.average_trace().to(torch.float64) for M in (H_C, C_tC, H_K, K_tK)
-            )
-            coef_HK = trace_HC * (c * scale_C * scale_K)
-            coef_KK = trace_CC * (c * damping)
-            coef_HC = trace_HK * (c * scale_K * scale_C)
-            coef_CC = trace_KK * (c * damping)
-        # H_K, H_C, K^T K and C^T C are consumed here: m_K' and m_C' are made in place.
-        m_K = H_K.mul_(coef_HK).add_(K_tK.mul_(coef_KK)).diag_add_(-c)
-        m_C = H_C.mul_(coef_HC).add_(C_tC.mul_(coef_CC)).diag_add_(-c)
-        if alpha1 != 0.0:
-            state["m_K"] = m_K.add_(state["m_K"], alpha=alpha1)
-            state["m_C"] = m_C.add_(state["m_C"], alpha=alpha1)
         beta1 = group["lr_cov"]
-        beta1 = float(beta1(self.steps)) if callable(beta1) else beta1
-        beta1_K = beta1_C = beta1
-        if group["normalize_lr_cov"]:
-            beta1_K = beta1 / m_K.infinity_vector_norm().to(torch.float64).clamp_min(1.0)
-            beta1_C = beta1 / m_C.infinity_vector_norm().to(torch.float64).clamp_min(1.0)
-        K.add_(K @ m_K, alpha=-beta1_K)
-        C.add_(C @ m_C, alpha=-beta1_C)
+        alpha1 = group["alpha1"]
+        updated = singd_factor_update(
+            state["K"],
+            state["C"],
+            state.get("m_K"),
+            state.get("m_C"),
+            state.pop("H_K"),
+            state.pop("H_C"),
+            lr_cov=float(beta1(self.steps)) if callable(beta1) else beta1,
+            alpha1=alpha1,
+            damping=group["damping"],
+            kfac_like=group["kfac_like"],
+            normalize_lr_cov=group["normalize_lr_cov"],
+            scale_K=1.0 / max(layer.passes, 1),
+            scale_C=grad_unscaling * (passes if group["loss_average"] is not None else 1.0),
+        )
+        if alpha1 != 0.0:  # no momentum buffers at all otherwise
+            state["m_K"], state["m_C"] = updated.m_K, updated.m_C
 
     def _precondition(self, layer: KroneckerLayer, grad: Tensor) -> Tensor:
         state = self._factors[layer.name]
-        return _natural_gradient(state["K"], state["C"], grad)
+        return singd_natural_gradient(state["K"], state["C"], grad)
 
     def _layer_directions(self, layer: KroneckerLayer, divisor, factor: float) -> list[Tensor]:
         state = self._factors[layer.name]
@@ -279,14 +263,14 @@ class SINGD(KroneckerOptimizer):
             return super()._layer_directions(layer, divisor, factor)
         # Two diagonal factors scale the weight's columns and the bias by k^2 and rows by
         # c^2: done on each parameter's gradient apart, without the copy into [dW | db]
-        # (the same products, in the same order, as `_natural_gradient`).
+        # (the same products, in the same order, as `singd_natural_gradient`).
         k, c = K.tensors()["diag"], C.tensors()["diag"]
         k2, c2 = k * k, c * c
         grads = [p.grad.flatten(1) if p.dim() > 1 else p.grad for p in layer.params]
         columns = [k2[:-1] if layer.has_bias else k2, k2[-1]]
         steps = []
         for grad, k2_part in zip(grads, columns, strict=False):
-            scaled = grad / divisor if _not_one(divisor) else grad
+            scaled = grad / divisor if not_one(divisor) else grad
             if factor != 1.0:
                 scaled = scaled * factor
             nat = torch.mul(scaled.to(k.dtype), k2_part)  # a new tensor: scaled in place
@@ -318,18 +302,10 @@ class SINGD(KroneckerOptimizer):
                     ),
                     precondition=_cast_preconditioner(state["K"], state["C"]),
                     param_names=layer.param_names,
+                    roles={k: SINGD_ROLES[k] for k in factors},
                 )
             )
         return views
-
-    def _factor_bytes(self) -> dict[str, int]:
-        """``factors`` (K, C), ``momenta`` (m_K, m_C), ``accumulators`` (H_K, H_C), in B."""
-        totals = {"factors": 0, "momenta": 0, "accumulators": 0}
-        category = {"K": "factors", "C": "factors", "m_K": "momenta", "m_C": "momenta"}
-        for state in self._factors.values():
-            for key, value in state.items():
-                totals[category.get(key, "accumulators")] += value.nbytes
-        return totals
 
     # -------------------------------------- the published singd 0.0.5 attribute names
     SUPPORTED_STRUCTURES: Mapping[str, type[StructuredMatrix]] = MappingProxyType(
@@ -403,28 +379,9 @@ class SINGD(KroneckerOptimizer):
         raise KeyError(f"{type(module).__name__} is not a layer this optimizer preconditions.")
 
 
-def _natural_gradient(K: StructuredMatrix, C: StructuredMatrix, grad: Tensor) -> Tensor:
-    """``C C^T G K K^T`` in the factors' dtypes, returned in the dtype of ``G``.
-
-    Written as ``C C^T (K K^T G^T)^T``, each factor applied by its structure's
-    `StructuredMatrix.outer_matmat_` in the gradient copy's memory where the structure
-    can (diagonal, hierarchical): no temporary of the gradient's size instead of four,
-    which matters on the CPU, where every large temporary costs fresh pages. Two diagonal
-    factors scale columns by ``k^2`` and rows by ``c^2`` directly.
-    """
-    if K.name == "diagonal" and C.name == "diagonal":
-        # `grad` is the optimizer's own copy (see `_precondition`): scaled in place.
-        k, c = K.tensors()["diag"], C.tensors()["diag"]
-        nat = grad.to(k.dtype).mul_(k * k)
-        return nat.to(c.dtype).mul_((c * c).unsqueeze(1)).to(grad.dtype)
-    nat = K.outer_matmat_(grad.to(K.dtype).T).T
-    nat = C.outer_matmat_(nat.to(C.dtype))
-    return nat.to(grad.dtype)
-
-
 def _cast_preconditioner(K: StructuredMatrix, C: StructuredMatrix) -> Callable[[Tensor], Tensor]:
     def precondition(grad: Tensor) -> Tensor:
         # A copy: the natural gradient may work in its argument, the reader's tensor.
-        return _natural_gradient(K.to(dtype=grad.dtype), C.to(dtype=grad.dtype), grad.clone())
+        return singd_natural_gradient(K.to(dtype=grad.dtype), C.to(dtype=grad.dtype), grad.clone())
 
     return precondition

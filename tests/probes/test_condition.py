@@ -8,9 +8,14 @@ import torch
 from torch import nn
 
 import probes
-from probes.condition import condition_rows, inversion_residual, precondition_error
+from probes.condition import (
+    condition_rows,
+    inversion_residual,
+    precondition_error,
+    square_name,
+)
 from singd import SINGD
-from singd.curvature import LayerCurvature
+from singd.curvature import KFAC_ROLES, SINGD_ROLES, FactorRole, LayerCurvature
 from singd.optim.kfac import KFAC
 from singd.structures import get_structure
 
@@ -133,6 +138,7 @@ def test_large_diagonal_and_block_factors_need_no_dense_decomposition():
         counters={},
         gradient=None,
         precondition=lambda g: g,
+        roles={"K": SINGD_ROLES["K"], "C": SINGD_ROLES["C"]},
     )
     start = time.perf_counter()
     got = _by_key(condition_rows([layer]))
@@ -157,3 +163,45 @@ def test_session_records_condition_at_its_cadence_and_summary_max():
     assert sorted(cond["step"].unique()) == [0, 3, 6]
     assert session.summary()["max_condition"] == pytest.approx(cond["value"].max())
     assert cond["value"].max() == cond[cond["tensor"].isin(["KKT", "CCT"])]["value"].max()
+
+
+@pytest.mark.parametrize("optimizer_factory", [lambda m: SINGD(m, T=1), lambda m: KFAC(m, T=1)])
+def test_condition_rows_follow_roles_not_names(optimizer_factory):
+    """Renaming every factor renames the rows and changes nothing else: the probe reads
+    the roles (`singd.curvature.FactorRole`), not SINGD's or KFAC's names."""
+    _, optimizer = _trained(optimizer_factory, torch.float64)
+    layers = optimizer.curvature_state()
+    renamed = [
+        LayerCurvature(
+            name=layer.name,
+            kind=layer.kind,
+            factors={f"x{name}": f for name, f in layer.factors.items()},
+            damping=layer.damping,
+            counters=layer.counters,
+            gradient=layer.gradient,
+            precondition=layer.precondition,
+            roles={f"x{name}": role for name, role in layer.roles.items()},
+        )
+        for layer in layers
+    ]
+    original, new = condition_rows(layers), condition_rows(renamed)
+    names = {"update": "update"}
+    for name, role in layers[0].roles.items():
+        names[name] = f"x{name}"
+        if role.kind == "preconditioner":
+            names[square_name(name)] = square_name(f"x{name}")
+    assert len(original) == len(new) > 0
+    for (m, t, metric, value, unit, dt), row in zip(original, new, strict=True):
+        assert row[:3] == (m, names[t], metric) and row[4:] == (unit, dt)
+        assert row[3] == value or (math.isnan(row[3]) and math.isnan(value))
+
+
+def test_roles_say_side_and_kind_of_every_factor():
+    assert {r.kind for r in SINGD_ROLES.values()} == {"preconditioner", "momentum"}
+    assert {r.kind for r in KFAC_ROLES.values()} == {"statistic", "inverse"}
+    for roles in (SINGD_ROLES, KFAC_ROLES):
+        assert sorted(r.side for r in roles.values()) == ["input"] * 2 + ["output"] * 2
+    _, optimizer = _trained(lambda m: KFAC(m, T=1), torch.float64)
+    layer = optimizer.curvature_state()[0]
+    assert list(layer.named("inverse", "output")) == ["G_inv"]
+    assert layer.roles["A"] == FactorRole("input", "statistic")

@@ -1,57 +1,36 @@
 """Two real gloo processes: every row carries its rank and rank 0 gathers them all."""
 
-import os
-import socket
-
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import probes
 from probes.records import read_parquet
 from singd import SINGD
+from tests.gloo import spawn
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
-    try:
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 2))
-        optimizer = SINGD(model, lr=0.01, T=1, structures=("diagonal", "diagonal"))
-        torch.manual_seed(1 + rank)
-        x, y = torch.randn(8, 5), torch.randint(0, 2, (8,))
-        with probes.attach(model, optimizer, every=2, run="ddp") as session:
-            for _ in range(3):
-                optimizer.zero_grad()
-                nn.functional.cross_entropy(model(x), y).backward()
-                optimizer.step()
-        assert session.rank == rank
-        gathered = session.gather(dst=0)
-        if rank == 0:
-            probes.records.write_parquet(gathered, out)
-        else:
-            assert gathered is None
-        # Leave together: a rank that destroys its process group while the other still
-        # reads from it aborts in gloo ("terminate called without an active exception").
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int, out: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 2))
+    optimizer = SINGD(model, lr=0.01, T=1, structures=("diagonal", "diagonal"))
+    torch.manual_seed(1 + rank)
+    x, y = torch.randn(8, 5), torch.randint(0, 2, (8,))
+    with probes.attach(model, optimizer, every=2, run="ddp") as session:
+        for _ in range(3):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    assert session.rank == rank
+    gathered = session.gather(dst=0)
+    if rank == 0:
+        probes.records.write_parquet(gathered, out)
+    else:
+        assert gathered is None
 
 
 def test_gather_to_rank_zero_over_two_gloo_processes(tmp_path):
     out = tmp_path / "gathered.parquet"
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # the spawned ranks inherit it
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    spawn(_worker, str(out))
     frame = read_parquet(out)
     assert set(frame["rank"]) == {0, 1}
     per_rank = frame.groupby("rank").size()

@@ -20,13 +20,14 @@ from torch import nn
 import probes
 from singd import SINGD
 from tests.host_reads import HostReads
+from tests.optimizers import factory
 from tests.probes.test_first_nonfinite import Poison
 
 OPTIMIZERS = {
-    "sgd": lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
-    "adamw": lambda m: torch.optim.AdamW(m.parameters(), lr=0.01),
-    "singd:diagonal": lambda m: SINGD(m, T=1, structures=("diagonal", "diagonal")),
-    "singd:dense": lambda m: SINGD(m, T=1),
+    "sgd": factory("sgd", lr=0.1, momentum=0.9),
+    "adamw": factory("adamw", lr=0.01),
+    "singd:diagonal": factory("singd:diagonal", T=1),
+    "singd:dense": factory("singd:dense", T=1),
 }
 
 

@@ -13,7 +13,7 @@ import probes
 from probes.memory import adamw_state_bytes
 from probes.records import COLUMNS, SCHEMA_VERSION, read_parquet
 from singd import SINGD
-from singd.optim.kfac import KFAC
+from tests.optimizers import factory
 
 
 def _mlp(dtype=torch.float32):
@@ -42,10 +42,10 @@ def _hook_count(model, optimizer) -> int:
 
 
 OPTIMIZERS = {
-    "sgd": lambda m: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9),
-    "adamw": lambda m: torch.optim.AdamW(m.parameters(), lr=0.01),
-    "singd": lambda m: SINGD(m, lr=0.01, T=1, structures=("diagonal", "dense")),
-    "kfac": lambda m: KFAC(m, lr=0.01, T=1),
+    "sgd": factory("sgd", lr=0.01, momentum=0.9),
+    "adamw": factory("adamw", lr=0.01),
+    "singd": factory("singd:diagonal/dense", lr=0.01, T=1),
+    "kfac": factory("kfac", lr=0.01, T=1),
 }
 
 
@@ -252,6 +252,21 @@ def test_summary_fields_and_time_shares():
     assert (per_step["optimizer_time_ms"] < per_step["step_time_ms"]).all()
     assert (per_step["probe_time_ms"] < per_step["step_time_ms"]).all()
     assert summary["step_time_ms"] == pytest.approx(per_step["step_time_ms"].median())
+
+
+@pytest.mark.parametrize("family", ["singd", "kfac"])
+def test_summary_aggregates_equal_what_the_records_say(family):
+    """The summary keeps running figures; they are exactly the records' extremes."""
+    model = _mlp()
+    optimizer = OPTIMIZERS[family](model)
+    with probes.attach(model, optimizer, every=2) as session:
+        _steps(model, optimizer, 5)
+    summary, frame = session.summary(), session.to_frame()
+    cond = frame.query("probe == 'condition' and metric == 'condition_number'")["value"]
+    under = frame.query("probe == 'numerics' and metric == 'underflow_fraction'")["value"]
+    assert summary["max_condition"] == cond.max() and summary["underflow_fraction"] == under.max()
+    memory = frame.query("probe == 'memory' and metric == 'bytes' and tensor == 'total'")
+    assert summary["optimizer_state_bytes"] == memory["value"].iloc[-1]
 
 
 def test_probes_never_modify_training():

@@ -23,22 +23,18 @@ seconds) and run every optimizer on every case.
 
 from __future__ import annotations
 
-import functools
 import itertools
-import os
-import socket
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from singd import KFAC, SINGD
+from tests.gloo import spawn
+from tests.optimizers import factory
 
 WORLD = 2
 STEPS = 3
@@ -48,10 +44,10 @@ CASES = list(itertools.product(("bare", "ddp"), ("batch", None), (torch.float32,
 
 #: name -> picklable `factory(model, *, loss_average) -> torch.optim.Optimizer`.
 OPTIMIZER_FACTORIES: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "singd:hierarchical15_15/dense": functools.partial(
-        SINGD, lr=0.05, lr_cov=0.05, T=1, structures=("hierarchical15_15", "dense")
+    "singd:hierarchical15_15/dense": factory(
+        "singd:hierarchical15_15/dense", lr=0.05, lr_cov=0.05, T=1
     ),
-    "kfac:cholesky": functools.partial(KFAC, lr=0.05, damping=1e-2, T=1),
+    "kfac:cholesky": factory("kfac:cholesky", lr=0.05, damping=1e-2, T=1),
 }
 
 
@@ -86,37 +82,20 @@ def train(factory, mode: str, loss_average: str | None, dtype: torch.dtype, rank
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
-def _worker(rank: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
-    )
-    try:
-        results = {
-            (name, case): train(factory, *case, rank, WORLD)
-            for name, factory in OPTIMIZER_FACTORIES.items()
-            for case in CASES
-        }
-        torch.save(results, Path(out) / f"rank{rank}.pt")
-        # Leave together: a rank that destroys its process group while the other still
-        # reads from it aborts in gloo ("terminate called without an active exception").
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank: int, world: int, out: str) -> None:
+    results = {
+        (name, case): train(factory, *case, rank, world)
+        for name, factory in OPTIMIZER_FACTORIES.items()
+        for case in CASES
+    }
+    torch.save(results, Path(out) / f"rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     """Spawn the two ranks once for every optimizer and case; return each rank's results."""
     out = tmp_path_factory.mktemp("ranks")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # the spawned ranks inherit it
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    spawn(_worker, str(out), world=WORLD)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 

@@ -15,14 +15,12 @@ import pytest
 import torch
 from torch import nn
 
-from singd import KFAC, SINGD
+from tests.optimizers import factory
 
 OPTIMIZERS = {
-    "singd:dense": lambda m: SINGD(m, lr=0.1, lr_cov=0.1, T=1, init_grad_scale=4.0),
-    "singd:diagonal": lambda m: SINGD(
-        m, lr=0.1, lr_cov=0.1, T=1, init_grad_scale=4.0, structures=("diagonal", "diagonal")
-    ),
-    "kfac": lambda m: KFAC(m, lr=0.1, damping=1e-2, T=1, init_grad_scale=4.0),
+    "singd:dense": factory("singd:dense", lr=0.1, lr_cov=0.1, T=1, init_grad_scale=4.0),
+    "singd:diagonal": factory("singd:diagonal", lr=0.1, lr_cov=0.1, T=1, init_grad_scale=4.0),
+    "kfac": factory("kfac", lr=0.1, damping=1e-2, T=1, init_grad_scale=4.0),
 }
 
 

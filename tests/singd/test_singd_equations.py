@@ -19,6 +19,7 @@ from torch import nn
 
 from singd import SINGD
 from singd.structures import STRUCTURE_NAMES, get_structure
+from tests.singd.dense_singd import dense_factor_update
 
 STEPS = 6
 
@@ -99,29 +100,10 @@ class PlainSINGD:
                 g = grads[i] * (math.sqrt(batch) if hp["loss_average"] else 1.0)
                 H_K = P_K(K.T @ a.T @ a @ K)
                 H_C = P_C(C.T @ g.T @ g @ C)
-                KtK, CtC = P_K(K.T @ K), P_C(C.T @ C)
-                c = 0.5 * ((1 - hp["alpha1"]) if hp["normalize_lr_cov"] else 1.0)
-                avg = lambda M: torch.trace(M) / M.shape[0]  # noqa: E731
-                I_K, I_C = (
-                    torch.eye(K.shape[0], dtype=K.dtype),
-                    torch.eye(C.shape[0], dtype=C.dtype),
+                K, C, self.m_K[i], self.m_C[i] = dense_factor_update(
+                    K, C, self.m_K[i], self.m_C[i], H_K, H_C, P_K, P_C, hp
                 )
-                lam = hp["damping"]
-                if hp["kfac_like"]:
-                    m_K = c * (H_K + lam * KtK - I_K)
-                    m_C = c * (H_C + lam * CtC - I_C)
-                else:
-                    m_K = c * (avg(H_C) * H_K + lam * avg(CtC) * KtK - I_K)
-                    m_C = c * (avg(H_K) * H_C + lam * avg(KtK) * CtC - I_C)
-                m_K = m_K + hp["alpha1"] * self.m_K[i]
-                m_C = m_C + hp["alpha1"] * self.m_C[i]
-                self.m_K[i], self.m_C[i] = m_K, m_C
-                beta_K = beta_C = hp["lr_cov"]
-                if hp["normalize_lr_cov"]:
-                    beta_K /= max(1.0, m_K.abs().max().item())
-                    beta_C /= max(1.0, m_C.abs().max().item())
-                self.K[i] = K = K @ (I_K - beta_K * m_K)
-                self.C[i] = C = C @ (I_C - beta_C * m_C)
+                self.K[i], self.C[i] = K, C
             G = layer.weight.grad
             if layer.bias is not None:
                 G = torch.cat([G, layer.bias.grad[:, None]], 1)

@@ -11,7 +11,8 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from singd import KFAC, SINGD
+from singd import SINGD
+from tests.optimizers import factory
 
 
 def mlp(dtype=torch.float64, seed: int = 0) -> nn.Sequential:
@@ -179,10 +180,10 @@ def _train_on_pairs(cls, make_optimizer, split: bool) -> list[torch.Tensor]:
 
 
 OPTIMIZERS = {
-    "singd": lambda model: SINGD(model, alpha1=0.0, **HP),
-    "ikfac": lambda model: SINGD(model, kfac_like=True, alpha1=0.0, **HP),
+    "singd": factory("singd:dense", alpha1=0.0, **HP),
+    "ikfac": factory("ikfac", **HP),
     # KFAC averages A over calls and sums G (its accumulation keeps undivided losses).
-    "kfac": lambda model: KFAC(model, lr=0.1, damping=0.01, T=1, inverse_dtype=torch.float64),
+    "kfac": factory("kfac", lr=0.1, damping=0.01, T=1, inverse_dtype=torch.float64),
 }
 
 
@@ -463,10 +464,10 @@ def test_closure_is_evaluated():
 
 
 EAGER_CASES = {
-    "singd:dense": lambda model: SINGD(model, **HP),
-    "singd:diagonal": lambda model: SINGD(model, structures=("diagonal", "diagonal"), **HP),
-    "ikfac": lambda model: SINGD(model, kfac_like=True, alpha1=0.0, **HP),
-    "kfac": lambda model: KFAC(model, lr=0.1, damping=0.01, T=1),
+    "singd:dense": factory("singd:dense", **HP),
+    "singd:diagonal": factory("singd:diagonal", **HP),
+    "ikfac": factory("ikfac", **HP),
+    "kfac": factory("kfac", lr=0.1, damping=0.01, T=1),
 }
 
 
@@ -480,7 +481,7 @@ def test_reducing_the_input_in_the_forward_trains_bit_for_bit_as_in_the_backward
     forward hook must not compute it in bfloat16) and with two accumulated passes."""
     runs = []
     for ratio in (0, 10**12):  # always in the forward; never
-        monkeypatch.setattr("singd.optim.base.EAGER_INPUT_RATIO", ratio)
+        monkeypatch.setattr("singd.optim.hooks.EAGER_INPUT_RATIO", ratio)
         model = mlp(torch.float32)
         opt = EAGER_CASES[optimizer](model)
         for i, (x, y) in enumerate(data(4, dtype=torch.float32)):

@@ -1,0 +1,67 @@
+"""`KroneckerOptimizer`'s own behaviour, once over every Kronecker optimizer (`KRONECKER`)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from tests.optimizers import KRONECKER, factory
+
+
+def _trained(spec: str, steps: int = 2):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(33, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optimizer = factory(spec, lr=0.05, T=1)(model)
+    x, y = torch.randn(16, 33), torch.randint(0, 3, (16,))
+    for _ in range(steps):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return model, optimizer, (x, y)
+
+
+@pytest.mark.parametrize("spec", KRONECKER)
+def test_state_bytes_count_every_state_tensor_once(spec):
+    _, optimizer, _ = _trained(spec)
+    categories = optimizer.state_bytes()
+    assert {"accumulators", "param_buffers", "fallback"} <= set(categories)
+    factors = sum(
+        t.numel() * t.element_size()
+        for state in optimizer._factors.values()
+        for value in state.values()
+        for t in ([value] if isinstance(value, torch.Tensor) else value.tensors().values())
+    )
+    buffers = sum(s["momentum_buffer"].nbytes for s in optimizer.state.values())
+    fallback = sum(t.nbytes for s in optimizer.fallback.state.values() for t in s.values())
+    assert categories["param_buffers"] == buffers > 0
+    assert categories["fallback"] == fallback > 0  # the LayerNorm's AdamW state
+    assert sum(categories.values()) - buffers - fallback == factors
+
+
+@pytest.mark.parametrize("spec", KRONECKER)
+def test_a_step_with_infs_changes_nothing_and_is_counted(spec):
+    model, optimizer, (x, y) = _trained(spec)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.found_inf = torch.tensor(1.0)  # as torch.amp.GradScaler hands it over
+    with pytest.warns(UserWarning, match="skipping this step"):
+        optimizer.step()
+    del optimizer.found_inf
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert {layer.counters["skipped_steps"] for layer in optimizer.curvature_state()} == {1}
+
+
+@pytest.mark.parametrize("spec", KRONECKER)
+def test_removed_hooks_collect_nothing_and_removing_twice_is_harmless(spec):
+    model, optimizer, (x, y) = _trained(spec)
+    optimizer.remove_hooks()
+    optimizer.remove_hooks()
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    assert all(not state.keys() & optimizer.ACCUMULATORS for state in optimizer._factors.values())
