@@ -14,7 +14,8 @@ represented or updated; each concern lives in a module of its own:
 - `singd.optim.functional`: the updates themselves (SINGD's factor update, the natural
   gradient, the heavy-ball parameter update with weight decay);
 - `singd.optim.accounting`: bytes of state by category;
-- checkpoints (`state_dict`, `load_state_dict`), here.
+- `singd.optim.checkpoint`: what a checkpoint holds per layer, and the checks a
+  checkpoint passes before it loads.
 
 A subclass stores its per-layer state in ``self._factors[layer.name]`` (a dict of
 structured matrices or tensors; these are checkpointed generically) and implements
@@ -35,7 +36,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 from torch.optim import Optimizer
 
-from singd.optim import accounting, coverage, distributed
+from singd.optim import accounting, checkpoint, coverage, distributed
 from singd.optim.coverage import DEFAULT_FALLBACK, NO_LAYER, FallbackFactory
 from singd.optim.functional import heavy_ball_
 from singd.optim.hooks import register_hooks, reset_passes
@@ -48,7 +49,6 @@ from singd.optim.layers import (
 )
 from singd.optim.scaling import Scale, not_one, skip_verdict
 from singd.optim.validation import check_common_group, check_number, group_location
-from singd.structures import get_structure
 from singd.structures.base import StructuredMatrix
 
 __all__ = ["DEFAULT_FALLBACK", "FallbackFactory", "KroneckerOptimizer", "Scale", "check_number"]
@@ -407,31 +407,12 @@ class KroneckerOptimizer(Optimizer):
             for key, value in group.items():
                 if callable(value):
                     group[key] = None
-        layers = {}
-        for layer in self._layers:
-            saved = {}
-            for key, value in self._factors[layer.name].items():
-                if isinstance(value, StructuredMatrix):
-                    saved[key] = {
-                        "structure": value.name,
-                        "dim": value.dim,
-                        "tensors": dict(value.tensors()),
-                    }
-                else:
-                    saved[key] = value
-            layers[layer.name] = {
-                "factors": saved,
-                "passes": layer.passes,
-                "backward_passes": layer.backward_passes,
-                "fired": layer.fired,
-                "skipped_steps": layer.skipped_steps,
-            }
         state["kronecker"] = {
             "steps": self.steps,
             "grad_scales": {
                 t: float(v) if isinstance(v, Tensor) else v for t, v in self._grad_scales.items()
             },
-            "layers": layers,
+            "layers": checkpoint.saved_layers(self),
             "fallback_layers": list(self._fallback_layers),
             "silent_checked": self._silent_checked,
             "fallback": None if self.fallback is None else self.fallback.state_dict(),
@@ -445,9 +426,7 @@ class KroneckerOptimizer(Optimizer):
             ValueError: In one sentence, at the first way the checkpoint does not fit this
                 optimizer and model (`singd.optim.checkpoint`); nothing is loaded then.
         """
-        from singd.optim.checkpoint import check_state_dict  # needed only when loading
-
-        check_state_dict(self, state_dict)
+        checkpoint.check_state_dict(self, state_dict)
         state_dict = dict(state_dict)
         saved = state_dict.pop("kronecker")
         callables = [{k: v for k, v in group.items() if callable(v)} for group in self.param_groups]
@@ -467,24 +446,7 @@ class KroneckerOptimizer(Optimizer):
         self.steps = saved["steps"]
         self._silent_checked = saved["silent_checked"]
         self._grad_scales = dict(saved["grad_scales"])
-        for layer in self._layers:
-            entry = saved["layers"][layer.name]
-            device = layer.module.weight.device
-            factors = {}
-            for key, value in entry["factors"].items():
-                if isinstance(value, dict):
-                    cls = get_structure(value["structure"])
-                    # Copies, so the loaded optimizer never shares storage with the source.
-                    tensors = {k: t.to(device, copy=True) for k, t in value["tensors"].items()}
-                    factors[key] = cls.from_tensors(value["dim"], tensors)
-                else:
-                    factors[key] = value.to(device, copy=True)
-            self._factors[layer.name] = factors
-            layer.passes = entry["passes"]
-            # Checkpoints from before calls and passes were told apart: one call each.
-            layer.backward_passes = entry.get("backward_passes", entry["passes"])
-            layer.fired = entry["fired"]
-            layer.skipped_steps = entry["skipped_steps"]
+        checkpoint.restore_layers(self, saved["layers"])
         if self.fallback is not None and saved["fallback"] is not None:
             self.fallback.load_state_dict(saved["fallback"])
 

@@ -1,4 +1,11 @@
-"""A checkpoint checked against the SINGD or KFAC optimizer that is about to load it.
+"""Checkpoints of the Kronecker optimizers: what they hold per layer, and their checks.
+
+`saved_layers` and `restore_layers` are the per-layer part of
+`KroneckerOptimizer.state_dict` / ``load_state_dict``: each factor as plain tensors (a
+structured matrix as its structure's name, dimension and stored tensors), so
+``torch.load(..., weights_only=True)`` reads a checkpoint, plus the layer's pass counters.
+
+A checkpoint is checked against the SINGD or KFAC optimizer that is about to load it.
 
 ``load_state_dict`` calls `check_state_dict` before it changes anything: the entries
 `KroneckerOptimizer.state_dict` writes must be there, of the optimizer's kind (SINGD's
@@ -19,6 +26,7 @@ import torch
 from torch import Tensor
 
 from singd.structures import get_structure
+from singd.structures.base import StructuredMatrix
 
 if TYPE_CHECKING:
     from singd.optim.base import KroneckerOptimizer
@@ -32,6 +40,55 @@ FACTOR_SIDES = {
 
 INVERSES = {"A_inv", "G_inv"}
 """Factors whose dtype is the inversion's, not the curvature's: any floating dtype."""
+
+
+def saved_layers(optimizer: KroneckerOptimizer) -> dict[str, dict[str, Any]]:
+    """Each layer's factors (plain tensors) and counters, by layer name."""
+    layers = {}
+    for layer in optimizer._layers:
+        factors = {}
+        for key, value in optimizer._factors[layer.name].items():
+            if isinstance(value, StructuredMatrix):
+                factors[key] = {
+                    "structure": value.name,
+                    "dim": value.dim,
+                    "tensors": dict(value.tensors()),
+                }
+            else:
+                factors[key] = value
+        layers[layer.name] = {
+            "factors": factors,
+            "passes": layer.passes,
+            "backward_passes": layer.backward_passes,
+            "fired": layer.fired,
+            "skipped_steps": layer.skipped_steps,
+        }
+    return layers
+
+
+def restore_layers(optimizer: KroneckerOptimizer, layers: dict[str, dict[str, Any]]) -> None:
+    """Set each layer's factors and counters from `saved_layers`' output (checked before).
+
+    The factors are copies on the layer's device, so the loaded optimizer never shares
+    storage with the source.
+    """
+    for layer in optimizer._layers:
+        entry = layers[layer.name]
+        device = layer.module.weight.device
+        factors = {}
+        for key, value in entry["factors"].items():
+            if isinstance(value, dict):
+                cls = get_structure(value["structure"])
+                tensors = {k: t.to(device, copy=True) for k, t in value["tensors"].items()}
+                factors[key] = cls.from_tensors(value["dim"], tensors)
+            else:
+                factors[key] = value.to(device, copy=True)
+        optimizer._factors[layer.name] = factors
+        layer.passes = entry["passes"]
+        # Checkpoints from before calls and passes were told apart: one call each.
+        layer.backward_passes = entry.get("backward_passes", entry["passes"])
+        layer.fired = entry["fired"]
+        layer.skipped_steps = entry["skipped_steps"]
 
 
 def kind_of(optimizer: KroneckerOptimizer) -> str:
