@@ -36,6 +36,18 @@ def _model() -> nn.Sequential:
     return nn.Sequential(nn.Linear(6, 8), Poison(), nn.Tanh(), nn.Linear(8, 3))
 
 
+def _train_step(model, optimizer, x, y, grad_scaler) -> None:
+    """One step of cross-entropy training, through ``grad_scaler`` where given."""
+    loss = nn.functional.cross_entropy(model(x), y)
+    if grad_scaler is not None:
+        grad_scaler.scale(loss).backward()
+        grad_scaler.step(optimizer)
+        grad_scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+
+
 def _reads(name: str, probed: bool, scaler: bool) -> int:
     model = _model()
     optimizer = OPTIMIZERS[name](model)
@@ -43,14 +55,7 @@ def _reads(name: str, probed: bool, scaler: bool) -> int:
     grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4) if scaler else None
 
     def step() -> None:
-        loss = nn.functional.cross_entropy(model(x), y)
-        if scaler:
-            grad_scaler.scale(loss).backward()
-            grad_scaler.step(optimizer)
-            grad_scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        _train_step(model, optimizer, x, y, grad_scaler)
         optimizer.zero_grad()
 
     session = probes.attach(model, optimizer, read_every_step=False) if probed else None
@@ -85,14 +90,7 @@ def _run(read_every_step: bool, arm, steps: int = 8, scaler: bool = False):
         for step in range(steps):
             arm(model[1], step)
             optimizer.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            if scaler:
-                grad_scaler.scale(loss).backward()
-                grad_scaler.step(optimizer)
-                grad_scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
+            _train_step(model, optimizer, x, y, grad_scaler)
         first = session.first_nonfinite()
         session.detach()
     frame = session.to_frame()
