@@ -41,9 +41,9 @@ from singd.optim.coverage import DEFAULT_FALLBACK, NO_LAYER, FallbackFactory
 from singd.optim.functional import heavy_ball_
 from singd.optim.hooks import register_hooks, reset_passes
 from singd.optim.layers import (
-    SUPPORTED_LAYERS,
     KroneckerLayer,
     gradient_matrix,
+    is_supported,
     process_input,
     split_matrix,
 )
@@ -109,7 +109,7 @@ class KroneckerOptimizer(Optimizer):
                 f"from parameter groups, got {fallback!r}."
             )
         check_number(init_grad_scale, "init_grad_scale", open_low=True)
-        if not any(isinstance(m, SUPPORTED_LAYERS) for m in module.modules()):
+        if not any(is_supported(m) for m in module.modules()):
             raise ValueError(NO_LAYER)
         self._fallback_factory = coverage.adamw if fallback == DEFAULT_FALLBACK else fallback
         self._warn_unsupported = warn_unsupported
@@ -127,6 +127,7 @@ class KroneckerOptimizer(Optimizer):
         # device where a GradScaler hands its scale over.
         self._grad_scales: dict[int, Scale] = {-1: float(init_grad_scale)}
         self._factors: dict[str, dict[str, StructuredMatrix | Tensor]] = {}
+        self._module = module
         self._layers = coverage.find_layers(module, self.param_groups)
         if not self._layers:
             raise ValueError(NO_LAYER)
@@ -181,6 +182,20 @@ class KroneckerOptimizer(Optimizer):
             stacklevel=4,
         )
         self._move_to_fallback(names)
+
+    def coverage(self) -> coverage.Coverage:
+        """Which of the model's parameters the Kronecker factors precondition and which
+        go to the fallback optimizer (or are not trained), by layer type.
+
+        Returns:
+            A `singd.optim.coverage.Coverage`: tensor and element counts and fractions
+            per layer class name (``print`` it for a table, ``as_dict()`` for JSON).
+            Layers whose forward never runs move to the fallback at the first step;
+            until then ``final`` is False.
+        """
+        return coverage.coverage_report(
+            self._module, self._layers, self.fallback, self._fallback_layers, self._silent_checked
+        )
 
     def _reduce_input(self, layer: KroneckerLayer, x: Tensor) -> Any:
         """The layer's `_input_statistic` of its input ``x`` (called by the hooks)."""

@@ -259,7 +259,9 @@ class SINGD(KroneckerOptimizer):
     def _layer_directions(self, layer: KroneckerLayer, divisor, factor: float) -> list[Tensor]:
         state = self._factors[layer.name]
         K, C = state["K"], state["C"]
-        if not (isinstance(K, DiagonalMatrix) and isinstance(C, DiagonalMatrix)):
+        if layer.transposed or not (
+            isinstance(K, DiagonalMatrix) and isinstance(C, DiagonalMatrix)
+        ):  # a transposed weight (d_in x d_out) goes through [dW | db]
             return super()._layer_directions(layer, divisor, factor)
         # Two diagonal factors scale the weight's columns and the bias by k^2 and rows by
         # c^2: done on each parameter's gradient apart, without the copy into [dW | db]

@@ -11,15 +11,15 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from singd.optim.layers import KroneckerLayer, _conv_patches, layer_dims
+from singd.optim.layers import KroneckerLayer, _conv_patches, is_supported, layer_dims
 from singd.optim.layers import process_grad_output as _process_grad_output
 from singd.optim.layers import process_input as _process_input
 
 
 def _as_layer(module: nn.Module) -> KroneckerLayer:
     """The module as a layer whose bias, if it has one, the factor ``K`` covers."""
-    if not isinstance(module, (nn.Linear, nn.Conv2d)):
-        raise NotImplementedError(f"Only Linear and Conv2d layers are supported, got {module}.")
+    if not is_supported(module):
+        raise NotImplementedError(f"Only supported layers have factors, got {module}.")
     has_bias = module.bias is not None
     dim_K, dim_C = layer_dims(module, has_bias)
     return KroneckerLayer("", module, 0, has_bias, dim_K, dim_C)

@@ -62,7 +62,7 @@ def test_bad_value_in_a_parameter_group_names_the_group():
 
 @pytest.mark.parametrize("fallback", ["adamw", None])
 def test_model_without_supported_layer(fallback):
-    with pytest.raises(ValueError, match="model has no nn.Linear or nn.Conv2d layer"):
+    with pytest.raises(ValueError, match="model has no nn.Linear, nn.Conv1d, nn.Conv2d"):
         SINGD(nn.Sequential(nn.LayerNorm(3), nn.Embedding(4, 3)), fallback=fallback)
 
 
