@@ -164,14 +164,14 @@ class StructuredMatrix(ABC):
         self, dtype: torch.dtype | None = None, device: torch.device | str | None = None
     ) -> Self:
         """A copy in another dtype and/or on another device (always a new object)."""
-        return type(self)(
+        return type(self)._trusted(
             self._dim,
             {k: t.to(dtype=dtype, device=device, copy=True) for k, t in self._tensors.items()},
         )
 
     def clone(self) -> Self:
         """A deep copy."""
-        return type(self)(self._dim, {k: t.clone() for k, t in self._tensors.items()})
+        return type(self)._trusted(self._dim, {k: t.clone() for k, t in self._tensors.items()})
 
     def __reduce__(self) -> tuple:
         # Classes such as Block30DiagonalMatrix are made on demand by get_structure, so

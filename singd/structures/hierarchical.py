@@ -222,15 +222,14 @@ class HierarchicalMatrix(StructuredMatrix):
         return self._project_gram(self._tb_rows(), C * C)
 
     def diag_add_(self, value: float | Tensor) -> Self:
-        A, _, _, C, _, E = self._parts()
-        A.diagonal().add_(value)
-        C.add_(value)
-        E.diagonal().add_(value)
+        x = self._tensors
+        # One foreach dispatch for the three diagonal pieces (8 us instead of 14 here).
+        torch._foreach_add_([x["A"].diagonal(), x["C"], x["E"].diagonal()], value)
         return self
 
     def diagonal(self) -> Tensor:
-        A, _, _, C, _, E = self._parts()
-        return torch.cat([A.diagonal(), C, E.diagonal()])
+        x = self._tensors  # not `_parts`, whose slices of B cost two dispatches
+        return torch.cat([x["A"].diagonal(), x["C"], x["E"].diagonal()])
 
     def frobenius_norm(self) -> Tensor:
         return stored_frobenius_norm(self._tensors)
