@@ -69,6 +69,18 @@ class HierarchicalMatrix(StructuredMatrix):
         # Results of our own operations have the layout by construction: not re-checked.
         return type(self)._trusted(self._dim, {"A": A, "B": B, "C": C, "D": D, "E": E})
 
+    @classmethod
+    def _corner_only(cls, A: Tensor) -> dict[str, Tensor]:
+        """The stored tensors of a matrix with d <= K1: only A, the others empty."""
+        t = A.shape[0]
+        return {
+            "A": A,
+            "B": A.new_empty(t, 0),
+            "C": A.new_empty(0),
+            "D": A.new_empty(0, 0),
+            "E": A.new_empty(0, 0),
+        }
+
     def _tb_rows(self) -> Tensor:
         """``W = S[t and b rows, :]``, the K1 + K2 dense rows of S as one (K1 + K2, d)
         matrix ``[[A, B_m, B_b], [0, D, E]]``; the middle rows of S are ``c_i e_i^T``.
@@ -92,6 +104,8 @@ class HierarchicalMatrix(StructuredMatrix):
         of ``Y_m^2``.
         """
         dim = Y.shape[1]
+        if dim <= cls.k1:  # only the dense corner A (a small layer's factor): one GEMM
+            return cls._trusted(dim, cls._corner_only(Y.T @ Y))
         t, m, _ = cls.split_sizes(dim)
         Y_m = Y[:, t : t + m]
         Z = torch.cat([Y[:, :t], Y[:, t + m :]], 1).T @ Y
@@ -165,6 +179,8 @@ class HierarchicalMatrix(StructuredMatrix):
     def _right_matmat(self, X: Tensor) -> Tensor:
         # X S = [X_t | X_b] W + the middle columns c * X_m: one GEMM (inner dimension
         # K1 + K2) into the result and one pass of the diagonal over its middle columns.
+        if self._dim <= self.k1:
+            return X @ self._tensors["A"]
         t, m, _ = self.split_sizes(self._dim)
         out = torch.cat([X[:, :t], X[:, t + m :]], 1) @ self._tb_rows()
         out[:, t : t + m].addcmul_(X[:, t : t + m], self._tensors["C"])
@@ -181,6 +197,9 @@ class HierarchicalMatrix(StructuredMatrix):
         is the same arithmetic but no d x n temporary: on the CPU each fresh temporary of
         the natural gradient's size costs new pages, more than its arithmetic.
         """
+        if self._dim <= self.k1:  # S = A: two small GEMMs, no arrowhead bookkeeping
+            A = self._tensors["A"]
+            return A @ (A.T @ X)
         t, m, _ = self.split_sizes(self._dim)
         C = self._tensors["C"]
         W = self._tb_rows()
@@ -207,6 +226,10 @@ class HierarchicalMatrix(StructuredMatrix):
 
     def _matmul_structured(self, other: Self) -> Self:
         # Block by block: five small GEMMs cost fewer dispatches than W M through W.
+        if self._dim <= self.k1:
+            return type(self)._trusted(
+                self._dim, self._corner_only(self._tensors["A"] @ other._tensors["A"])
+            )
         A, B_m, B_b, C, D, E = self._parts()
         A2, B2_m, B2_b, C2, D2, E2 = other._parts()
         B_new = torch.cat([A @ B2_m + B_m * C2 + B_b @ D2, A @ B2_b + B_b @ E2], 1)
@@ -218,6 +241,9 @@ class HierarchicalMatrix(StructuredMatrix):
 
     def _from_inner_identity(self) -> Self:
         # S^T S = W^T W + diag(c^2) on the middle block (the middle rows of S are c_i e_i^T).
+        if self._dim <= self.k1:
+            A = self._tensors["A"]
+            return type(self)._trusted(self._dim, self._corner_only(A.T @ A))
         C = self._tensors["C"]
         return self._project_gram(self._tb_rows(), C * C)
 
