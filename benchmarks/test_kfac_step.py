@@ -74,7 +74,8 @@ def test_kfac_step_against_singd_dense(benchmark, table, record_memory, method):
         return
     medians = {}
     for who, times in (("kfac", ours[WARMUP:]), ("singd", theirs[WARMUP:])):
-        for clock, values in zip(("wall", "cpu"), zip(*times, strict=True), strict=True):
+        # `mlp_step.timed` gives (wall s, CPU s, minor page faults) per step.
+        for clock, values in zip(("wall", "cpu", "faults"), zip(*times, strict=True), strict=True):
             medians[f"{who}_{clock}"] = statistics.median(values)
     flops = mlp_step.count_flops(step)
     row = {
@@ -114,3 +115,129 @@ def write_table(rows: dict[str, dict[str, Any]], load_before, load_after) -> Non
         f"before, {load_after[0]:.1f} after."
     )
     write_results("kfac_step", machine, rows, lines)
+
+
+# ----------------------------------------------------------------------------------------
+# Amortized: KFAC per inverse method against AdamW and SGD with momentum, T=1 and T=10
+# ----------------------------------------------------------------------------------------
+AMORTIZED_ROUNDS = 12
+AMORTIZED_WARMUP = 2
+#: Consecutive steps per side and round: a training loop runs its steps back to back.
+T1_BLOCK = 3
+#: With T=10 each round runs 10 consecutive steps: one update step and nine between.
+T10_PERIOD = 10
+FIRST_ORDER_BLOCK = 5
+
+
+def _steps_of(kind: str):
+    """A fresh (model, optimizer, step) for AdamW, SGD with momentum or KFAC."""
+    model, x, y = mlp_step.build()
+    if kind == "adamw":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    elif kind == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    else:
+        method, period = kind.split("@")
+        optimizer = KFAC(model, inverse_method=method, **{**KFAC_KWARGS, "T": int(period)})
+    return optimizer, mlp_step.timed(mlp_step.make_step(model, optimizer, x, y))
+
+
+def test_kfac_amortized_against_first_order(benchmark):
+    """Every inverse method at T=1 (every step updates factors and inverses) and at T=10
+    (update steps and the nine steps between, apart, and their mean), against AdamW and
+    SGD with momentum, all interleaved in one process: each round runs a block of every
+    side in turn, so the ratios share the machine's load.
+
+    Ratios are of median CPU times: ``T=1 / AdamW``, ``T=10 update step / AdamW``,
+    ``T=10 step between updates / SGD`` and ``/ AdamW``, and the amortized
+    ``(update + 9 between) / 10 / AdamW`` (medians of each kind, so one slow update
+    step does not dominate). Written to ``benchmarks/results/kfac_amortized.{md,json}``.
+    """
+    torch.set_num_threads(1)
+    sides = {kind: _steps_of(kind) for kind in ("adamw", "sgd")}
+    for method in INVERSE_METHODS:
+        for period in (1, T10_PERIOD):
+            sides[f"{method}@{period}"] = _steps_of(f"{method}@{period}")
+    times: dict[str, list[float]] = {kind: [] for kind in sides}
+    times |= {f"{method}@{T10_PERIOD}:update": [] for method in INVERSE_METHODS}
+    load_before = os.getloadavg()
+
+    def one_round() -> None:
+        for kind, (optimizer, timed_step) in sides.items():
+            if kind in ("adamw", "sgd"):
+                block = [timed_step()[1] for _ in range(FIRST_ORDER_BLOCK)]
+                times[kind].extend(block[1:])  # the first step after another side: cold
+            elif kind.endswith("@1"):
+                block = [timed_step()[1] for _ in range(T1_BLOCK)]
+                times[kind].extend(block[1:])
+            else:
+                for _ in range(T10_PERIOD):
+                    update = optimizer.steps % T10_PERIOD == 0
+                    cpu = timed_step()[1]
+                    times[f"{kind}:update" if update else kind].append(cpu)
+
+    for _ in range(AMORTIZED_WARMUP):
+        one_round()
+    for values in times.values():
+        values.clear()
+    benchmark.pedantic(one_round, rounds=AMORTIZED_ROUNDS, iterations=1)
+    if benchmark.disabled:
+        return
+    median = {kind: statistics.median(values) for kind, values in times.items()}
+    adamw, sgd = median["adamw"], median["sgd"]
+    rows: dict[str, dict[str, Any]] = {}
+    for method in INVERSE_METHODS:
+        update = median[f"{method}@{T10_PERIOD}:update"]
+        between = median[f"{method}@{T10_PERIOD}"]
+        amortized = (update + (T10_PERIOD - 1) * between) / T10_PERIOD
+        rows[method] = {
+            "t1_ms": median[f"{method}@1"] * 1e3,
+            "t10_update_ms": update * 1e3,
+            "t10_between_ms": between * 1e3,
+            "t10_amortized_ms": amortized * 1e3,
+            "t1_vs_adamw": median[f"{method}@1"] / adamw,
+            "t10_update_vs_adamw": update / adamw,
+            "t10_between_vs_sgd": between / sgd,
+            "t10_between_vs_adamw": between / adamw,
+            "t10_amortized_vs_adamw": amortized / adamw,
+            "failed_decompositions": sum(
+                optimizer.failed_decompositions
+                for kind, (optimizer, _) in sides.items()
+                if kind.startswith(f"{method}@")
+            ),
+        }
+    rows["first-order"] = {"adamw_ms": adamw * 1e3, "sgd_momentum_ms": sgd * 1e3}
+    benchmark.extra_info.update({f"{m}.{k}": v for m, row in rows.items() for k, v in row.items()})
+    write_amortized_table(rows, load_before, os.getloadavg())
+
+
+def write_amortized_table(rows: dict[str, dict[str, Any]], load_before, load_after) -> None:
+    machine = machine_info(load_before, load_after)
+    first = rows["first-order"]
+    lines = [
+        "| KFAC inverse | T=1 ms | T=1 / AdamW | T=10 update ms | update / AdamW "
+        "| T=10 between ms | between / SGD-m | between / AdamW | T=10 amortized / AdamW "
+        "| failed inversions |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method in INVERSE_METHODS:
+        row = rows[method]
+        lines.append(
+            f"| {method} | {row['t1_ms']:.1f} | {row['t1_vs_adamw']:.2f} "
+            f"| {row['t10_update_ms']:.1f} | {row['t10_update_vs_adamw']:.2f} "
+            f"| {row['t10_between_ms']:.2f} | {row['t10_between_vs_sgd']:.2f} "
+            f"| {row['t10_between_vs_adamw']:.2f} | {row['t10_amortized_vs_adamw']:.2f} "
+            f"| {row['failed_decompositions']} |"
+        )
+    lines.append("")
+    lines.append(
+        f"AdamW {first['adamw_ms']:.2f} ms, SGD with momentum {first['sgd_momentum_ms']:.2f} "
+        f"ms per step. MLP 256-512-512-10, batch 128, float32, one thread; medians of CPU "
+        f"time over {AMORTIZED_ROUNDS} interleaved rounds after {AMORTIZED_WARMUP} warm-up "
+        f"rounds (each round: {FIRST_ORDER_BLOCK} AdamW and SGD steps, {T1_BLOCK} steps of "
+        f"each T=1 KFAC, {T10_PERIOD} of each T=10 KFAC; a block's first step left out "
+        f"except with T=10). Amortized = (update + 9 x between) / 10. singd at "
+        f"{machine['commit']}; torch {machine['torch']}, {machine['processor']}; 1-minute "
+        f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after."
+    )
+    write_results("kfac_amortized", machine, rows, lines)

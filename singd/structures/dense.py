@@ -39,7 +39,7 @@ class DenseMatrix(StructuredMatrix):
         return X @ self._tensors["mat"]
 
     def _matmul_structured(self, other: Self) -> Self:
-        return type(self)(self._dim, {"mat": self._tensors["mat"] @ other._tensors["mat"]})
+        return type(self)._trusted(self._dim, {"mat": self._tensors["mat"] @ other._tensors["mat"]})
 
     @classmethod
     def from_gram(cls, X: Tensor) -> Self:
@@ -47,12 +47,12 @@ class DenseMatrix(StructuredMatrix):
 
     def _from_inner_identity(self) -> Self:
         mat = self._tensors["mat"]
-        return type(self)(self._dim, {"mat": mat.T @ mat})
+        return type(self)._trusted(self._dim, {"mat": mat.T @ mat})
 
     def from_inner2(self, XXT: Tensor) -> Self:
         self._check_operand(XXT)
         mat = self._tensors["mat"]
-        return type(self)(self._dim, {"mat": mat.T @ XXT.to(self.dtype) @ mat})
+        return type(self)._trusted(self._dim, {"mat": mat.T @ XXT.to(self.dtype) @ mat})
 
     def diag_add_(self, value: float | Tensor) -> Self:
         self._tensors["mat"].diagonal().add_(value)

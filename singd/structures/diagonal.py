@@ -49,7 +49,9 @@ class DiagonalMatrix(StructuredMatrix):
         return X * self._tensors["diag"]
 
     def _matmul_structured(self, other: Self) -> Self:
-        return type(self)(self._dim, {"diag": self._tensors["diag"] * other._tensors["diag"]})
+        return type(self)._trusted(
+            self._dim, {"diag": self._tensors["diag"] * other._tensors["diag"]}
+        )
 
     @classmethod
     def from_gram(cls, X: Tensor) -> Self:
@@ -63,7 +65,9 @@ class DiagonalMatrix(StructuredMatrix):
         s = self._tensors["diag"]
         # diag(S X X^T S)_j = s_j^2 sum_i X_ji^2, the column sums of the rows X^T scaled
         # in place.
-        return type(self)(self._dim, {"diag": rows.to(self.dtype).square().sum(0).mul_(s * s)})
+        return type(self)._trusted(
+            self._dim, {"diag": rows.to(self.dtype).square().sum(0).mul_(s * s)}
+        )
 
     def from_input_rows(self, X: Tensor, ones_column: bool) -> Self:
         """``P(S^T Y^T Y S)`` for ``Y = [X | 1] / sqrt(n)`` (``[X] / sqrt(n)`` without the
@@ -85,16 +89,16 @@ class DiagonalMatrix(StructuredMatrix):
                 f"got {tuple(X.shape)}."
             )
         s = self._tensors["diag"]
-        return type(self)(self._dim, {"diag": squares.mul_(s * s)})
+        return type(self)._trusted(self._dim, {"diag": squares.mul_(s * s)})
 
     def _from_inner_identity(self) -> Self:
         s = self._tensors["diag"]
-        return type(self)(self._dim, {"diag": s * s})
+        return type(self)._trusted(self._dim, {"diag": s * s})
 
     def from_inner2(self, XXT: Tensor) -> Self:
         self._check_operand(XXT)
         s = self._tensors["diag"]
-        return type(self)(self._dim, {"diag": s * s * XXT.diagonal().to(self.dtype)})
+        return type(self)._trusted(self._dim, {"diag": s * s * XXT.diagonal().to(self.dtype)})
 
     def diag_add_(self, value: float | Tensor) -> Self:
         self._tensors["diag"].add_(value)
