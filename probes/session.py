@@ -34,8 +34,11 @@ probe an object with one recording method that also keeps its running summary fi
 factors included, plus ``weight`` before the step and ``update`` = the parameter's
 change over the step), ``condition`` (`probes.condition.ConditionProbe`), ``memory``
 (`probes.memory.MemoryProbe`, with `probes.device_memory`) and ``time``
-(`probes.timing.TimeProbe`). This module is the iteration state machine and the hooks
-that feed them.
+(`probes.timing.TimeProbe`); off by default, ``whatif`` (`probes.whatif`: what each
+optimizer-state tensor would lose in float16, bfloat16 and the float8 formats). A
+``precision="auto"`` optimizer's dtype changes become ``precision`` rows at the end of
+the iteration that made them, whatever the probes. This module is the iteration state
+machine and the hooks that feed them.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ from probes.memory import MemoryProbe
 from probes.numerics import NumericsProbe
 from probes.records import Recorder, finite_or_none, frame_from_rows, write_parquet
 from probes.timing import TimeProbe
+from probes.whatif import WHATIF_EVERY, WhatIfProbe, precision_rows
 
 PROBES = ("condition", "numerics", "memory", "time")
 DEFAULT_EVERY = {"condition": 1000, "numerics": 1000, "memory": 1000, "time": 1}
@@ -75,6 +79,8 @@ with diagonal factors. The per-iteration finiteness checks are not cadenced: the
 the hooks they need, are most of the overhead (see the benchmark and the README's
 performance section). A first non-finite value is found at the step it appears
 whatever these cadences are."""
+OPTIONAL_PROBES = ("whatif",)
+"""Probes recorded only when named in ``probes`` (cadence `probes.whatif.WHATIF_EVERY`)."""
 PENDING_LIMIT = 1000
 """Most iterations whose readings wait on the device (read-every-step off) before they are
 read even though no cadence is due: bounds their memory (two numbers per reading)."""
@@ -147,7 +153,8 @@ class ProbeSession:
     Args:
         model: The model being trained (hooks go on its modules).
         optimizer: Any torch optimizer; SINGD and KFAC also expose their curvature.
-        probes: Names among ``condition``, ``numerics``, ``memory``, ``time``; None: all.
+        probes: Names among ``condition``, ``numerics``, ``memory``, ``time`` and
+            ``whatif``; None: all but ``whatif`` (`OPTIONAL_PROBES`).
         every: One cadence (iterations) for every probe; None: each probe's default
             (`DEFAULT_EVERY`). Finiteness is checked every iteration regardless.
         run: The run id written into every row.
@@ -190,9 +197,10 @@ class ProbeSession:
         read_every_step: bool | None = None,
     ) -> None:
         names = list(PROBES if probes is None else probes)
-        unknown = [n for n in names if n not in PROBES]
+        known = PROBES + OPTIONAL_PROBES
+        unknown = [n for n in names if n not in known]
         if unknown:
-            raise ValueError(f"unknown probe {unknown[0]!r}; the probes are {', '.join(PROBES)}.")
+            raise ValueError(f"unknown probe {unknown[0]!r}; the probes are {', '.join(known)}.")
         if every is not None and (
             isinstance(every, bool) or not isinstance(every, int) or every < 1
         ):
@@ -212,7 +220,7 @@ class ProbeSession:
         self.read_every_step = read_every_step
         self._pending: list[StepRecord] = []
         self.probes = tuple(names)
-        self.every = {n: every or DEFAULT_EVERY[n] for n in self.probes}
+        self.every = {n: every or DEFAULT_EVERY.get(n, WHATIF_EVERY) for n in self.probes}
         params = [p for group in optimizer.param_groups for p in group["params"]]
         self._params = params
         self.run_dtype = parse_dtype(dtype) if dtype is not None else self._model_dtype()
@@ -244,6 +252,10 @@ class ProbeSession:
             else None
         )
         self._time = TimeProbe(self.recorder, self.every.get("time"))
+        self._whatif = (
+            WhatIfProbe(self.recorder, optimizer, self._names) if "whatif" in self.probes else None
+        )
+        self._precision_seen = 0
         # Session totals.
         self.step = start_step
         self._start_step = start_step
@@ -617,6 +629,10 @@ class ProbeSession:
             if layers is None and self._curvature is not None:
                 layers = self._curvature()
             self._memory.record(step, layers or [])
+        if self._due("whatif"):
+            if layers is None and self._curvature is not None:
+                layers = self._curvature()
+            self._whatif.record(step, layers or [])
         self._end_iteration(start)
 
     def _end_iteration(self, start: float) -> None:
@@ -626,6 +642,8 @@ class ProbeSession:
         step_ms = (end - (self._iter_start or start)) * 1e3
         step = self.step
         self._time.record(step, step_ms, self._opt_ms, probe_ms)
+        # A list's length: no device read, so deferred iterations record them too.
+        self._precision_seen = precision_rows(self.recorder, self.optimizer, self._precision_seen)
         for handle in self._occasional_handles:
             handle.remove()
         self._occasional_handles = []

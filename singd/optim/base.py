@@ -15,14 +15,17 @@ represented or updated; each concern lives in a module of its own:
   gradient, the heavy-ball parameter update with weight decay);
 - `singd.optim.accounting`: bytes of state by category;
 - `singd.optim.checkpoint`: what a checkpoint holds per layer, and the checks a
-  checkpoint passes before it loads.
+  checkpoint passes before it loads;
+- `singd.optim.precision`: ``precision="auto"``, each factor widened before it fails.
 
 A subclass stores its per-layer state in ``self._factors[layer.name]`` (a dict of
 structured matrices or tensors; these are checkpointed generically) and implements
 `_init_layer`, `_input_statistic` (with `_input_statistic_entries`), `_accumulate`,
 `_update_preconditioner` and `_precondition`; it names its accumulators in
 ``ACCUMULATORS`` and the byte category of each other state entry in
-``BYTE_CATEGORIES``.
+``BYTE_CATEGORIES``. For ``precision="auto"`` it also implements `_precision_readings`
+and `_promote`, and names the factors whose dtype the curvature rows take in
+``CURVATURE_FACTORS``.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from singd.optim.layers import (
     process_input,
     split_matrix,
 )
+from singd.optim.precision import PRECISIONS, Escalation, PrecisionEvent
 from singd.optim.scaling import Scale, not_one, skip_verdict
 from singd.optim.validation import check_common_group, check_number, group_location
 from singd.structures.base import StructuredMatrix
@@ -76,6 +80,9 @@ class KroneckerOptimizer(Optimizer):
             optimizer.
         warn_unsupported: With ``fallback=None``, warn about untrained parameters.
         init_grad_scale: The first GradScaler scale (or a number of its magnitude).
+        precision: ``None`` (each factor keeps the dtype asked for) or ``"auto"``
+            (a factor is widened when its readings near its dtype's limits,
+            `singd.optim.precision`; the changes are in `precision_events`).
     """
 
     _step_supports_amp_scaling = True  # name fixed by torch.amp.GradScaler
@@ -83,6 +90,8 @@ class KroneckerOptimizer(Optimizer):
     """Per-layer curvature accumulators: key in ``_factors`` -> ``"input"``/``"output"``."""
     BYTE_CATEGORIES: dict[str, str] = {}
     """Per-layer state keys -> their `state_bytes` category (others: accumulators)."""
+    CURVATURE_FACTORS: tuple[str, str] = ("", "")
+    """The factors (input side, output side) whose dtype the curvature rows take."""
 
     def __init__(
         self,
@@ -93,7 +102,11 @@ class KroneckerOptimizer(Optimizer):
         fallback: str | FallbackFactory | None = DEFAULT_FALLBACK,
         warn_unsupported: bool = True,
         init_grad_scale: float = 1.0,
+        precision: str | None = None,
     ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be None or 'auto', got {precision!r}.")
+        self._escalation = Escalation() if precision == "auto" else None
         if isinstance(model, DataParallel):
             raise ValueError(
                 "DataParallel is not supported; wrap the model in "
@@ -204,11 +217,41 @@ class KroneckerOptimizer(Optimizer):
         return self._input_statistic(layer, a)
 
     # ------------------------------------------------------ subclass interface
-    def _curvature_dtypes(self, layer: KroneckerLayer) -> tuple[torch.dtype, torch.dtype]:
-        """dtypes of the rows ``a`` and ``g``: ``preconditioner_dtype`` or the weight's."""
+    def _configured_dtypes(self, layer: KroneckerLayer) -> tuple[torch.dtype, torch.dtype]:
+        """The dtypes asked for on the two sides: ``preconditioner_dtype`` or the weight's."""
         dtypes = self.param_groups[layer.group_index].get("preconditioner_dtype", (None, None))
         weight_dtype = layer.module.weight.dtype
         return dtypes[0] or weight_dtype, dtypes[1] or weight_dtype
+
+    def _curvature_dtypes(self, layer: KroneckerLayer) -> tuple[torch.dtype, torch.dtype]:
+        """dtypes of the rows ``a`` and ``g``: the configured ones, as promoted (if at all)
+        under ``precision="auto"``."""
+        dtypes = self._configured_dtypes(layer)
+        if self._escalation is None:
+            return dtypes
+        input_side, output_side = self.CURVATURE_FACTORS
+        return (
+            self._escalation.dtype(layer.name, input_side, dtypes[0]),
+            self._escalation.dtype(layer.name, output_side, dtypes[1]),
+        )
+
+    @property
+    def precision(self) -> str | None:
+        """``None`` or ``"auto"``, as constructed."""
+        return None if self._escalation is None else "auto"
+
+    @property
+    def precision_events(self) -> list[PrecisionEvent]:
+        """Every factor's change of dtype so far, in order (empty unless ``"auto"``)."""
+        return [] if self._escalation is None else list(self._escalation.events)
+
+    def _precision_readings(self, layer: KroneckerLayer) -> dict[str, tuple[Tensor, torch.dtype]]:
+        """Each factor's `singd.optim.precision.readings` and its dtype, after an update."""
+        raise NotImplementedError
+
+    def _promote(self, layer: KroneckerLayer, factor: str, dtype: torch.dtype, why: str) -> None:
+        """Widen one factor to ``dtype`` (``why``: the reading that crossed its bound)."""
+        raise NotImplementedError
 
     def _init_layer(self, layer: KroneckerLayer) -> None:
         """Create the layer's state in ``self._factors[layer.name]``."""
@@ -364,6 +407,8 @@ class KroneckerOptimizer(Optimizer):
         for layer in due:
             self._update_preconditioner(layer, grad_unscaling)
             reset_passes(layer)
+        if self._escalation is not None and due:
+            self._escalation.check(self, due)
         for layer in self._layers:
             if layer not in due:
                 self._clear_accumulators(layer)
@@ -432,6 +477,8 @@ class KroneckerOptimizer(Optimizer):
             "silent_checked": self._silent_checked,
             "fallback": None if self.fallback is None else self.fallback.state_dict(),
         }
+        if self._escalation is not None:
+            state["kronecker"]["precision"] = self._escalation.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -462,6 +509,8 @@ class KroneckerOptimizer(Optimizer):
         self._silent_checked = saved["silent_checked"]
         self._grad_scales = dict(saved["grad_scales"])
         checkpoint.restore_layers(self, saved["layers"])
+        if self._escalation is not None:
+            self._escalation.load_state_dict(saved.get("precision", {"dtypes": {}, "events": []}))
         if self.fallback is not None and saved["fallback"] is not None:
             self.fallback.load_state_dict(saved["fallback"])
 

@@ -12,6 +12,8 @@ A checkpoint is checked against the SINGD or KFAC optimizer that is about to loa
 factors K, C, m_K, m_C, H_K, H_C or KFAC's A, G, their inverses and batch sums), with the
 structure, dimension, shape and dtype this optimizer uses for each layer; the parameters'
 own state (momentum buffers, the fallback's moments) must have the parameters' shapes.
+Under ``precision="auto"`` a factor may be in any dtype its configured one widens to
+(`singd.optim.precision.widenings`): escalated factors resume in their dtypes.
 The first mismatch is named in one sentence (a ValueError), so a checkpoint of a wider
 model, of the other optimizer, of another structure or no checkpoint at all never loads
 into a state that fails at the next step, or quietly changes the configuration.
@@ -25,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from singd.optim.precision import widenings
 from singd.structures import get_structure
 from singd.structures.base import StructuredMatrix
 
@@ -208,23 +211,24 @@ def _layer_problem(
                 f"(alpha1={group['alpha1']})"
             )
     dims = (layer.dim_K, layer.dim_C)
-    dtypes = optimizer._curvature_dtypes(layer)
+    dtypes = optimizer._configured_dtypes(layer)
+    widen = optimizer.precision == "auto"
     for key, value in factors.items():
         side = own[key]
         where = f"layer {layer.name!r} factor {key!r}"
         if kind == "SINGD":
             structure = optimizer.param_groups[layer.group_index]["structures"][side]
-            problem = _structured_problem(where, value, structure, dims[side], dtypes[side])
+            problem = _structured_problem(where, value, structure, dims[side], dtypes[side], widen)
         else:
             dtype = None if key in INVERSES else dtypes[side]
-            problem = _tensor_problem(where, value, (dims[side], dims[side]), dtype)
+            problem = _tensor_problem(where, value, (dims[side], dims[side]), dtype, widen)
         if problem is not None:
             return problem
     return None
 
 
 def _structured_problem(
-    where: str, value: Any, structure: str, dim: int, dtype: torch.dtype
+    where: str, value: Any, structure: str, dim: int, dtype: torch.dtype, widen: bool = False
 ) -> str | None:
     """A SINGD factor as `KroneckerOptimizer.state_dict` writes it: structure, dim, tensors."""
     if not isinstance(value, Mapping) or not {"structure", "dim", "tensors"} <= set(value):
@@ -245,16 +249,17 @@ def _structured_problem(
         found = sorted(tensors) if isinstance(tensors, Mapping) else type(tensors).__name__
         return f"{where} stores {found} where a {structure} matrix stores {sorted(shapes)}"
     for name, shape in shapes.items():
-        problem = _tensor_problem(f"{where} ({name})", tensors[name], tuple(shape), dtype)
+        problem = _tensor_problem(f"{where} ({name})", tensors[name], tuple(shape), dtype, widen)
         if problem is not None:
             return problem
     return None
 
 
 def _tensor_problem(
-    where: str, value: Any, shape: tuple[int, ...], dtype: torch.dtype | None
+    where: str, value: Any, shape: tuple[int, ...], dtype: torch.dtype | None, widen: bool = False
 ) -> str | None:
-    """A tensor of ``shape`` and ``dtype`` (any floating dtype where ``dtype`` is None)."""
+    """A tensor of ``shape`` and ``dtype`` (any floating dtype where ``dtype`` is None;
+    ``dtype`` or a wider one of its `widenings` where ``widen``)."""
     if not isinstance(value, Tensor):
         return f"{where} is a {type(value).__name__}, not a tensor"
     if tuple(value.shape) != shape:
@@ -264,6 +269,7 @@ def _tensor_problem(
         )
     if dtype is None and not value.is_floating_point():
         return f"{where} is {value.dtype}, not floating point"
-    if dtype is not None and value.dtype != dtype:
+    allowed = widenings(dtype) if widen and dtype is not None else [dtype]
+    if dtype is not None and value.dtype not in allowed:
         return f"{where} is {value.dtype} in the checkpoint but {dtype} here"
     return None

@@ -32,6 +32,13 @@ Factors, every ``T`` steps (on steps with ``steps % T == 0``), in ``factor_dtype
   (`failed_decompositions`). Reproducers and ``"raise"`` need the verdict on the host at
   once, and Newton-Schulz's iteration count depends on its residuals: those read it.
 
+With ``precision="auto"`` (`singd.optim.precision`) each of ``A``, ``G``, ``A_inv``,
+``G_inv`` has a dtype of its own, ``factor_dtype`` at first: a statistic promoted also
+forms its rows ``a`` (or ``g``) in the wider dtype; a promoted side is inverted again at
+once, in the inverse's dtype, so the step that found the problem already uses the
+widened inverse. The preconditioning product is computed in the wider dtype of the two
+inverses.
+
 Parameter update with the gradient ``Grad = [dW | db]`` (``d_C x d_K``), computed in
 ``factor_dtype`` and cast back: the natural gradient ``nat = G_inv Grad A_inv``, then,
 as SINGD, ``step = nat + gamma p``, ``buf = momentum buf + step``, ``p <- p - lr buf``.
@@ -59,6 +66,7 @@ from singd.optim.inverses import (
     invert_or_keep_on_device,
 )
 from singd.optim.layers import KroneckerLayer, gradient_matrix
+from singd.optim.precision import readings
 from singd.optim.scaling import not_one
 from singd.optim.validation import check_number, group_location
 
@@ -94,6 +102,7 @@ class KFAC(KroneckerOptimizer):
         fallback: Optimizer for parameters no factor covers (see `KroneckerOptimizer`).
         warn_unsupported: With ``fallback=None``, warn about untrained parameters.
         init_grad_scale: First GradScaler scale (or a number of its magnitude).
+        precision: ``None`` or ``"auto"`` (see `KroneckerOptimizer`).
 
     Raises:
         ValueError: A bad hyperparameter, dtype or model, named in one sentence.
@@ -101,6 +110,7 @@ class KFAC(KroneckerOptimizer):
 
     ACCUMULATORS = {"A_batch": "input", "G_batch": "output"}
     BYTE_CATEGORIES = {"A": "factors", "G": "factors", "A_inv": "inverses", "G_inv": "inverses"}
+    CURVATURE_FACTORS = ("A", "G")
 
     def __init__(
         self,
@@ -122,6 +132,7 @@ class KFAC(KroneckerOptimizer):
         fallback: str | FallbackFactory | None = DEFAULT_FALLBACK,
         warn_unsupported: bool = True,
         init_grad_scale: float = 1.0,
+        precision: str | None = None,
     ) -> None:
         if on_failure not in ON_FAILURE:
             raise ValueError(f"on_failure must be 'keep' or 'raise', got {on_failure!r}.")
@@ -132,6 +143,8 @@ class KFAC(KroneckerOptimizer):
         # Failure counts per layer, 0-d tensors on the layer's device (read on request).
         self._failures: dict[str, Tensor] = {}
         self._damping_used: dict[str, float] = {}
+        # Each inversion's verdict of the last update (0-d bool tensors), for the checks.
+        self._failed: dict[str, dict[str, Tensor]] = {}
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -152,6 +165,7 @@ class KFAC(KroneckerOptimizer):
             fallback=fallback,
             warn_unsupported=warn_unsupported,
             init_grad_scale=init_grad_scale,
+            precision=precision,
         )
 
     def _validate_group(self, group: dict[str, Any], index: int) -> None:
@@ -175,10 +189,17 @@ class KFAC(KroneckerOptimizer):
                 f"linalg has no float16/bfloat16 kernels), got {group['inverse_dtype']!r}."
             )
 
-    def _curvature_dtypes(self, layer: KroneckerLayer) -> tuple[torch.dtype, torch.dtype]:
+    def _configured_dtypes(self, layer: KroneckerLayer) -> tuple[torch.dtype, torch.dtype]:
         """Rows ``a`` and ``g`` in ``factor_dtype``, so the Gram matrices are formed there."""
         dtype = self.param_groups[layer.group_index]["factor_dtype"] or layer.module.weight.dtype
         return dtype, dtype
+
+    def _inverse_of(self, layer: KroneckerLayer, key: str) -> torch.dtype:
+        """The dtype the inverse of ``key`` is stored in (``A``'s own, until promoted)."""
+        own = self._factors[layer.name][key].dtype
+        if self._escalation is None:
+            return own
+        return self._escalation.dtype(layer.name, f"{key}_inv", own)
 
     # -------------------------------------------------------------- the update
     def _init_layer(self, layer: KroneckerLayer) -> None:
@@ -217,9 +238,18 @@ class KFAC(KroneckerOptimizer):
                 state[key] = batch
         shift = math.sqrt(group["damping"])
         self._damping_used[layer.name] = shift
-        inverse_dtype = group["inverse_dtype"] or torch.promote_types(
-            state["A"].dtype, torch.float32
-        )
+        for key in ("A", "G"):
+            self._invert(layer, key)
+
+    def _invert(self, layer: KroneckerLayer, key: str) -> None:
+        """Invert the damped statistic ``key`` into ``{key}_inv`` (or keep the previous)."""
+        group = self.param_groups[layer.group_index]
+        state = self._factors[layer.name]
+        target = self._inverse_of(layer, key)
+        inverse_dtype = group["inverse_dtype"] or torch.promote_types(target, torch.float32)
+        if self._escalation is not None:
+            # A promoted inverse (float64) computes in its own dtype at least.
+            inverse_dtype = torch.promote_types(inverse_dtype, target)
         # Decided on the device where nothing needs the verdict at once: no reproducer
         # to write, nothing to raise, and a method whose work does not depend on it.
         on_device = (
@@ -227,25 +257,66 @@ class KFAC(KroneckerOptimizer):
             and self.failure_dir is None
             and group["inverse_method"] in DEVICE_METHODS
         )
+        damped = _damped(state[key], self._damping_used[layer.name]).to(target)
+        previous = state.get(f"{key}_inv")
+        if previous is not None:
+            previous = previous.to(target)
+        if on_device:
+            inverse, failed = invert_or_keep_on_device(
+                damped, previous, group["inverse_method"], inverse_dtype=inverse_dtype
+            )
+            self._failures[layer.name] += failed
+            self._failed.setdefault(layer.name, {})[key] = failed
+        else:
+            inverse, error = invert_or_keep(
+                damped,
+                previous,
+                group["inverse_method"],
+                inverse_dtype=inverse_dtype,
+                on_failure=self.on_failure,
+                failure_dir=self.failure_dir,
+                tag=f"{layer.name}.{key}.step{self.steps}",
+            )
+            self._failures[layer.name] += error is not None
+            self._failed.setdefault(layer.name, {})[key] = torch.tensor(
+                error is not None, device=damped.device
+            )
+        state[f"{key}_inv"] = inverse
+
+    # ---------------------------------------------------- precision="auto"
+    def _precision_readings(self, layer: KroneckerLayer) -> dict[str, tuple[Tensor, torch.dtype]]:
+        """``A``, ``G`` (damped, as inverted) and their inverses: range, finiteness, the
+        inversion's verdict (statistics), the diagonal (statistics) and ``kappa_1 eps``."""
+        state = self._factors[layer.name]
+        shift = self._damping_used[layer.name]
+        found = {}
         for key in ("A", "G"):
-            damped, previous = _damped(state[key], shift), state.get(f"{key}_inv")
-            if on_device:
-                inverse, failed = invert_or_keep_on_device(
-                    damped, previous, group["inverse_method"], inverse_dtype=inverse_dtype
-                )
-                self._failures[layer.name] += failed
-            else:
-                inverse, error = invert_or_keep(
-                    damped,
-                    previous,
-                    group["inverse_method"],
-                    inverse_dtype=inverse_dtype,
-                    on_failure=self.on_failure,
-                    failure_dir=self.failure_dir,
-                    tag=f"{layer.name}.{key}.step{self.steps}",
-                )
-                self._failures[layer.name] += error is not None
-            state[f"{key}_inv"] = inverse
+            if key not in state:  # restarted after it went non-finite
+                continue
+            damped, inverse = _damped(state[key], shift), state[f"{key}_inv"]
+            failed = self._failed[layer.name][key]
+            found[key] = (
+                readings(damped, failed=failed, inverse=inverse, diagonal=damped.diagonal()),
+                damped.dtype,
+            )
+            found[f"{key}_inv"] = (readings(inverse, inverse=damped), inverse.dtype)
+        return found
+
+    def _promote(self, layer: KroneckerLayer, factor: str, dtype: torch.dtype, why: str) -> None:
+        """Widen a statistic or an inverse and invert that side again at once.
+
+        A statistic that is no longer finite is dropped: its moving average restarts at
+        the next update, and the last good inverse (kept by the inversion) serves until
+        then.
+        """
+        state = self._factors[layer.name]
+        key = factor.removesuffix("_inv")
+        if factor == key and why == "nonfinite":
+            del state[key]
+            return
+        state[factor] = state[factor].to(dtype)
+        if key in state:
+            self._invert(layer, key)
 
     def _precondition(self, layer: KroneckerLayer, grad: Tensor) -> Tensor:
         state = self._factors[layer.name]
@@ -270,10 +341,9 @@ class KFAC(KroneckerOptimizer):
             factors: dict[str, Tensor] = {}
             if "A_inv" in state:
                 factors = {
-                    "A": _damped(state["A"], shift),
-                    "G": _damped(state["G"], shift),
-                    "A_inv": state["A_inv"],
-                    "G_inv": state["G_inv"],
+                    key: _damped(state[key], shift) if key in ("A", "G") else state[key]
+                    for key in ("A", "G", "A_inv", "G_inv")
+                    if key in state
                 }
             grad = gradient_matrix(layer) if layer.module.weight.grad is not None else None
             views.append(
@@ -329,8 +399,9 @@ def _damped(factor: Tensor, shift: float) -> Tensor:
 
 
 def _natural_gradient(A_inv: Tensor, G_inv: Tensor, grad: Tensor) -> Tensor:
-    """``G_inv Grad A_inv`` in the inverses' dtype, returned in the dtype of ``Grad``."""
-    return (G_inv @ grad.to(G_inv.dtype) @ A_inv).to(grad.dtype)
+    """``G_inv Grad A_inv`` in the inverses' (wider) dtype, returned in ``Grad``'s."""
+    dtype = torch.promote_types(A_inv.dtype, G_inv.dtype)
+    return (G_inv.to(dtype) @ grad.to(dtype) @ A_inv.to(dtype)).to(grad.dtype)
 
 
 def _cast_preconditioner(A_inv: Tensor | None, G_inv: Tensor | None) -> Callable[[Tensor], Tensor]:

@@ -50,6 +50,7 @@ from singd.optim.base import KroneckerOptimizer
 from singd.optim.coverage import DEFAULT_FALLBACK, FallbackFactory
 from singd.optim.functional import singd_factor_update, singd_natural_gradient
 from singd.optim.layers import KroneckerLayer, gradient_matrix, input_rows, layer_dims
+from singd.optim.precision import readings
 from singd.optim.scaling import not_one
 from singd.optim.validation import check_number, group_location
 from singd.optim.views import FactorView
@@ -94,6 +95,9 @@ class SINGD(KroneckerOptimizer):
         normalize_lr_cov: Normalised gradient descent on ``K``, ``C`` (see module doc).
         fallback: Optimizer for parameters no factor covers; see `KroneckerOptimizer`
             (default AdamW with each group's lr and weight decay; None: untrained).
+        precision: ``None`` or ``"auto"``: ``K`` (with ``m_K``) and ``C`` (with
+            ``m_C``) each widened when near their dtype's limits
+            (`singd.optim.precision`; `precision_events` lists the changes).
 
     Raises:
         ValueError: A bad hyperparameter, structure name, dtype or model, named in one
@@ -102,6 +106,7 @@ class SINGD(KroneckerOptimizer):
 
     ACCUMULATORS = {"H_K": "input", "H_C": "output"}
     BYTE_CATEGORIES = {"K": "factors", "C": "factors", "m_K": "momenta", "m_C": "momenta"}
+    CURVATURE_FACTORS = ("K", "C")
 
     def __init__(
         self,
@@ -123,6 +128,7 @@ class SINGD(KroneckerOptimizer):
         init_grad_scale: float = 1.0,
         normalize_lr_cov: bool = False,
         fallback: str | FallbackFactory | None = DEFAULT_FALLBACK,
+        precision: str | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -146,6 +152,7 @@ class SINGD(KroneckerOptimizer):
             fallback=fallback,
             warn_unsupported=warn_unsupported,
             init_grad_scale=init_grad_scale,
+            precision=precision,
         )
 
     def _validate_group(self, group: dict[str, Any], index: int) -> None:
@@ -251,6 +258,37 @@ class SINGD(KroneckerOptimizer):
         )
         if alpha1 != 0.0:  # no momentum buffers at all otherwise
             state["m_K"], state["m_C"] = updated.m_K, updated.m_C
+
+    # ---------------------------------------------------- precision="auto"
+    def _precision_readings(self, layer: KroneckerLayer) -> dict[str, tuple[Tensor, torch.dtype]]:
+        """``K`` and ``C``, each with its momentum: range, finiteness and the smallest
+        diagonal entry of the factor (no condition reading: SINGD stores no inverse)."""
+        state = self._factors[layer.name]
+        found = {}
+        for key in ("K", "C"):
+            factor = state[key]
+            stored = [*factor.tensors().values()]
+            if f"m_{key}" in state:
+                stored += state[f"m_{key}"].tensors().values()
+            flat = torch.cat([t.flatten() for t in stored])
+            found[key] = (readings(flat, diagonal=factor.diagonal()), factor.dtype)
+        return found
+
+    def _promote(self, layer: KroneckerLayer, factor: str, dtype: torch.dtype, why: str) -> None:
+        """Widen ``K`` or ``C`` with its momentum (they share a dtype); a factor that is no
+        longer finite restarts at the identity, its momentum at zero."""
+        state = self._factors[layer.name]
+        momentum = f"m_{factor}"
+        if why == "nonfinite":
+            cls, dim = type(state[factor]), state[factor].dim
+            device = layer.module.weight.device
+            state[factor] = cls.eye(dim, dtype=dtype, device=device)
+            if momentum in state:
+                state[momentum] = cls.zeros(dim, dtype=dtype, device=device)
+            return
+        state[factor] = state[factor].to(dtype=dtype)
+        if momentum in state:
+            state[momentum] = state[momentum].to(dtype=dtype)
 
     def _precondition(self, layer: KroneckerLayer, grad: Tensor) -> Tensor:
         state = self._factors[layer.name]
