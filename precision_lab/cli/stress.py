@@ -36,7 +36,8 @@ from precision_lab.cli.context import LabContext, pass_lab
 from precision_lab.cli.interrupts import ReportSkipped, StopSignals
 from precision_lab.dtypes import dtype_name, parse_dtype
 from precision_lab.errors import EXIT_REGRESSION, UsageError, fail, user_errors
-from precision_lab.run.directory import RunDirectory
+from precision_lab.report.write import write_report
+from precision_lab.run.directory import REPORT_FILE, RunDirectory
 from precision_lab.run.runner import Outcome, RankFailedError, train
 from precision_lab.run.suite import BUILTIN_SUITES, load_suite
 from precision_lab.specs import parse_specs
@@ -420,22 +421,22 @@ def _stress(
 
 
 def _close(run_dir: RunDirectory, stop: StopSignals) -> bool:
-    """Merge the records and write the report, unless a signal asks to leave sooner.
+    """Close the run directory (records merged, lock released), then write its report from
+    what it holds, unless a signal asks to leave sooner.
 
     Returns:
         True when the report was skipped (a second signal, or one while closing).
     """
     stop.closing = True
-    run_dir.merge_records()
-    skipped = stop.skip_report
-    if not skipped:
-        try:
-            with stop.writing_report():
-                run_dir.write_report()
-        except ReportSkipped:
-            skipped = True
-    run_dir.release()
-    return skipped
+    run_dir.close()
+    if stop.skip_report:
+        return True
+    try:
+        with stop.writing_report():
+            write_report([run_dir.path], run_dir.path / REPORT_FILE)
+    except ReportSkipped:
+        return True
+    return False
 
 
 def _run_all(

@@ -32,146 +32,20 @@ from typing import Any
 
 from precision_lab import __version__
 from precision_lab.errors import UsageError
-from precision_lab.run.directory import broke, read_summary
+from precision_lab.run.directory import SUMMARY_FILE, read_run
+from precision_lab.run.summary import FIGURES, KEY_FIELDS, broke, check_run
 
 BASELINE_FORMAT = "precision-lab-baseline"
 BASELINE_SCHEMA = 1
-
-KEY_FIELDS = ("model", "scenario", "optimizer", "dtype", "mode", "seed")
-
-# The figures a baseline keeps for each run: DESIGN.md's run object minus its key and id.
-FIGURES = (
-    "structure",
-    "fallback_optimizer",
-    "steps",
-    "finished",
-    "diverged",
-    "first_nonfinite_step",
-    "nan_events",
-    "inf_events",
-    "skipped_steps",
-    "overflow_events",
-    "underflow_fraction",
-    "max_condition",
-    "optimizer_state_bytes",
-    "peak_memory_bytes",
-    "final_loss",
-    "accuracy",
-    "step_time_ms",
-    "failure_cause",
-    "error",
-    "seeds_broken",
-    "seeds_total",
-    "hyperparameters",
-    "control",
-)
 
 # Suite settings that change every figure, and the seeds: runs made with other values are not
 # comparable (and a baseline of other seeds would judge breaking by other luck).
 SETTINGS = ("steps", "batch_size", "every", "world_size", "seeds")
 
 
-def _whole(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _real(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _nonnegative(value: Any) -> bool:
-    return _real(value) and value >= 0
-
-
-def _fraction(value: Any) -> bool:
-    return _real(value) and 0 <= value <= 1
-
-
-# What each figure may hold besides null (DESIGN.md's run object), as a test and in words.
-_COUNT = (_whole, "a whole number >= 0")
-_FLAG = (lambda value: isinstance(value, bool), "true or false")
-_TEXT = (lambda value: isinstance(value, str), "a string")
-_TABLE = (lambda value: isinstance(value, dict), "an object")
-_FRACTION = (_fraction, "a number in [0, 1]")
-_BYTES = (_nonnegative, "a number of bytes >= 0")
-FIGURE_RULES: dict[str, tuple[Any, str]] = {
-    "structure": _TEXT,
-    "fallback_optimizer": _TEXT,
-    "steps": _COUNT,
-    "finished": _FLAG,
-    "diverged": _FLAG,
-    "first_nonfinite_step": _COUNT,
-    "nan_events": _COUNT,
-    "inf_events": _COUNT,
-    "skipped_steps": _COUNT,
-    "overflow_events": _COUNT,
-    "underflow_fraction": _FRACTION,
-    "max_condition": (lambda value: _real(value) and value >= 1, "a finite number >= 1"),
-    "optimizer_state_bytes": _BYTES,
-    "peak_memory_bytes": _BYTES,
-    "final_loss": (_real, "a finite number"),
-    "accuracy": _FRACTION,
-    "step_time_ms": (_nonnegative, "a number of milliseconds >= 0"),
-    "failure_cause": (
-        lambda value: value in ("none", "precision", "no_learning", "optimization"),
-        "one of none, precision, no_learning, optimization",
-    ),
-    "error": _TEXT,
-    "seeds_broken": _COUNT,
-    "seeds_total": _COUNT,
-    "hyperparameters": _TABLE,
-    "control": _TABLE,
-}
-"""Every figure a baseline keeps, with what it may hold besides null."""
-
-KEY_RULES: dict[str, tuple[Any, str]] = {
-    "model": _TEXT,
-    "scenario": _TEXT,
-    "optimizer": _TEXT,
-    "dtype": _TEXT,
-    "mode": _TEXT,
-    "seed": _COUNT,
-    "role": _TEXT,
-}
-"""What each coordinate of a run's key may hold (never null)."""
-
-
 def _shown(value: Any) -> str:
     text = json.dumps(value, default=str)
     return text if len(text) <= 60 else text[:57] + "..."
-
-
-def check_run(
-    run: dict[str, Any], label: str, where: str, *, key_fields=(), complete: bool = False
-) -> None:
-    """Refuse a run whose key coordinates or figures do not have their types and ranges.
-
-    Args:
-        run: a run object (figures, and ``key_fields`` of the key).
-        label: how to name the run in the message.
-        where: the file, for the message, and what to do about it.
-        key_fields: the key coordinates to check (never null).
-        complete: whether every figure of ``FIGURE_RULES`` must be present.
-
-    Raises:
-        UsageError: naming the first bad field, its value, what is allowed, and the file.
-    """
-    for name in key_fields:
-        test, allowed = KEY_RULES[name]
-        if not test(run.get(name)):
-            raise UsageError(
-                f"{where}: run {label} has {name} = {_shown(run.get(name))}, where "
-                f"{allowed} is expected."
-            )
-    for name, (test, allowed) in FIGURE_RULES.items():
-        if name not in run and complete:
-            raise UsageError(f"{where}: run {label} lacks the figure {name}.")
-        value = run.get(name)
-        if value is not None and not test(value):
-            raise UsageError(
-                f"{where}: run {label} has {name} = {_shown(value)}, where {allowed} or null "
-                "is expected."
-            )
 
 
 @dataclass(frozen=True, order=True)
@@ -280,14 +154,13 @@ def index_runs(runs: list[dict[str, Any]], source: str) -> dict[RunKey, dict[str
     """Index run objects by key, refusing two runs with the same key.
 
     Args:
-        runs: run objects as summary.json holds them.
+        runs: run objects as `precision_lab.run.directory.read_run` returns them (their
+            fields already checked).
         source: where they came from, for the error message.
 
     Returns:
         Each run object (unchanged) under its ``RunKey``, in the summary's order.
     """
-    if not isinstance(runs, list) or not all(isinstance(run, dict) for run in runs):
-        raise UsageError(f"{source} holds no list of run objects under 'runs'.")
     for run in runs:
         missing = [name for name in (*KEY_FIELDS, "run") if name not in run]
         if missing:
@@ -295,12 +168,6 @@ def index_runs(runs: list[dict[str, Any]], source: str) -> dict[RunKey, dict[str
                 f"A run in {source} lacks the fields {', '.join(missing)}: it was not written "
                 "by precision-lab stress (summary schema 1)."
             )
-        for name in ("run", "control_of"):
-            value = run.get(name)
-            if not (isinstance(value, str) or (value is None and name == "control_of")):
-                raise UsageError(
-                    f"{source}: a run has {name} = {_shown(value)}, where a string is expected."
-                )
         check_run(run, repr(run["run"]), source, key_fields=KEY_FIELDS)
     by_id = {run.get("run"): run for run in runs}
     indexed: dict[RunKey, dict[str, Any]] = {}
@@ -313,7 +180,7 @@ def index_runs(runs: list[dict[str, Any]], source: str) -> dict[RunKey, dict[str
 
 
 def read_run_dir(path: str | Path) -> RunSet:
-    """Read a run directory's summary.json and config.json.
+    """Read a run directory (`precision_lab.run.directory.read_run`) as a `RunSet`.
 
     Args:
         path: a directory written by ``precision-lab stress``.
@@ -324,13 +191,10 @@ def read_run_dir(path: str | Path) -> RunSet:
     Raises:
         UsageError: the directory, or its summary or config, is missing or corrupt.
     """
-    root = Path(path)
-    summary = read_summary(root)
-    config = _read_json(root / "config.json", "Run configuration")
-    if not isinstance(config, dict):
-        raise UsageError(
-            f"{root / 'config.json'} is not a JSON object: rerun precision-lab stress."
-        )
+    run = read_run(path)
+    config = run.config
+    if config is None:
+        raise UsageError(f"Run configuration {run.path / 'config.json'} does not exist.")
     environment = {
         "versions": config.get("versions"),
         "device": config.get("device"),
@@ -338,10 +202,10 @@ def read_run_dir(path: str | Path) -> RunSet:
     }
     return RunSet(
         suite=suite_name(config.get("suite")),
-        runs=index_runs(summary.get("runs"), str(root / "summary.json")),
+        runs=index_runs(run.runs, str(run.path / SUMMARY_FILE)),
         settings={name: config.get(name) for name in SETTINGS},
         environment=environment,
-        source=str(root),
+        source=str(run.path),
     )
 
 
@@ -459,7 +323,7 @@ def read_baseline(path: str | Path) -> RunSet:
             label = _shown(entry.get("run"))
             check_run(entry["key"], label, where, key_fields=(*KEY_FIELDS, "role"))
             key = RunKey(**entry["key"])
-            check_run(entry["figures"], key.label, where, complete=True)
+            check_run(entry["figures"], key.label, where, complete=FIGURES)
             runs[key] = {**entry["figures"], **entry["key"], "run": entry.get("run")}
         suite = document["suite"]
     except (KeyError, TypeError, AttributeError) as error:

@@ -20,7 +20,7 @@ memory.peak_memory_bytes      allocator and page-cache noise of tens of MiB on t
                               resident-set high-water mark moves with the allocator and the
                               page cache; 2 MiB on CUDA, whose allocator peak repeats up to its
                               2 MiB block rounding).
-stability.diverged,           whether a run *broke* (diverged or raised; ``rundir.broke``) is
+stability.diverged,           whether a run *broke* (diverged or raised; ``run.summary.broke``) is
 stability.error               signal. One seed per configuration: fails when the run breaks
                               where its baseline did not. Several seeds: judged per
                               configuration by ``stability.seeds_broken`` below instead.
@@ -96,7 +96,7 @@ from typing import Any
 
 from precision_lab.errors import UsageError
 from precision_lab.gate.baseline import RunKey, RunSet
-from precision_lab.run.directory import broke
+from precision_lab.run.summary import broke
 
 FAIL, BETTER, OK, NEW, SKIP = "fail", "better", "ok", "new", "skip"
 # Failures first, then what a reviewer should notice, then the unremarkable.

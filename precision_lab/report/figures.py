@@ -26,7 +26,7 @@ from plotly.subplots import make_subplots
 from precision_lab.report.page import Section
 
 if TYPE_CHECKING:
-    from precision_lab.report.write import ReportData
+    from precision_lab.report.data import ReportData
 
 POINTS_PER_FIGURE = 24_000
 """Display budget per line figure (points); the page stays under 8 MB with plotly.js."""

@@ -20,7 +20,7 @@ from plotly.io.json import to_json_plotly
 from plotly.offline import get_plotlyjs
 
 if TYPE_CHECKING:
-    from precision_lab.report.write import ReportData
+    from precision_lab.report.data import ReportData
 
 PLOTLY_CONFIG = {"displaylogo": False, "responsive": True}
 

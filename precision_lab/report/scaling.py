@@ -27,7 +27,7 @@ from precision_lab.specs import parse_spec
 from singd.structures import get_structure
 
 if TYPE_CHECKING:
-    from precision_lab.report.write import ReportData
+    from precision_lab.report.data import ReportData
 
 WIDTH_MULTIPLIERS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 DIMENSIONS = np.unique(np.geomspace(2, 65536, 49).astype(int))

@@ -15,50 +15,51 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from precision_lab.report.page import Section
+from precision_lab.run.summary import SUMMARY_FIELDS, broke
 
 if TYPE_CHECKING:
-    from precision_lab.report.write import ReportData
+    from precision_lab.report.data import ReportData
 
-# (summary field, header with unit, scale applied for display)
-OVERVIEW_COLUMNS: tuple[tuple[str, str, float], ...] = (
-    ("run", "run", 1.0),
-    ("model", "model", 1.0),
-    ("scenario", "scenario", 1.0),
-    ("optimizer", "optimizer", 1.0),
-    ("dtype", "dtype", 1.0),
-    ("mode", "mode", 1.0),
-    ("seed", "seed", 1.0),
-    ("steps", "steps", 1.0),
-    ("finished", "finished", 1.0),
-    ("diverged", "diverged", 1.0),
-    ("first_nonfinite_step", "first NaN/Inf step", 1.0),
-    ("nan_events", "NaN steps", 1.0),
-    ("inf_events", "Inf steps", 1.0),
-    ("skipped_steps", "skipped steps", 1.0),
-    ("overflow_events", "overflow events", 1.0),
-    ("underflow_fraction", "underflow fraction", 1.0),
-    ("max_condition", "max condition", 1.0),
-    ("optimizer_state_bytes", "optimizer state (MB)", 1e-6),
-    ("peak_memory_bytes", "peak memory (MB)", 1e-6),
-    ("final_loss", "final loss", 1.0),
-    ("accuracy", "test accuracy", 1.0),
-    ("step_time_ms", "step time (ms)", 1.0),
-    ("failure_cause", "failure cause", 1.0),
-)
+OVERVIEW_HEADERS: dict[str, tuple[str, float]] = {
+    "run": ("run", 1.0),
+    "model": ("model", 1.0),
+    "scenario": ("scenario", 1.0),
+    "optimizer": ("optimizer", 1.0),
+    "dtype": ("dtype", 1.0),
+    "mode": ("mode", 1.0),
+    "seed": ("seed", 1.0),
+    "steps": ("steps", 1.0),
+    "finished": ("finished", 1.0),
+    "diverged": ("diverged", 1.0),
+    "first_nonfinite_step": ("first NaN/Inf step", 1.0),
+    "nan_events": ("NaN steps", 1.0),
+    "inf_events": ("Inf steps", 1.0),
+    "skipped_steps": ("skipped steps", 1.0),
+    "overflow_events": ("overflow events", 1.0),
+    "underflow_fraction": ("underflow fraction", 1.0),
+    "max_condition": ("max condition", 1.0),
+    "optimizer_state_bytes": ("optimizer state (MB)", 1e-6),
+    "peak_memory_bytes": ("peak memory (MB)", 1e-6),
+    "final_loss": ("final loss", 1.0),
+    "accuracy": ("test accuracy", 1.0),
+    "step_time_ms": ("step time (ms)", 1.0),
+    "failure_cause": ("failure cause", 1.0),
+}
+"""The summary fields the overview shows (in `SUMMARY_FIELDS`' order), each with its
+header (unit included) and the scale applied for display."""
 
 
 def is_broken(run: pd.Series) -> bool:
-    """A run broke if it diverged, did not finish, or met a NaN/Inf."""
-    nonfinite = run.get("first_nonfinite_step")
-    return (
-        bool(run.get("diverged"))
-        or run.get("finished") is False
-        or (nonfinite is not None and not pd.isna(nonfinite))
-    )
+    """Whether a summary row broke (`precision_lab.run.summary.broke`; NaN read as null)."""
+    return bool(broke({k: None if _missing(v) else v for k, v in run.items()}))
+
+
+def _missing(value: object) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def _cell(value: object, scale: float) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if _missing(value):
         return '<td class="num" data-v="">–</td>'
     if isinstance(value, bool):
         return f"<td>{'yes' if value else 'no'}</td>"
@@ -79,7 +80,11 @@ def overview_table(data: ReportData) -> Section:
         f"{len(s)} runs, {int(broken.sum())} broke (highlighted in red); click a column "
         "header to sort by it.",
     )
-    columns = [c for c in OVERVIEW_COLUMNS if c[0] in s.columns]
+    columns = [
+        (name, *OVERVIEW_HEADERS[name])
+        for name in SUMMARY_FIELDS
+        if name in OVERVIEW_HEADERS and name in s.columns
+    ]
     if len(data.sources) > 1:
         columns = [("source", "source", 1.0), *columns]
     head = "".join(f"<th>{html.escape(header)}</th>" for _, header, _ in columns)

@@ -15,148 +15,17 @@ whole.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import pandas as pd
-
 from precision_lab.errors import UsageError
+from precision_lab.report.data import ReportData, load_report_data
 from precision_lab.report.figures import FIGURE_BUILDERS
 from precision_lab.report.page import Section, render_page, sources_html
 from precision_lab.report.scaling import scaling_section
 from precision_lab.report.tables import environment_table, overview_table, sources_table
-
-SUMMARY_FILE = "summary.json"
-RECORDS_FILE = "records.parquet"
-CONFIG_FILE = "config.json"
-
-
-@dataclass
-class RunSource:
-    """One run directory as read for a report.
-
-    Attributes:
-        label: Short name shown on the page (the directory's name, made unique).
-        path: The run directory.
-        summary: One row per run of ``summary.json`` (DESIGN.md's fields).
-        records: The long records table (`probes.records.COLUMNS`).
-        config: ``config.json`` as a dict, or None where the directory has none.
-    """
-
-    label: str
-    path: Path
-    summary: pd.DataFrame
-    records: pd.DataFrame
-    config: dict | None
-
-
-@dataclass
-class ReportData:
-    """Every source's runs and records, concatenated with a ``source`` column.
-
-    ``key`` (``source/run``) identifies a run across sources, since two run
-    directories of the same suite reuse the same run ids.
-    """
-
-    sources: list[RunSource]
-    summary: pd.DataFrame = field(init=False)
-    records: pd.DataFrame = field(init=False)
-
-    def __post_init__(self) -> None:
-        summaries, records = [], []
-        for src in self.sources:
-            s = src.summary.copy()
-            s.insert(0, "source", src.label)
-            summaries.append(s)
-            r = src.records.copy()
-            r.insert(0, "source", src.label)
-            records.append(r)
-        self.summary = pd.concat(summaries, ignore_index=True)
-        self.records = pd.concat(records, ignore_index=True)
-        for frame in (self.summary, self.records):
-            frame["key"] = frame["source"] + "/" + frame["run"].astype(str)
-        # Records repeat a few names many times: categories filter and group far faster
-        # than Arrow-backed strings.
-        for column in ("source", "run", "key", "probe", "module", "tensor", "metric", "dtype"):
-            self.records[column] = self.records[column].astype("category")
-
-
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UsageError(
-            f"{path} is not valid JSON ({err.msg} at line {err.lineno}): "
-            f"{what} must be rewritten by `precision-lab stress`."
-        ) from err
-    except OSError as err:
-        raise UsageError(f"{path} cannot be read ({err.strerror}).") from err
-    if not isinstance(data, dict):
-        raise UsageError(f"{path} holds a {type(data).__name__}, but {what} must be an object.")
-    return data
-
-
-def read_run_dir(path: str | Path, label: str | None = None) -> RunSource:
-    """Read and check one run directory.
-
-    Args:
-        path: A directory written by ``precision-lab stress``.
-        label: Name shown on the page; defaults to the directory's name.
-
-    Raises:
-        UsageError: In one sentence, if the directory or one of its files is missing or
-            corrupt.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise UsageError(
-            f"Run directory {str(path)!r} does not exist: pass a directory written by "
-            "`precision-lab stress` (it holds summary.json and records.parquet)."
-        )
-    # rundir writes reports with write_report, so it is imported here, not at the top.
-    from precision_lab.run.directory import load_run
-
-    try:
-        frame, records = load_run(path)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-    if len(frame) and "run" not in frame.columns:
-        raise UsageError(
-            f"{path / SUMMARY_FILE} has runs without a 'run' id, as the summary schema requires."
-        )
-    config_path = path / CONFIG_FILE
-    config = _read_json(config_path, CONFIG_FILE) if config_path.is_file() else None
-    frame["run"] = frame["run"].astype(str)
-    return RunSource(label or path.resolve().name, path, frame, records, config)
-
-
-def _unique_labels(paths: Sequence[Path]) -> list[str]:
-    """Directory names, with the parent's name prefixed where two names collide."""
-    names = [p.resolve().name for p in paths]
-    labels = []
-    for p, name in zip(paths, names, strict=True):
-        if names.count(name) > 1:
-            name = f"{p.resolve().parent.name}/{name}"
-        labels.append(name)
-    seen: dict[str, int] = {}
-    for i, name in enumerate(labels):
-        seen[name] = seen.get(name, 0) + 1
-        if seen[name] > 1:
-            labels[i] = f"{name} ({seen[name]})"
-    return labels
-
-
-def load_report_data(run_dirs: Sequence[str | Path]) -> ReportData:
-    """Read every run directory into one `ReportData` (sources in the order given)."""
-    if not run_dirs:
-        raise UsageError("No run directory given: pass at least one RUN_DIR.")
-    paths = [Path(p) for p in run_dirs]
-    labels = _unique_labels(paths)
-    return ReportData([read_run_dir(p, lbl) for p, lbl in zip(paths, labels, strict=True)])
 
 
 def _guarded(builder: Callable[[ReportData], Section], data: ReportData) -> Section:

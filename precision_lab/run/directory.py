@@ -1,4 +1,4 @@
-"""The run directory a stress suite writes, and `load_run`, which reads it back.
+"""The run directory: `RunDirectory` writes it as a suite goes, `read_run` reads it back.
 
 ::
 
@@ -10,14 +10,15 @@
       records/         while the suite runs: one Parquet file per recorded run
       records.parquet  once the suite has closed: those files as one long table (every
                        probe row plus ``train`` rows)
-      report.html      the report
+      report.html      the report, written from `read_run` once the directory is closed
+                       (by ``precision-lab stress`` or ``precision-lab report``)
       failures/        KFAC's reproducers of failed decompositions, in failures/<run id>/
       .lock            locked (``flock``) by the one process writing the directory
 
 Every planned run is in summary.json from the start, ``finished: false`` until it has
 run, so a suite stopped by Ctrl-C or a crash says what it did not do. Every field's
-definition is in `FIELDS` (DESIGN.md's where it names the field), and summary.json
-repeats them under ``fields``.
+definition is in `precision_lab.run.summary.FIELDS` (DESIGN.md's where it names the
+field), and summary.json repeats them under ``fields``.
 
 A kill at any instant (SIGKILL included) leaves every recorded run readable: each file
 is written under a temporary name unique to the process and renamed into place, a run's
@@ -26,8 +27,9 @@ records are complete in their own file before summary.json lists that file under
 ``records`` existed has records.parquet alone). One process writes a directory: it
 holds the lock from the start, and only an empty directory (or a new one) is accepted.
 
-Non-finite numbers are written as null, so the JSON stays valid. `read_summary` checks
-every run's figures (type and range) when a directory is read.
+Non-finite numbers are written as null, so the JSON stays valid. `read_run` (through
+`read_summary`) checks every run's figures (`precision_lab.run.summary.FIGURE_RULES`)
+when a directory is read; the report, the baseline and `load_run` all read through it.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ import os
 import re
 import shutil
 from collections.abc import Callable
-from functools import partial
+from dataclasses import dataclass, field
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -49,96 +52,24 @@ import pyarrow.parquet as pq
 
 from precision_lab.dtypes import dtype_name
 from precision_lab.errors import UsageError
-from precision_lab.report.write import write_report
 from precision_lab.run.suite import RunPlan
+from precision_lab.run.summary import (
+    CONTROL_FIELDS,
+    FIELDS,
+    SUMMARY_FIELDS,
+    broke,
+    check_runs,
+    failure_cause,
+)
 from probes.records import ARROW_SCHEMA, frame_from_rows, read_parquet, write_parquet
 
 SUMMARY_SCHEMA = 1
 RECORDS_FILE = "records.parquet"
 RECORDS_DIR = "records"
+CONFIG_FILE = "config.json"
+SUMMARY_FILE = "summary.json"
+REPORT_FILE = "report.html"
 LOCK_FILE = ".lock"
-
-FIELDS: dict[str, str] = {
-    "run": "the run's id: model/scenario/optimizer/dtype/mode/s<seed>[/control-<dtype>-<mode>]",
-    "model": "mlp, cnn or transformer",
-    "scenario": "the scenario's name (docs/suites.md)",
-    "optimizer": "the optimizer's canonical spec string",
-    "structure": "SINGD's structure, K or K/C; dense for KFAC; null for AdamW and SGD",
-    "dtype": "the run's dtype, torch name",
-    "mode": "pure: model and optimizer state in the dtype; mixed: float32 master weights, "
-    "autocast, GradScaler for float16",
-    "seed": "seed of the weights and of the batch order",
-    "control_of": "for a float32 control, the id of the run it controls; else null",
-    "steps": "optimizer steps taken (fewer than planned when the run diverged or stopped)",
-    "finished": "the run ran to its end or to its divergence",
-    "diverged": "the loss became non-finite or exceeded 10x its first value (the run stops)",
-    "first_nonfinite_step": "first step with a NaN/Inf loss or watched tensor; null if none",
-    "nan_events": "steps with any NaN in a watched tensor, skipped steps excluded",
-    "inf_events": "steps with any Inf in a watched tensor, skipped steps excluded",
-    "skipped_steps": "steps skipped on infinite gradients (GradScaler or the optimizer)",
-    "overflow_events": "steps with a finite watched value above half the dtype's maximum (or "
-    "one that would overflow when cast to the run's dtype), skipped steps excluded",
-    "underflow_fraction": "largest fraction, over watched tensors, of nonzero values that are "
-    "subnormal or flush to zero in the dtype",
-    "max_condition": "largest condition number of any preconditioner factor seen; null "
-    "without factors",
-    "optimizer_state_bytes": "bytes of optimizer state at the end, fallback optimizer included (B)",
-    "peak_memory_bytes": "CUDA allocator peak, or the process's resident-memory high-water "
-    "mark, reset per run (B)",
-    "final_loss": "training loss of the last step taken (nats)",
-    "accuracy": "test accuracy on the digits at the end, in [0, 1]; null for synthetic data",
-    "step_time_ms": "median wall-clock time of a training step, probes included (ms)",
-    "failure_cause": "none, precision (the run broke, its float32 control held) or "
-    "optimization (the control broke too, or a float32 run broke); a run broke when it "
-    "diverged or crashed; null while it or its control is unfinished",
-    "fallback_optimizer": "optimizer of the parameters no Kronecker factor covers; null for "
-    "AdamW and SGD",
-    "control": "the float32 control's figures beside this run's; null for a float32 run",
-    "seeds_broken": "over the seeds of this configuration, how many broke",
-    "seeds_total": "how many seeds of this configuration the suite plans",
-    "error": "for a run that crashed, '<exception type>: <message>'; else null",
-    "warnings": "distinct warnings raised while the run was built and trained",
-    "hyperparameters": "the optimizer's hyperparameters as built (family defaults, then the "
-    "suite's and the scenario's overrides)",
-}
-"""Every run object's keys in the order written, with their definitions (DESIGN.md's for
-the fields it names); summary.json carries them under ``fields``."""
-
-SUMMARY_FIELDS = tuple(FIELDS)
-
-CONTROL_FIELDS = (
-    "run",
-    "finished",
-    "diverged",
-    "first_nonfinite_step",
-    "nan_events",
-    "inf_events",
-    "max_condition",
-    "final_loss",
-    "accuracy",
-    "error",
-)
-"""The control's figures copied beside each low-precision run."""
-
-
-def broke(run: dict[str, Any]) -> bool | None:
-    """Whether a run diverged or crashed; None while it is unfinished and did neither."""
-    if run.get("diverged") or run.get("error"):
-        return True
-    return False if run.get("finished") else None
-
-
-def failure_cause(run: dict[str, Any], control: dict[str, Any] | None) -> str | None:
-    """``none``, ``precision`` or ``optimization`` (module docstring); None when unknown."""
-    run_broke = broke(run)
-    if run_broke is None or not run_broke:
-        return None if run_broke is None else "none"
-    if control is None:
-        return "optimization"
-    control_broke = broke(control)
-    if control_broke is None:
-        return None
-    return "optimization" if control_broke else "precision"
 
 
 def _jsonable(value: Any) -> Any:
@@ -334,14 +265,10 @@ class RunDirectory:
         self.write_summary()
         shutil.rmtree(self.path / RECORDS_DIR, ignore_errors=True)
 
-    def write_report(self) -> None:
-        """Write report.html from what the directory holds."""
-        write_report([self.path], self.path / "report.html")
-
     def close(self) -> None:
-        """Merge the records, write report.html and release the directory's lock."""
+        """Merge the records and release the directory's lock: the run is complete (the
+        command that ran it writes report.html next, from `read_run`)."""
         self.merge_records()
-        self.write_report()
         self.release()
 
     def release(self) -> None:
@@ -351,73 +278,7 @@ class RunDirectory:
             self._lock = None
 
 
-_COUNT = (int, "a non-negative integer", lambda v: v >= 0)
-_SCORE = (float, "a number", math.isfinite)
-_FRACTION = (float, "a number in [0, 1]", lambda v: 0 <= v <= 1)
-_SIZE = (float, "a non-negative number", lambda v: v >= 0 and math.isfinite(v))
-_TEXT = (str, "a string", None)
-FIGURE_TYPES: dict[str, tuple[type, str, Callable[[Any], bool] | None]] = {
-    **dict.fromkeys(("model", "scenario", "optimizer", "structure", "dtype", "mode"), _TEXT),
-    **dict.fromkeys(("control_of", "error", "fallback_optimizer"), _TEXT),
-    **dict.fromkeys(("finished", "diverged"), (bool, "true or false", None)),
-    **dict.fromkeys(
-        (
-            "seed",
-            "steps",
-            "first_nonfinite_step",
-            "nan_events",
-            "inf_events",
-            "skipped_steps",
-            "overflow_events",
-            "seeds_broken",
-            "seeds_total",
-        ),
-        _COUNT,
-    ),
-    "underflow_fraction": _FRACTION,
-    "accuracy": _FRACTION,
-    **dict.fromkeys(("optimizer_state_bytes", "peak_memory_bytes", "max_condition"), _SIZE),
-    "step_time_ms": _SIZE,
-    "final_loss": _SCORE,
-    "failure_cause": (
-        str,
-        "one of none, precision, no_learning, optimization",
-        lambda v: v in ("none", "precision", "no_learning", "optimization"),
-    ),
-    "control": (dict, "an object", None),
-    "hyperparameters": (dict, "an object", None),
-    "warnings": (list, "a list", None),
-}
-"""Each summary field's JSON type, its description and its range check; every field may
-be null (a planned run has no figures yet) except ``run``, a non-empty string."""
-
 _PART = re.compile(rf"{RECORDS_DIR}/\d{{5}}\.parquet")
-
-
-def _fits(value: Any, kind: type, check: Callable[[Any], bool] | None) -> bool:
-    if isinstance(value, bool) and kind is not bool:
-        return False
-    ok = isinstance(value, int | float if kind is float else kind)
-    return ok and (check is None or check(value))
-
-
-def _check_runs(path: Path, runs: list[Any]) -> None:
-    """Every run an object with a ``run`` id and figures of `FIGURE_TYPES`' types."""
-    for i, run in enumerate(runs, 1):
-        if not isinstance(run, dict):
-            raise UsageError(
-                f"{path}: run {i} is a {type(run).__name__}, but every run must be an object."
-            )
-        name = run.get("run")
-        if not isinstance(name, str) or not name:
-            raise UsageError(f"{path}: run {i} has run = {name!r}, but its id must be a string.")
-        for field, (kind, what, check) in FIGURE_TYPES.items():
-            value = run.get(field)
-            if value is not None and not _fits(value, kind, check):
-                raise UsageError(
-                    f"{path}: run {name!r} has {field} = {value!r}, but {field} must be "
-                    f"{what} or null."
-                )
 
 
 def read_summary(root: Path) -> dict[str, Any]:
@@ -437,17 +298,15 @@ def read_summary(root: Path) -> dict[str, Any]:
             "stress wrote."
         )
     try:
-        data = json.loads((root / "summary.json").read_text(encoding="utf-8"))
+        data = json.loads((root / SUMMARY_FILE).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UsageError(
             f"{root} has no summary.json; it is not a precision-lab run directory."
         ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UsageError(f"{root / 'summary.json'} is not valid JSON ({err}).") from None
+        raise UsageError(f"{root / SUMMARY_FILE} is not valid JSON ({err}).") from None
     except (IsADirectoryError, PermissionError) as err:
-        raise UsageError(
-            f"{root / 'summary.json'} cannot be read ({type(err).__name__})."
-        ) from None
+        raise UsageError(f"{root / SUMMARY_FILE} cannot be read ({type(err).__name__}).") from None
     if (
         not isinstance(data, dict)
         or data.get("schema") != SUMMARY_SCHEMA
@@ -455,11 +314,11 @@ def read_summary(root: Path) -> dict[str, Any]:
     ):
         found = data.get("schema") if isinstance(data, dict) else type(data).__name__
         raise UsageError(
-            f"{root / 'summary.json'} is not a precision-lab summary of schema "
+            f"{root / SUMMARY_FILE} is not a precision-lab summary of schema "
             f"{SUMMARY_SCHEMA} (schema {found!r})."
         )
-    path = root / "summary.json"
-    _check_runs(path, data["runs"])
+    path = root / SUMMARY_FILE
+    check_runs(data["runs"], str(path))
     records = data.get("records", [RECORDS_FILE])
     if not isinstance(records, list) or not all(
         isinstance(n, str) and (n == RECORDS_FILE or _PART.fullmatch(n)) for n in records
@@ -471,31 +330,101 @@ def read_summary(root: Path) -> dict[str, Any]:
     return data
 
 
-def load_run(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """A run directory's summary and records as DataFrames, for notebooks.
-
-    Reads a directory whose suite was killed as well as a finished one: the records
-    are those of the files summary.json lists.
-
-    Returns:
-        ``(summary, records)``: one row per run (the ``control`` figures flattened into
-        ``control.<field>`` columns), and the long table of the records.
+def _read_config(path: Path) -> dict[str, Any] | None:
+    """config.json as a dict; None where the directory has none.
 
     Raises:
-        ValueError: The directory, its summary.json or records.parquet is missing or
-            corrupt, in one sentence.
+        UsageError: It is not JSON, cannot be read, or is not an object.
+    """
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UsageError(
+            f"{path} is not valid JSON ({err.msg} at line {err.lineno}): rerun precision-lab "
+            "stress."
+        ) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"{path} cannot be read ({type(err).__name__}).") from None
+    if not isinstance(data, dict):
+        raise UsageError(
+            f"{path} holds a {type(data).__name__}, but {CONFIG_FILE} must be an object."
+        )
+    return data
+
+
+@dataclass(frozen=True)
+class Run:
+    """A run directory as read back, checked: what every reader (the report, the baseline,
+    `load_run`) starts from.
+
+    Attributes:
+        path: The directory.
+        runs: summary.json's run objects (`precision_lab.run.summary.FIELDS`), each
+            checked against `precision_lab.run.summary.FIGURE_RULES`.
+        config: config.json as a dict, or None where the directory has none.
+        records_files: The records files summary.json lists, relative to ``path``.
+    """
+
+    path: Path
+    runs: list[dict[str, Any]]
+    config: dict[str, Any] | None
+    records_files: tuple[str, ...] = field(repr=False)
+
+    @cached_property
+    def records(self) -> pd.DataFrame:
+        """The long table of the records (`probes.records.COLUMNS`), read on first use (the
+        gate never needs them).
+
+        Raises:
+            UsageError: A listed records file is missing, or not readable Parquet of the
+                records' schema.
+        """
+        frames = []
+        for name in self.records_files:
+            if not (self.path / name).is_file():
+                raise UsageError(f"{self.path} has no {name}; the run directory is incomplete.")
+            try:
+                frames.append(read_parquet(self.path / name))
+            except ValueError as err:
+                raise UsageError(str(err)) from None
+        return pd.concat(frames, ignore_index=True) if frames else frame_from_rows([])
+
+    @property
+    def summary(self) -> pd.DataFrame:
+        """One row per run, the ``control`` figures flattened into ``control.<field>``."""
+        if not self.runs:
+            return pd.DataFrame(columns=SUMMARY_FIELDS)
+        return pd.json_normalize(self.runs, max_level=1)
+
+
+def read_run(path: str | Path) -> Run:
+    """Read a run directory: its summary (checked), config and records.
+
+    Reads a directory whose suite was killed as well as a finished one: the records are
+    those of the files summary.json lists.
+
+    Raises:
+        UsageError: (a ValueError) The directory, its summary.json, config.json or a
+            listed records file is missing or corrupt, in one sentence.
     """
     root = Path(path)
     data = read_summary(root)
-    frames = []
-    for name in data.get("records", [RECORDS_FILE]):
-        if not (root / name).is_file():
-            raise ValueError(f"{root} has no {name}; the run directory is incomplete.")
-        frames.append(read_parquet(root / name))
-    records = pd.concat(frames, ignore_index=True) if frames else frame_from_rows([])
-    summary = (
-        pd.json_normalize(data["runs"], max_level=1)
-        if data["runs"]
-        else pd.DataFrame(columns=SUMMARY_FIELDS)
-    )
-    return summary, records
+    files = tuple(data.get("records", [RECORDS_FILE]))
+    return Run(root, data["runs"], _read_config(root / CONFIG_FILE), files)
+
+
+def load_run(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A run directory's summary and records as DataFrames, for notebooks.
+
+    Returns:
+        ``(summary, records)``: one row per run (`Run.summary`) and the long table of
+        the records (`Run.records`).
+
+    Raises:
+        ValueError: The directory, its summary.json or records are missing or corrupt,
+            in one sentence.
+    """
+    run = read_run(path)
+    return run.summary, run.records

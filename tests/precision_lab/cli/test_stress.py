@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from precision_lab import load_run
 from precision_lab.cli import cli
-from precision_lab.run.directory import SUMMARY_FIELDS
+from precision_lab.run.summary import SUMMARY_FIELDS
 from precision_lab.workloads.data import digits
 from precision_lab.workloads.scenarios import get_scenario
 

@@ -10,11 +10,11 @@ from click.testing import CliRunner
 from precision_lab.cli import cli
 from precision_lab.gate.baseline import (
     BASELINE_SCHEMA,
-    FIGURES,
     RunKey,
     read_baseline,
     read_run_dir,
 )
+from precision_lab.run.summary import FIGURES
 from tests.precision_lab.gate_runs import CONFIG, base_runs, find, write_run_dir
 
 

@@ -8,8 +8,9 @@ import torch
 
 from precision_lab import load_run
 from precision_lab.errors import UsageError
-from precision_lab.run.directory import SUMMARY_FIELDS, RunDirectory, failure_cause
+from precision_lab.run.directory import RunDirectory, read_run
 from precision_lab.run.suite import parse_suite
+from precision_lab.run.summary import SUMMARY_FIELDS, failure_cause
 from probes.records import frame_from_rows
 
 SUITE = """
@@ -82,7 +83,12 @@ def test_summary_after_every_run_with_controls_and_seed_counts(tmp_path):
     summary, records = load_run(tmp_path / "run")
     assert len(summary) == 6 and len(records) == 12
     assert summary.loc[1, "control.run"] == control["run"]
-    assert (tmp_path / "run" / "report.html").stat().st_size > 0
+    # The writer writes data only: the command that ran the suite writes the report.
+    assert not (tmp_path / "run" / "report.html").exists()
+    run_read = read_run(tmp_path / "run")
+    assert [r["run"] for r in run_read.runs] == [p.run_id for p in plans]
+    assert run_read.config == {"suite": "t"} and run_read.records_files == ("records.parquet",)
+    assert run_read.records.equals(records)
 
 
 def test_refuses_to_overwrite_a_run(tmp_path):

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from precision_lab import runner
+from precision_lab.run import runner
 from precision_lab.run.suite import RunPlan
 from precision_lab.workloads.data import digits
 from precision_lab.workloads.scenarios import get_scenario
