@@ -15,7 +15,8 @@ from precision_lab import __version__
 from precision_lab.cli.context import LabContext
 from precision_lab.cli.gate import baseline_command, gate_command
 from precision_lab.cli.interrupts import EXIT_TERMINATED
-from precision_lab.cli.report import memory_command, report_command
+from precision_lab.cli.memory import memory_command
+from precision_lab.cli.report import report_command
 from precision_lab.cli.stress import stress
 from precision_lab.errors import EXIT_INTERRUPTED, EXIT_REGRESSION, EXIT_USAGE
 

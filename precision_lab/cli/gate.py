@@ -10,9 +10,7 @@ which would otherwise read as "bad"); 130 after Ctrl-C aborts the bisection.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import click
 from rich.console import Console
@@ -20,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from precision_lab.cli.context import LabContext, pass_lab
+from precision_lab.cli.params import FACTOR, FRACTION, PROBABILITY, SIZE
 from precision_lab.errors import EXIT_REGRESSION, UsageError, fail, user_errors
 from precision_lab.gate.baseline import read_baseline, read_run_dir, write_baseline
 from precision_lab.gate.checks import (
@@ -31,39 +30,12 @@ from precision_lab.gate.checks import (
     Tolerances,
     format_value,
     gate,
-    parse_factor,
-    parse_fraction,
-    parse_probability,
-    parse_size,
 )
 
 EXIT_CANNOT_JUDGE = 125
 """``git bisect run``'s "skip": this commit's run cannot be judged."""
 
 _STYLE = {FAIL: "bold red", BETTER: "green", NEW: "yellow", SKIP: "dim"}
-
-
-class _Parsed(click.ParamType):
-    """A click type over one of the gate's parsers, so bad values exit 2 with its sentence."""
-
-    def __init__(self, name: str, parse: Callable[[str, str], float]) -> None:
-        self.name = name
-        self._parse = parse
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None):
-        if isinstance(value, float):
-            return value
-        option = param.opts[0] if param is not None else self.name
-        try:
-            return self._parse(value, option)
-        except UsageError as error:
-            self.fail(str(error), param, ctx)
-
-
-FRACTION = _Parsed("fraction", parse_fraction)
-PROBABILITY = _Parsed("probability", parse_probability)
-FACTOR = _Parsed("factor", parse_factor)
-SIZE = _Parsed("size", parse_size)
 
 
 @click.command("baseline")

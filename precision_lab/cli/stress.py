@@ -34,37 +34,14 @@ from rich.table import Table
 from precision_lab import __version__
 from precision_lab.cli.context import LabContext, pass_lab
 from precision_lab.cli.interrupts import ReportSkipped, StopSignals
-from precision_lab.dtypes import dtype_name, parse_dtype
+from precision_lab.cli.params import DTYPE, NAMES, SEEDS, SPECS
+from precision_lab.dtypes import dtype_name
 from precision_lab.errors import EXIT_REGRESSION, UsageError, fail, user_errors
 from precision_lab.report.write import write_report
 from precision_lab.run.directory import REPORT_FILE, RunDirectory
 from precision_lab.run.runner import Outcome, RankFailedError, train
 from precision_lab.run.suite import BUILTIN_SUITES, load_suite
-from precision_lab.specs import parse_specs
-
-
-def _names(text: str | None, what: str) -> list[str] | None:
-    if text is None:
-        return None
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    if not names:
-        raise UsageError(f"--{what} needs a comma-separated list of names, got {text!r}.")
-    return names
-
-
-def _seeds(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        seeds = []
-    if not seeds or any(s < 0 for s in seeds):
-        raise UsageError(
-            f"--seeds must be a comma-separated list of non-negative integers such as 0,1,2, "
-            f"got {text!r}."
-        )
-    return seeds
+from precision_lab.specs import OptimizerSpec
 
 
 def _device(choice: str) -> torch.device:
@@ -130,8 +107,9 @@ def _command_line(ctx: click.Context) -> str:
         value = ctx.params.get(param.name)
         if value is None or value == () or value == param.get_default(ctx):
             continue
+        show = getattr(param.type, "show", str)
         for item in value if param.multiple else (value,):
-            words += [param.opts[0], str(item)]
+            words += [param.opts[0], show(item)]
     return shlex.join(words)
 
 
@@ -231,6 +209,7 @@ def summary_table(runs: list[dict[str, Any]], seeds: bool) -> Table:
 @click.option(
     "--dtype",
     "dtypes",
+    type=DTYPE,
     multiple=True,
     metavar="fp32|fp16|bf16",
     help="Dtype to stress (repeatable; torch names accepted). Default: the suite's.",
@@ -252,12 +231,14 @@ def summary_table(runs: list[dict[str, Any]], seeds: bool) -> Table:
     help="A built-in suite or a TOML file (schema: docs/suites.md).",
 )
 @click.option(
-    "--optimizers", help="Comma-separated optimizer specs, e.g. singd:diagonal,kfac:eigh."
+    "--optimizers",
+    type=SPECS,
+    help="Comma-separated optimizer specs, e.g. singd:diagonal,kfac:eigh.",
 )
-@click.option("--models", help="Comma-separated models: mlp, cnn, transformer.")
-@click.option("--scenarios", help="Comma-separated scenarios (see docs/suites.md).")
+@click.option("--models", type=NAMES, help="Comma-separated models: mlp, cnn, transformer.")
+@click.option("--scenarios", type=NAMES, help="Comma-separated scenarios (see docs/suites.md).")
 @click.option("--steps", type=click.IntRange(min=1), help="Training steps per run.")
-@click.option("--seeds", help="Comma-separated seeds, e.g. 0,1,2.")
+@click.option("--seeds", type=SEEDS, help="Comma-separated seeds, e.g. 0,1,2.")
 @click.option("--every", type=click.IntRange(min=1), help="Cadence of the expensive probes, steps.")
 @click.option(
     "--device",
@@ -275,14 +256,14 @@ def summary_table(runs: list[dict[str, Any]], seeds: bool) -> Table:
 @user_errors
 def stress(
     lab: LabContext,
-    dtypes: tuple[str, ...],
+    dtypes: tuple[torch.dtype, ...],
     modes: tuple[str, ...],
     suite_name: str,
-    optimizers: str | None,
-    models: str | None,
-    scenarios: str | None,
+    optimizers: list[OptimizerSpec] | None,
+    models: list[str] | None,
+    scenarios: list[str] | None,
     steps: int | None,
-    seeds: str | None,
+    seeds: list[int] | None,
     every: int | None,
     device: str,
     out: Path | None,
@@ -322,33 +303,26 @@ def stress(
 def _stress(
     lab: LabContext,
     stop: StopSignals,
-    dtypes: tuple[str, ...],
+    dtypes: tuple[torch.dtype, ...],
     modes: tuple[str, ...],
     suite_name: str,
-    optimizers: str | None,
-    models: str | None,
-    scenarios: str | None,
+    optimizers: list[OptimizerSpec] | None,
+    models: list[str] | None,
+    scenarios: list[str] | None,
     steps: int | None,
-    seeds: str | None,
+    seeds: list[int] | None,
     every: int | None,
     device: str,
     out: Path | None,
 ) -> None:
     """The stress command's work once its signal handlers are in place."""
-    parsed_dtypes = []
-    for name in dtypes:
-        try:
-            parsed_dtypes.append(parse_dtype(name))
-        except ValueError as err:
-            raise UsageError(str(err)) from None
-    specs = [s.text for s in parse_specs(optimizers)] if optimizers is not None else None
     suite = load_suite(suite_name).choose(
-        models=_names(models, "models"),
-        scenarios=_names(scenarios, "scenarios"),
-        optimizers=specs,
-        dtypes=parsed_dtypes,
+        models=models,
+        scenarios=scenarios,
+        optimizers=None if optimizers is None else [spec.text for spec in optimizers],
+        dtypes=list(dtypes),
         modes=list(modes),
-        seeds=_seeds(seeds),
+        seeds=seeds,
         steps=steps,
         every=every,
     )

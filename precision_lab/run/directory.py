@@ -50,7 +50,6 @@ from typing import Any
 import pandas as pd
 import pyarrow.parquet as pq
 
-from precision_lab.dtypes import dtype_name
 from precision_lab.errors import UsageError
 from precision_lab.run.suite import RunPlan
 from precision_lab.run.summary import (
@@ -160,22 +159,14 @@ def _lock(path: Path) -> int:
 
 def planned_run(plan: RunPlan) -> dict[str, Any]:
     """The run object of a run that has not run yet: its coordinates, figures null."""
-    run = dict.fromkeys(SUMMARY_FIELDS)
-    run.update(
-        run=plan.run_id,
-        model=plan.model,
-        scenario=plan.scenario,
-        optimizer=plan.optimizer,
-        dtype=dtype_name(plan.dtype),
-        mode=plan.mode,
-        seed=plan.seed,
-        control_of=plan.control_of,
-        steps=0,
-        finished=False,
-        diverged=False,
-        hyperparameters=plan.hyperparameters,
-    )
-    return run
+    return {
+        **dict.fromkeys(SUMMARY_FIELDS),
+        **plan.coordinates,
+        "steps": 0,
+        "finished": False,
+        "diverged": False,
+        "hyperparameters": plan.hyperparameters,
+    }
 
 
 class RunDirectory:
@@ -208,7 +199,14 @@ class RunDirectory:
         self.write_summary()
 
     def add(self, summary: dict[str, Any], records: pd.DataFrame) -> None:
-        """Record one run's outcome: its records in a file of their own, then summary.json."""
+        """Record one run's outcome: its records in a file of their own, then summary.json.
+
+        Raises:
+            KeyError: ``summary`` holds a field that `FIELDS` does not define.
+        """
+        unknown = set(summary) - set(FIELDS)
+        if unknown:
+            raise KeyError(f"summary fields {sorted(unknown)} are not defined in FIELDS")
         if len(records):
             name = f"{RECORDS_DIR}/{len(self.records) + 1:05d}.parquet"
             _atomic(self.path / name, partial(write_parquet, records))

@@ -30,12 +30,23 @@ from torch import nn
 import probes
 from precision_lab.dtypes import dtype_name
 from precision_lab.run.suite import FILE_LOCATIONS, RunPlan
-from precision_lab.specs import parse_spec
 from precision_lab.workloads.data import Dataset
 from precision_lab.workloads.models import build_model
 from precision_lab.workloads.scenarios import get_scenario
 from probes.memory import optimizer_state_bytes
 from probes.records import Recorder, frame_from_rows
+
+PROBE_FIGURES = (
+    "nan_events",
+    "inf_events",
+    "skipped_steps",
+    "overflow_events",
+    "underflow_fraction",
+    "max_condition",
+    "peak_memory_bytes",
+    "step_time_ms",
+)
+"""Summary fields the probes' session summary gives under the same names."""
 
 DIVERGENCE_FACTOR = 10.0
 """A run has diverged when its loss exceeds this multiple of its first loss (DESIGN.md)."""
@@ -188,7 +199,7 @@ def _train(
 ) -> Outcome:
     rank, world = _world()
     scenario = get_scenario(plan.scenario)
-    spec = parse_spec(plan.optimizer)
+    spec = plan.spec
     data = scenario.dataset()
     dtype, mode = plan.dtype, plan.mode
     input_dtype = dtype if mode == "pure" else torch.float32
@@ -266,30 +277,15 @@ def _train(
         s for s in (probe_summary["first_nonfinite_step"], loss_nonfinite_step) if s is not None
     ]
     summary = {
-        "run": plan.run_id,
-        "model": plan.model,
-        "scenario": plan.scenario,
-        "optimizer": spec.text,
-        "structure": spec.structure,
-        "dtype": dtype_name(dtype),
-        "mode": mode,
-        "seed": plan.seed,
-        "control_of": plan.control_of,
+        **plan.coordinates,
         "steps": step,
         "finished": not (interrupted or error),
         "diverged": diverged,
+        **{name: probe_summary[name] for name in PROBE_FIGURES},
         "first_nonfinite_step": min(first_nonfinite) if first_nonfinite else None,
-        "nan_events": probe_summary["nan_events"],
-        "inf_events": probe_summary["inf_events"],
-        "skipped_steps": probe_summary["skipped_steps"],
-        "overflow_events": probe_summary["overflow_events"],
-        "underflow_fraction": probe_summary["underflow_fraction"],
-        "max_condition": probe_summary["max_condition"],
         "optimizer_state_bytes": sum(optimizer_state_bytes(optimizer).values()),
-        "peak_memory_bytes": probe_summary["peak_memory_bytes"],
         "final_loss": loss_value,
         "accuracy": acc,
-        "step_time_ms": probe_summary["step_time_ms"],
         "fallback_optimizer": _fallback_name(optimizer),
         "error": error,
         "hyperparameters": spec.hyperparameters(plan.hyperparameters),

@@ -24,6 +24,7 @@ import torch
 
 from precision_lab.dtypes import dtype_name, parse_dtype
 from precision_lab.errors import UsageError
+from precision_lab.specs import OptimizerSpec, parse_spec
 from precision_lab.workloads.models import MODELS, build_model
 from precision_lab.workloads.scenarios import get_scenario
 
@@ -57,6 +58,7 @@ class RunPlan:
     """One training run of a suite, fully specified.
 
     Attributes:
+        spec: The optimizer, parsed once when the suite is planned.
         hyperparameters: The overrides passed to ``OptimizerSpec.build``: the suite's
             family table, then its spec table, then the scenario's, later ones winning.
         control_for: For a float32 control, the dtype and mode of the run it controls.
@@ -64,8 +66,7 @@ class RunPlan:
 
     model: str
     scenario: str
-    optimizer: str
-    family: str
+    spec: OptimizerSpec
     dtype: torch.dtype
     mode: str
     seed: int
@@ -73,6 +74,16 @@ class RunPlan:
     batch_size: int
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     control_for: tuple[torch.dtype, str] | None = None
+
+    @property
+    def optimizer(self) -> str:
+        """The optimizer's canonical spec string, as the run's id and summary name it."""
+        return self.spec.text
+
+    @property
+    def family(self) -> str:
+        """The optimizer's family: ``singd``, ``kfac``, ``adamw`` or ``sgd``."""
+        return self.spec.family
 
     def _label(self, seed: str) -> str:
         base = (
@@ -93,6 +104,22 @@ class RunPlan:
     def config_key(self) -> str:
         """The run's id with ``s*`` for its seed: what the seeds of one configuration share."""
         return self._label("*")
+
+    @property
+    def coordinates(self) -> dict[str, Any]:
+        """The run object's fields that the plan fixes (`precision_lab.run.summary.FIELDS`):
+        its id, key, structure and control."""
+        return {
+            "run": self.run_id,
+            "model": self.model,
+            "scenario": self.scenario,
+            "optimizer": self.optimizer,
+            "structure": self.spec.structure,
+            "dtype": dtype_name(self.dtype),
+            "mode": self.mode,
+            "seed": self.seed,
+            "control_of": self.control_of,
+        }
 
     @property
     def control_of(self) -> str | None:
@@ -215,8 +242,7 @@ class Suite:
                             base = RunPlan(
                                 model,
                                 scenario_name,
-                                spec_text,
-                                spec.family,
+                                spec,
                                 torch.float32,
                                 "pure",
                                 seed,
@@ -246,11 +272,10 @@ def _check_hyperparameters(plans: list[RunPlan]) -> None:
         if key in seen:
             continue
         seen.add(key)
-        spec = _parse_spec(plan.optimizer)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the runs record their warnings themselves
-                spec.build(build_model("mlp", 0), plan.hyperparameters)
+                plan.spec.build(build_model("mlp", 0), plan.hyperparameters)
         except UsageError:
             raise
         except Exception as err:  # any value the optimizer cannot take is the suite's error
@@ -272,9 +297,7 @@ def _wrap(fn, *args):
         raise UsageError(str(err)) from None
 
 
-def _parse_spec(text: str):
-    from precision_lab.specs import parse_spec
-
+def _parse_spec(text: str) -> OptimizerSpec:
     return _wrap(parse_spec, text)
 
 

@@ -2,27 +2,25 @@
 and verdicts hold across thread counts.
 
 The quick suite runs at most once per test session for each (dtype, thread count) asked
-for (real training on the digits, real probes, a real run directory); the float32 run on
-the machine's default thread count is the one the injected regressions edit: each test
-copies the run directory and edits one figure of one real run in its summary.json, as a
-regressing change would.
+for (``quick_runs``, tests/precision_lab/conftest.py); the bfloat16 run on the machine's
+default thread count (``quick_run``, shared with the stress and report tests) is the one
+the injected regressions edit: each test copies the run directory and edits one figure
+of one real run in its summary.json, as a regressing change would. The other dtypes and
+thread counts cost a suite each: those tests are ``slow`` (CI runs them in their own step).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from precision_lab.cli import cli
 from precision_lab.gate.baseline import read_run_dir
-
-pytestmark = pytest.mark.slow
+from tests.precision_lab.conftest import DEFAULT_THREADS
 
 BASELINES = Path(__file__).resolve().parents[3] / "reports/baselines"
 
@@ -32,29 +30,6 @@ BASELINES = Path(__file__).resolve().parents[3] / "reports/baselines"
 NO_PEAK = ("--peak-floor", "1024GiB")
 
 
-@pytest.fixture(scope="session")
-def quick_runs(tmp_path_factory) -> Callable[[str, int], Path]:
-    """``run(dtype, threads)``: the quick suite's run directory in ``dtype`` (fp32, fp16,
-    bf16) on ``threads`` torch threads, run on first use."""
-    done: dict[tuple[str, int], Path] = {}
-
-    def run(dtype: str, threads: int) -> Path:
-        if (dtype, threads) not in done:
-            out = tmp_path_factory.mktemp(f"quick-{dtype}-{threads}threads") / "run"
-            args = ["stress", "--suite", "quick", "--dtype", dtype, "--device", "cpu"]
-            before = torch.get_num_threads()
-            torch.set_num_threads(threads)
-            try:
-                result = CliRunner().invoke(cli, [*args, "--out", str(out)])
-            finally:
-                torch.set_num_threads(before)
-            assert result.exit_code == 0, result.output
-            done[dtype, threads] = out
-        return done[dtype, threads]
-
-    return run
-
-
 def baseline_of(run_dir: Path) -> Path:
     """The baseline of a run directory, written beside it once."""
     path = run_dir.with_name("baseline.json")
@@ -62,15 +37,6 @@ def baseline_of(run_dir: Path) -> Path:
         result = CliRunner().invoke(cli, ["baseline", str(run_dir), "-o", str(path)])
         assert result.exit_code == 0, result.output
     return path
-
-
-DEFAULT_THREADS = torch.get_num_threads()
-
-
-@pytest.fixture(scope="session")
-def quick_run(quick_runs) -> Path:
-    """The float32 quick suite on the machine's default thread count."""
-    return quick_runs("fp32", DEFAULT_THREADS)
 
 
 @pytest.fixture(scope="session")
@@ -105,11 +71,12 @@ def test_a_run_passes_its_own_baseline(quick_run, quick_baseline):
 
 
 def _kronecker_run(runs: list[dict]) -> dict:
-    """A finished run of a Kronecker optimizer that kept finite figures."""
+    """A finished run of a Kronecker optimizer (not a control) that kept finite figures."""
     return next(
         run
         for run in runs
         if run["optimizer"].startswith(("singd", "kfac"))
+        and run["control_of"] is None
         and not run["diverged"]
         and run["max_condition"] is not None
     )
@@ -173,13 +140,21 @@ def test_a_missing_real_run_fails_coverage(quick_run, quick_baseline, tmp_path):
     removed: list[dict] = []
 
     def drop(runs):
+        # The last run, and its float32 control, which names it.
         removed.append(runs.pop())
+        removed.extend(run for run in runs if run["control_of"] == removed[0]["run"])
+        runs[:] = [run for run in runs if run["control_of"] != removed[0]["run"]]
 
     code, data = gate_json(edited_copy(quick_run, tmp_path, drop), quick_baseline)
     assert code == 1
-    assert data["failures"] == [
-        f"{_label(removed[0])}: run is in the baseline but missing from {tmp_path / 'edited'}"
-    ]
+    run, control = removed
+    missing = f"run is in the baseline but missing from {tmp_path / 'edited'}"
+    assert sorted(data["failures"]) == sorted(
+        [
+            f"{_label(run)}: {missing}",
+            f"{_label(control)} (control of {run['dtype']}/{run['mode']}): {missing}",
+        ]
+    )
 
 
 def gate_failures(run_dir: Path, baseline: Path) -> list[str]:
@@ -190,6 +165,7 @@ def gate_failures(run_dir: Path, baseline: Path) -> list[str]:
     return json.loads(result.output)["failures"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize(("threads", "baseline_threads"), [(1, 2), (2, 1)])
 def test_verdicts_hold_across_thread_counts(quick_runs, dtype, threads, baseline_threads):
@@ -200,8 +176,12 @@ def test_verdicts_hold_across_thread_counts(quick_runs, dtype, threads, baseline
 
 @pytest.mark.parametrize(
     ("dtype", "threads"),
-    [("fp32", DEFAULT_THREADS)]
-    + [(dtype, threads) for dtype in ("fp32", "fp16", "bf16") for threads in (1, 2)],
+    [("bf16", DEFAULT_THREADS)]
+    + [
+        pytest.param(dtype, threads, marks=pytest.mark.slow)
+        for dtype in ("fp32", "fp16", "bf16")
+        for threads in (1, 2)
+    ],
 )
 def test_the_committed_baselines_still_hold(quick_runs, dtype, threads):
     """This session's quick runs against reports/baselines/quick-suite-DTYPE.json.
@@ -213,6 +193,7 @@ def test_the_committed_baselines_still_hold(quick_runs, dtype, threads):
     assert gate_failures(quick_runs(dtype, threads), baseline) == []
 
 
+@pytest.mark.slow
 def test_a_real_regression_fails_the_committed_baseline(tmp_path):
     """The quick suite with SINGD's learning rate at 0.01 instead of 0.03, as a change might
     set it, fails the committed float32 baseline on SINGD's loss and accuracy (only that

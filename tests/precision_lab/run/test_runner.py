@@ -10,19 +10,19 @@ import torch
 
 from precision_lab.run import runner
 from precision_lab.run.suite import RunPlan
+from precision_lab.specs import parse_spec
 from precision_lab.workloads.data import digits
 from precision_lab.workloads.scenarios import get_scenario
 
 CPU = torch.device("cpu")
 
 
-def plan(optimizer="adamw", family="adamw", dtype=torch.float32, mode="pure", steps=5, **kw):
+def plan(optimizer="adamw", dtype=torch.float32, mode="pure", steps=5, **kw):
     hyper = kw.pop("hyperparameters", {})
     return RunPlan(
         kw.pop("model", "mlp"),
         kw.pop("scenario", "baseline"),
-        optimizer,
-        family,
+        parse_spec(optimizer),
         dtype,
         mode,
         kw.pop("seed", 0),
@@ -48,7 +48,7 @@ def test_adamw_learns_the_digits():
 
 def test_singd_trains_every_transformer_parameter():
     """LayerNorm, Embedding and attention weights move too: SINGD's fallback trains them."""
-    p = plan("singd:diagonal", "singd", model="transformer", steps=2, hyperparameters={"lr": 0.03})
+    p = plan("singd:diagonal", model="transformer", steps=2, hyperparameters={"lr": 0.03})
     out = runner.train(p, device=CPU, every=1)
     assert out.summary["fallback_optimizer"] == "AdamW"
     assert out.summary["finished"] and out.summary["error"] is None
@@ -61,7 +61,7 @@ def test_singd_trains_every_transformer_parameter():
 
 
 def test_divergence_stops_the_run_and_is_recorded():
-    p = plan("sgd", "sgd", dtype=torch.float16, steps=20, hyperparameters={"lr": 1e4})
+    p = plan("sgd", dtype=torch.float16, steps=20, hyperparameters={"lr": 1e4})
     s = runner.train(p, device=CPU, every=10).summary
     assert s["diverged"] and s["finished"]
     assert s["steps"] < 20  # stopped early
@@ -70,7 +70,7 @@ def test_divergence_stops_the_run_and_is_recorded():
 
 
 def test_loss_ten_times_its_first_value_is_divergence():
-    p = plan("sgd", "sgd", steps=20, hyperparameters={"lr": 1e3})
+    p = plan("sgd", steps=20, hyperparameters={"lr": 1e3})
     out = runner.train(p, device=CPU, every=10)
     loss = out.records.query("metric == 'loss'")["value"].tolist()
     assert out.summary["diverged"]
@@ -136,7 +136,7 @@ def test_interruption_and_crash_keep_what_was_recorded(monkeypatch, exc, finishe
 
 
 def test_warnings_are_recorded_not_printed(recwarn):
-    p = plan("singd:diagonal", "singd", model="transformer", steps=1)
+    p = plan("singd:diagonal", model="transformer", steps=1)
     s = runner.train(p, device=CPU, every=10).summary
     assert any("fallback" in w for w in s["warnings"])
     assert not recwarn.list
@@ -189,7 +189,6 @@ def test_reproducers_land_where_the_caller_says_never_where_the_plan_says(tmp_pa
     elsewhere = tmp_path / "elsewhere"
     bad = plan(
         "kfac:cholesky",
-        "kfac",
         dtype=torch.float16,
         steps=2,
         scenario="near_fp16_max",

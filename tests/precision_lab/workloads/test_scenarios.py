@@ -4,18 +4,33 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from precision_lab.workloads.models import build_model
+from precision_lab.workloads.models import NUM_CLASSES, NUM_FEATURES, build_model
 from precision_lab.workloads.scenarios import FLOAT16_MAX, SCENARIOS, get_scenario
 
 FP16_MIN_NORMAL = 2.0**-14
 
 
+FAMILIES = ("singd", "kfac", "adamw", "sgd")
+
+
 @pytest.mark.parametrize("name", list(SCENARIOS))
-def test_every_scenario_documents_what_it_stresses(name):
+def test_every_scenario_trains_the_mlp_and_changes_something_from_the_baseline(name):
+    """Batches the MLP takes (finite loss in float32), and a difference from the baseline:
+    its data, its loss scale or an optimizer override."""
     scenario = SCENARIOS[name]
-    assert scenario.name == name
-    assert len(type(scenario).__doc__.split()) > 25  # a real explanation, not a title
-    assert scenario.description()
+    assert scenario.name == name and scenario.description()
+    data = scenario.dataset()
+    x, y = next(data.batches(64, 0))
+    assert x.shape == (64, NUM_FEATURES) and torch.isfinite(x).all()
+    assert int(y.min()) >= 0 and int(y.max()) < NUM_CLASSES
+    assert torch.isfinite(F.cross_entropy(build_model("mlp", 0)(x), y))
+    baseline = get_scenario("baseline")
+    changes = {
+        "data": not torch.equal(data.train_x, baseline.dataset().train_x),
+        "loss_scale": scenario.loss_scale != baseline.loss_scale,
+        "overrides": any(scenario.overrides(family) for family in FAMILIES),
+    }
+    assert any(changes.values()) == (name != "baseline"), changes
 
 
 def test_near_fp16_max_inputs_fit_but_their_second_moments_overflow():
