@@ -254,20 +254,7 @@ def summary_table(runs: list[dict[str, Any]], seeds: bool) -> Table:
 )
 @pass_lab
 @user_errors
-def stress(
-    lab: LabContext,
-    dtypes: tuple[torch.dtype, ...],
-    modes: tuple[str, ...],
-    suite_name: str,
-    optimizers: list[OptimizerSpec] | None,
-    models: list[str] | None,
-    scenarios: list[str] | None,
-    steps: int | None,
-    seeds: list[int] | None,
-    every: int | None,
-    device: str,
-    out: Path | None,
-) -> None:
+def stress(lab: LabContext, **options: Any) -> None:
     """Run a stress suite: each run in a low-precision dtype beside its float32 control.
 
     Writes a run directory (config.json, summary.json, records.parquet, report.html,
@@ -279,21 +266,7 @@ def stress(
     """
     stop = StopSignals(install=int(os.environ.get("WORLD_SIZE", "1")) <= 1)
     try:
-        _stress(
-            lab,
-            stop,
-            dtypes,
-            modes,
-            suite_name,
-            optimizers,
-            models,
-            scenarios,
-            steps,
-            seeds,
-            every,
-            device,
-            out,
-        )
+        _stress(lab, stop, **options)
     except KeyboardInterrupt:  # before the run directory existed: nothing to save
         fail("Interrupted before any run was recorded.", stop.exit_code)
     finally:
@@ -303,6 +276,7 @@ def stress(
 def _stress(
     lab: LabContext,
     stop: StopSignals,
+    *,
     dtypes: tuple[torch.dtype, ...],
     modes: tuple[str, ...],
     suite_name: str,

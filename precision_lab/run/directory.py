@@ -283,7 +283,8 @@ def read_summary(root: Path) -> dict[str, Any]:
     """A run directory's summary.json, checked: ``{"schema", "fields", "runs": [...]}``.
 
     Every run must be an object whose figures have the types and ranges of
-    `FIGURE_TYPES`; ``records``, where present, lists files of this directory only.
+    `precision_lab.run.summary.FIGURE_RULES`; ``records``, where present, lists files of
+    this directory only.
 
     Raises:
         UsageError: (a ValueError) the directory or its summary.json is missing, not
