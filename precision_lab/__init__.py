@@ -1,7 +1,12 @@
-"""Stress suites, reports and CI gates for SINGD and KFAC in low precision."""
+"""Stress suites, reports and CI gates for SINGD and KFAC in low precision.
+
+Importing the package loads the run model only (`load_run`); the report (plotly), the
+gate and the command line load when used (docs/ARCHITECTURE.md).
+"""
 
 __version__ = "0.1.0"
 
-from precision_lab.rundir import load_run  # noqa: E402  (rundir reads __version__'s package)
+# After __version__: the modules below may read it while the package is being imported.
+from precision_lab.run.directory import load_run  # noqa: E402
 
 __all__ = ["__version__", "load_run"]

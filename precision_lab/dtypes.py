@@ -1,4 +1,6 @@
-"""Dtype names as users write them (``fp32|fp16|bf16`` or torch's) and as data stores them.
+"""Dtype names as users write them (``fp32|fp16|bf16`` or torch's) and as data stores them:
+the one parser of dtype names in precision_lab (the CLI, suites, the memory planner and
+the ``*_dtype`` hyperparameters of optimizer specs).
 
 Everywhere in data (summary.json, records, baselines) a dtype is written by its torch
 name: ``float32``, ``float16``, ``bfloat16``.
@@ -8,7 +10,9 @@ from __future__ import annotations
 
 import torch
 
-DTYPES: dict[str, torch.dtype] = {
+NAMES: dict[str, torch.dtype] = {
+    "fp64": torch.float64,
+    "float64": torch.float64,
     "fp32": torch.float32,
     "float32": torch.float32,
     "fp16": torch.float16,
@@ -16,18 +20,31 @@ DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
     "bfloat16": torch.bfloat16,
 }
+"""Every dtype name accepted, short and torch's."""
+
+FLOATING = tuple(dict.fromkeys(NAMES.values()))
+"""Every dtype `NAMES` names."""
+
+RUN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+"""The dtypes a run is stressed in (``--dtype``, a suite's ``dtypes``)."""
 
 
-def parse_dtype(text: str) -> torch.dtype:
+def parse_dtype(text: str, accept: tuple[torch.dtype, ...] = RUN_DTYPES) -> torch.dtype:
     """The torch dtype a user means by ``text`` (case-insensitive, ``torch.`` prefix allowed).
+
+    Args:
+        text: A name of `NAMES`.
+        accept: The dtypes allowed here: a run's by default; an optimizer's hyperparameter
+            may also be float64.
 
     Raises:
         ValueError: For any other name, in one sentence listing the accepted ones.
     """
     key = text.strip().lower().removeprefix("torch.")
-    if key not in DTYPES:
-        raise ValueError(f"Unknown dtype {text!r}; expected one of {', '.join(DTYPES)}.")
-    return DTYPES[key]
+    if NAMES.get(key) not in accept:
+        names = [name for name, dtype in NAMES.items() if dtype in accept]
+        raise ValueError(f"Unknown dtype {text!r}; expected one of {', '.join(names)}.")
+    return NAMES[key]
 
 
 def dtype_name(dtype: torch.dtype) -> str:

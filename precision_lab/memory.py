@@ -171,7 +171,7 @@ def state_bytes(spec: str | OptimizerSpec, shape: ModelShape, dtype: torch.dtype
 
 
 def _builtin(model: str, d_model: int, layers: int | None, heads: int | None) -> nn.Module:
-    from precision_lab import models
+    from precision_lab.workloads import models
 
     if model == "mlp":
         return models.MLP(hidden=(d_model,) * (layers or 2))
@@ -291,14 +291,14 @@ def build_meta_model(
 
 
 def widened_model(name: str, multiplier: int) -> nn.Module:
-    """A suite model (`precision_lab.models.MODELS`) on the meta device with its width
+    """A suite model (`precision_lab.workloads.models.MODELS`) on the meta device with its width
     argument (the constructor's first: ``hidden``, ``channels``, ``width``) times
     ``multiplier``; ``multiplier=1`` is the model the suite trains.
 
     Raises:
         UsageError: For a name that is not a suite model.
     """
-    from precision_lab import models
+    from precision_lab.workloads import models
 
     if name not in models.MODELS:
         raise UsageError(f"Unknown model {name!r}; expected one of {', '.join(models.MODELS)}.")

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from precision_lab.dtypes import FLOATING, parse_dtype
 from precision_lab.errors import UsageError
 
 SPEC_FORMS = (
@@ -55,8 +56,6 @@ DEFAULT_HYPERPARAMETERS: dict[str, dict[str, Any]] = {
     "sgd": {"lr": 1e-2, "momentum": 0.9},
 }
 """Per-family defaults; `OptimizerSpec.build` overrides take precedence."""
-
-_DTYPE_ALIASES = {"fp64": "float64", "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 @dataclass(frozen=True)
@@ -243,11 +242,10 @@ def _dtype_value(key: str, value: Any) -> Any:
         return tuple(_dtype_value(key, item) for item in value)
     if not isinstance(value, str):
         return value
-    name = value.strip().lower().removeprefix("torch.")
-    dtype = getattr(torch, _DTYPE_ALIASES.get(name, name), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+    try:
+        return parse_dtype(value, accept=FLOATING)
+    except ValueError:
         raise UsageError(
             f"Hyperparameter {key!r} must name a floating dtype such as 'float32' or 'bf16', "
             f"got {value!r}."
-        )
-    return dtype
+        ) from None

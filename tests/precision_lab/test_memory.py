@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from precision_lab import models
 from precision_lab.errors import UsageError
 from precision_lab.memory import (
     CATEGORIES,
@@ -19,6 +18,7 @@ from precision_lab.memory import (
     state_bytes,
 )
 from precision_lab.specs import parse_spec
+from precision_lab.workloads import models
 from singd.structures import get_structure
 
 SPECS = (

@@ -1,0 +1,308 @@
+"""One training run of a suite: build, train with probes attached, summarize.
+
+`train` follows a `RunPlan`: it builds the model from the seed, casts it (``pure``) or
+keeps float32 master weights under autocast (``mixed``, with a GradScaler for float16),
+builds the optimizer from its spec, attaches the probes, trains, and returns the run's
+summary figures with every record it wrote. A run that diverges is stopped early and
+returned as a result; Ctrl-C during a run returns what was recorded, marked unfinished.
+
+Under torch.distributed (torchrun) each rank trains on its slice of every batch, the
+model is wrapped in DistributedDataParallel, the loss that decides divergence is the
+mean over ranks (so every rank stops at the same step), and rank 0 gathers all records.
+A run that raises on a rank cannot be recorded in step (the other ranks wait in a
+collective it will never join): `RankFailedError` stops the suite instead of letting it hang.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import probes
+from precision_lab.dtypes import dtype_name
+from precision_lab.run.suite import FILE_LOCATIONS, RunPlan
+from precision_lab.workloads.data import Dataset
+from precision_lab.workloads.models import build_model
+from precision_lab.workloads.scenarios import get_scenario
+from probes.memory import optimizer_state_bytes
+from probes.records import Recorder, frame_from_rows
+
+PROBE_FIGURES = (
+    "nan_events",
+    "inf_events",
+    "skipped_steps",
+    "overflow_events",
+    "underflow_fraction",
+    "max_condition",
+    "peak_memory_bytes",
+    "step_time_ms",
+)
+"""Summary fields the probes' session summary gives under the same names."""
+
+DIVERGENCE_FACTOR = 10.0
+"""A run has diverged when its loss exceeds this multiple of its first loss (DESIGN.md)."""
+
+
+@dataclass
+class Outcome:
+    """A run's summary fields (DESIGN.md names, before the control is joined) and records.
+
+    ``interrupted`` is True when Ctrl-C stopped the run; the suite then stops too.
+    """
+
+    summary: dict[str, Any]
+    records: pd.DataFrame = field(default_factory=lambda: frame_from_rows([]))
+    interrupted: bool = False
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _mean_over_ranks(value: float, device: torch.device) -> float:
+    if _world()[1] == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t) / dist.get_world_size()
+
+
+class RankFailedError(RuntimeError):
+    """A run raised on one rank of several (torchrun): the other ranks wait in a
+    collective this rank will never join, so the suite cannot go on in step and stops.
+
+    The rank whose run raised is often not rank 0, and what the others see is only their
+    collective breaking when it leaves ("Connection closed by peer"). So, given the
+    job's rendezvous store, each failing rank leaves its error there under the run's id
+    and reads what the others left: the error it records and reports puts theirs first
+    (the cause, usually), then its own. The store is a courtesy channel: where it cannot
+    be reached (its host process is gone), each rank reports its own error alone.
+
+    Attributes:
+        outcome: This rank's outcome of the run (its summary with the error and its own
+            records, not gathered), for rank 0 to record before the suite stops; its
+            ``error`` names the other ranks' errors found in the store.
+    """
+
+    def __init__(
+        self,
+        run: str,
+        error: str,
+        outcome: Outcome,
+        *,
+        started: bool = True,
+        store: dist.Store | None = None,
+    ) -> None:
+        rank, world = _world()
+        others = _exchange_errors(store, run, rank, world, error)
+        if others:
+            error = "; ".join([*others, f"then rank {rank}: {error}"])
+            outcome.summary["error"] = error
+        super().__init__(
+            f"rank {rank} of {world}: run {run} {'failed' if started else 'could not start'} "
+            f"({error}); the other ranks cannot go on in step without it, so the suite stops "
+            "here (the runs finished before it are recorded)"
+        )
+        self.outcome = outcome
+
+
+def _exchange_errors(
+    store: dist.Store | None, run: str, rank: int, world: int, error: str
+) -> list[str]:
+    """Leave this rank's error for ``run`` in ``store``; the errors other ranks left."""
+    if store is None:
+        return []
+    key = f"precision-lab/failed/{run}/rank"
+    try:
+        store.set(f"{key}{rank}", error)
+        return [
+            f"rank {other}: {store.get(f'{key}{other}').decode(errors='replace')}"
+            for other in range(world)
+            if other != rank and store.check([f"{key}{other}"])
+        ]
+    except (RuntimeError, OSError):  # the store's host is gone: report this rank's own error
+        return []
+
+
+def _fallback_name(optimizer: torch.optim.Optimizer) -> str | None:
+    fallback = getattr(optimizer, "fallback", None)
+    return None if fallback is None else type(fallback).__name__
+
+
+def accuracy(model: nn.Module, data: Dataset, dtype: torch.dtype, mode: str) -> float:
+    """Fraction of the test set classified correctly, in [0, 1]."""
+    device = next(model.parameters()).device
+    x = data.test_x.to(device, dtype if mode == "pure" else torch.float32)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), _autocast(device, dtype, mode):
+        predicted = model(x).argmax(dim=1)
+    model.train(was_training)
+    return float((predicted.cpu() == data.test_y).double().mean())
+
+
+def _autocast(device: torch.device, dtype: torch.dtype, mode: str):
+    return torch.autocast(device.type, dtype=dtype, enabled=mode == "mixed")
+
+
+def train(
+    plan: RunPlan,
+    *,
+    device: torch.device,
+    every: int,
+    failure_dir: Path | None = None,
+    store: dist.Store | None = None,
+) -> Outcome:
+    """Run ``plan`` to the end, to divergence, or to Ctrl-C, and summarize it.
+
+    Warnings raised while building and training (an optimizer moving a layer to its
+    fallback, say) are kept in the summary's ``warnings``, not printed over the progress
+    bar.
+
+    Args:
+        plan: The run.
+        device: Where to train.
+        every: Cadence, in steps, of the probes' expensive metrics.
+        failure_dir: Where KFAC writes reproducers of failed decompositions, under
+            ``<failure_dir>/<run id>/``.
+        store: Under torch.distributed, the job's rendezvous store, where a rank whose
+            run fails leaves its error for the others (see `RankFailedError`).
+
+    Returns:
+        The run's summary fields (units: bytes, steps, ms, the loss's nats) and records.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outcome = _train(plan, device=device, every=every, failure_dir=failure_dir, store=store)
+    outcome.summary["warnings"] = list(dict.fromkeys(str(w.message) for w in caught))
+    return outcome
+
+
+def _train(
+    plan: RunPlan,
+    *,
+    device: torch.device,
+    every: int,
+    failure_dir: Path | None,
+    store: dist.Store | None,
+) -> Outcome:
+    rank, world = _world()
+    scenario = get_scenario(plan.scenario)
+    spec = plan.spec
+    data = scenario.dataset()
+    dtype, mode = plan.dtype, plan.mode
+    input_dtype = dtype if mode == "pure" else torch.float32
+
+    model = build_model(plan.model, plan.seed).to(device)
+    if mode == "pure":
+        model.to(dtype)
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model)
+    # A place to write comes from the caller alone, never from the plan's hyperparameters
+    # (a suite file's): reproducers stay inside the run directory.
+    overrides = {k: v for k, v in plan.hyperparameters.items() if k not in FILE_LOCATIONS}
+    if spec.family == "kfac" and failure_dir is not None:
+        # One folder per run (the run id's parts as nested folders): runs never mix.
+        overrides["failure_dir"] = str(failure_dir.joinpath(*plan.run_id.split("/")))
+    optimizer = spec.build(model, overrides)
+    scaler = (
+        torch.amp.GradScaler(device.type) if mode == "mixed" and dtype == torch.float16 else None
+    )
+
+    train_rows = Recorder(run=plan.run_id, rank=rank)
+    # Only SINGD and KFAC have factors whose condition numbers the condition probe reads.
+    names = [p for p in probes.PROBES if p != "condition" or hasattr(optimizer, "curvature_state")]
+    session = probes.attach(
+        model, optimizer, probes=names, every=every, run=plan.run_id, dtype=dtype
+    )
+    batches = data.batches(plan.batch_size, plan.seed)
+    first_loss: float | None = None
+    loss_value = math.nan
+    diverged = interrupted = False
+    loss_nonfinite_step: int | None = None
+    error: str | None = None
+    step = 0
+    try:
+        for step in range(plan.steps):
+            x, y = next(batches)
+            x, y = x[rank::world].to(device, input_dtype), y[rank::world].to(device)
+            with _autocast(device, dtype, mode):
+                loss = F.cross_entropy(model(x), y)
+            loss_value = _mean_over_ranks(float(loss.detach()), device)
+            train_rows.add(
+                step, "train", "loss", loss_value, tensor="loss", dtype=dtype_name(dtype)
+            )
+            if first_loss is None:
+                first_loss = loss_value
+            if not math.isfinite(loss_value) or loss_value > DIVERGENCE_FACTOR * first_loss:
+                diverged = True
+                if not math.isfinite(loss_value):
+                    loss_nonfinite_step = step
+                break
+            optimizer.zero_grad(set_to_none=True)
+            scaled = loss * scenario.loss_scale
+            if scaler is None:
+                scaled.backward()
+                optimizer.step()
+            else:
+                train_rows.add(step, "train", "grad_scale", scaler.get_scale(), tensor="grad_scale")
+                scaler.scale(scaled).backward()
+                scaler.step(optimizer)
+                scaler.update()
+        else:
+            step = plan.steps
+    except KeyboardInterrupt:
+        interrupted = True
+    except Exception as err:  # a crash is one run's result; the suite goes on
+        error = f"{type(err).__name__}: {err}"
+    finally:
+        session.detach()
+
+    probe_summary = session.summary()
+    acc = accuracy(model, data, dtype, mode) if data.real and not (interrupted or error) else None
+    if acc is not None:
+        train_rows.add(step, "train", "test_accuracy", acc, tensor="accuracy")
+    first_nonfinite = [
+        s for s in (probe_summary["first_nonfinite_step"], loss_nonfinite_step) if s is not None
+    ]
+    summary = {
+        **plan.coordinates,
+        "steps": step,
+        "finished": not (interrupted or error),
+        "diverged": diverged,
+        **{name: probe_summary[name] for name in PROBE_FIGURES},
+        "first_nonfinite_step": min(first_nonfinite) if first_nonfinite else None,
+        "optimizer_state_bytes": sum(optimizer_state_bytes(optimizer).values()),
+        "final_loss": loss_value,
+        "accuracy": acc,
+        "fallback_optimizer": _fallback_name(optimizer),
+        "error": error,
+        "hyperparameters": spec.hyperparameters(plan.hyperparameters),
+    }
+    records = pd.concat([session.to_frame(), train_rows.to_frame()], ignore_index=True)
+    if error is not None and world > 1:
+        raise RankFailedError(
+            plan.run_id, error, Outcome(summary, records, interrupted), store=store
+        )
+    return Outcome(summary, _gather(records), interrupted)
+
+
+def _gather(records: pd.DataFrame) -> pd.DataFrame:
+    """All ranks' records on rank 0 (other ranks return theirs unchanged)."""
+    rank, world = _world()
+    if world == 1:
+        return records
+    frames: list[Any] | None = [None] * world if rank == 0 else None
+    dist.gather_object(records, frames, dst=0)
+    return pd.concat(frames, ignore_index=True) if rank == 0 else records

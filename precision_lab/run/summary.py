@@ -1,0 +1,212 @@
+"""The summary's vocabulary, defined once: every field of a run object, what each may hold,
+and when a run *broke*.
+
+The writer (`precision_lab.run.directory`), the runner, the baseline, the gate and the
+report all take their field names, checks and the definition of a broken run from here.
+A run object is a plain dict with the keys of `FIELDS` (summary.json's ``runs``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from precision_lab.errors import UsageError
+
+FIELDS: dict[str, str] = {
+    "run": "the run's id: model/scenario/optimizer/dtype/mode/s<seed>[/control-<dtype>-<mode>]",
+    "model": "mlp, cnn or transformer",
+    "scenario": "the scenario's name (docs/suites.md)",
+    "optimizer": "the optimizer's canonical spec string",
+    "structure": "SINGD's structure, K or K/C; dense for KFAC; null for AdamW and SGD",
+    "dtype": "the run's dtype, torch name",
+    "mode": "pure: model and optimizer state in the dtype; mixed: float32 master weights, "
+    "autocast, GradScaler for float16",
+    "seed": "seed of the weights and of the batch order",
+    "control_of": "for a float32 control, the id of the run it controls; else null",
+    "steps": "optimizer steps taken (fewer than planned when the run diverged or stopped)",
+    "finished": "the run ran to its end or to its divergence",
+    "diverged": "the loss became non-finite or exceeded 10x its first value (the run stops)",
+    "first_nonfinite_step": "first step with a NaN/Inf loss or watched tensor; null if none",
+    "nan_events": "steps with any NaN in a watched tensor, skipped steps excluded",
+    "inf_events": "steps with any Inf in a watched tensor, skipped steps excluded",
+    "skipped_steps": "steps skipped on infinite gradients (GradScaler or the optimizer)",
+    "overflow_events": "steps with a finite watched value above half the dtype's maximum (or "
+    "one that would overflow when cast to the run's dtype), skipped steps excluded",
+    "underflow_fraction": "largest fraction, over watched tensors, of nonzero values that are "
+    "subnormal or flush to zero in the dtype",
+    "max_condition": "largest condition number of any preconditioner factor seen; null "
+    "without factors",
+    "optimizer_state_bytes": "bytes of optimizer state at the end, fallback optimizer included (B)",
+    "peak_memory_bytes": "CUDA allocator peak, or the process's resident-memory high-water "
+    "mark, reset per run (B)",
+    "final_loss": "training loss of the last step taken (nats)",
+    "accuracy": "test accuracy on the digits at the end, in [0, 1]; null for synthetic data",
+    "step_time_ms": "median wall-clock time of a training step, probes included (ms)",
+    "failure_cause": "none, precision (the run broke, its float32 control held) or "
+    "optimization (the control broke too, or a float32 run broke); a run broke when it "
+    "diverged or crashed; null while it or its control is unfinished",
+    "fallback_optimizer": "optimizer of the parameters no Kronecker factor covers; null for "
+    "AdamW and SGD",
+    "control": "the float32 control's figures beside this run's; null for a float32 run",
+    "seeds_broken": "over the seeds of this configuration, how many broke",
+    "seeds_total": "how many seeds of this configuration the suite plans",
+    "error": "for a run that crashed, '<exception type>: <message>'; else null",
+    "warnings": "distinct warnings raised while the run was built and trained",
+    "hyperparameters": "the optimizer's hyperparameters as built (family defaults, then the "
+    "suite's and the scenario's overrides)",
+}
+"""Every run object's keys in the order written, with their definitions (DESIGN.md's for
+the fields it names); summary.json carries them under ``fields``."""
+
+SUMMARY_FIELDS = tuple(FIELDS)
+
+KEY_FIELDS = ("model", "scenario", "optimizer", "dtype", "mode", "seed")
+"""The coordinates that identify a run across run directories (with its role as a
+control: `precision_lab.gate.baseline.RunKey`)."""
+
+FIGURES = tuple(
+    name for name in FIELDS if name not in ("run", *KEY_FIELDS, "control_of", "warnings")
+)
+"""What a run measured or how it was set up, apart from its id and key: what a baseline
+keeps for each run."""
+
+CONTROL_FIELDS = (
+    "run",
+    "finished",
+    "diverged",
+    "first_nonfinite_step",
+    "nan_events",
+    "inf_events",
+    "max_condition",
+    "final_loss",
+    "accuracy",
+    "error",
+)
+"""The control's figures copied beside each low-precision run."""
+
+FAILURE_CAUSES = ("none", "precision", "no_learning", "optimization")
+
+
+def broke(run: dict[str, Any]) -> bool | None:
+    """Whether a run broke: it diverged or raised (DESIGN.md; the one definition that the
+    summary, the report and the gate use). None while it is unfinished and did neither."""
+    if run.get("diverged") or run.get("error"):
+        return True
+    return False if run.get("finished") else None
+
+
+def failure_cause(run: dict[str, Any], control: dict[str, Any] | None) -> str | None:
+    """``none``, ``precision`` or ``optimization`` (`FIELDS`); None when unknown."""
+    run_broke = broke(run)
+    if run_broke is None or not run_broke:
+        return None if run_broke is None else "none"
+    if control is None:
+        return "optimization"
+    control_broke = broke(control)
+    if control_broke is None:
+        return None
+    return "optimization" if control_broke else "precision"
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+Rule = tuple[Callable[[Any], bool], str]
+_TEXT: Rule = (lambda v: isinstance(v, str), "a string")
+_COUNT: Rule = (_count, "a non-negative integer")
+_FRACTION: Rule = (lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]")
+_SIZE: Rule = (lambda v: _number(v) and v >= 0, "a non-negative number")
+_OBJECT: Rule = (lambda v: isinstance(v, dict), "an object")
+
+FIGURE_RULES: dict[str, Rule] = {
+    **dict.fromkeys(("model", "scenario", "optimizer", "structure", "dtype", "mode"), _TEXT),
+    **dict.fromkeys(("control_of", "error", "fallback_optimizer", "role"), _TEXT),
+    **dict.fromkeys(("finished", "diverged"), (lambda v: isinstance(v, bool), "true or false")),
+    **dict.fromkeys(
+        (
+            "seed",
+            "steps",
+            "first_nonfinite_step",
+            "nan_events",
+            "inf_events",
+            "skipped_steps",
+            "overflow_events",
+            "seeds_broken",
+            "seeds_total",
+        ),
+        _COUNT,
+    ),
+    **dict.fromkeys(("underflow_fraction", "accuracy"), _FRACTION),
+    **dict.fromkeys(("optimizer_state_bytes", "peak_memory_bytes", "step_time_ms"), _SIZE),
+    "max_condition": (lambda v: _number(v) and v >= 1, "a number >= 1"),
+    "final_loss": (_number, "a number"),
+    "failure_cause": (lambda v: v in FAILURE_CAUSES, f"one of {', '.join(FAILURE_CAUSES)}"),
+    **dict.fromkeys(("control", "hyperparameters"), _OBJECT),
+    "warnings": (lambda v: isinstance(v, list), "a list"),
+}
+"""What each field of a run object (and ``role``, a baseline key's) may hold besides
+null, as a test and in words: one check for summary.json, run directories and baselines."""
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_run(
+    run: dict[str, Any],
+    label: str,
+    where: str,
+    *,
+    key_fields: Iterable[str] = (),
+    complete: Iterable[str] = (),
+) -> None:
+    """Refuse a run object whose fields do not have their types and ranges (`FIGURE_RULES`).
+
+    Args:
+        run: A run object (or a baseline's key or figures).
+        label: How the message names the run.
+        where: The file, for the message.
+        key_fields: Fields that may not be null.
+        complete: Fields that must be present (null allowed).
+
+    Raises:
+        UsageError: In one sentence naming the file, the run, the first bad field, its
+            value and what is allowed.
+    """
+    for name in complete:
+        if name not in run:
+            raise UsageError(f"{where}: run {label} lacks the figure {name}.")
+    required = set(key_fields)
+    for name, (test, allowed) in FIGURE_RULES.items():
+        value = run.get(name)
+        if value is None and name not in required:
+            continue
+        if not test(value):
+            null = "" if name in required else " or null"
+            raise UsageError(
+                f"{where}: run {label} has {name} = {_shown(value)}, but {name} must be "
+                f"{allowed}{null}."
+            )
+
+
+def check_runs(runs: Any, where: str) -> None:
+    """Every run an object with a non-empty ``run`` id and fields of `FIGURE_RULES`."""
+    if not isinstance(runs, list):
+        raise UsageError(f"{where} holds no list of run objects under 'runs'.")
+    for i, run in enumerate(runs, 1):
+        if not isinstance(run, dict):
+            raise UsageError(
+                f"{where}: run {i} is a {type(run).__name__}, but every run must be an object."
+            )
+        name = run.get("run")
+        if not isinstance(name, str) or not name:
+            raise UsageError(f"{where}: run {i} has run = {name!r}, but its id must be a string.")
+        check_run(run, repr(name), where)

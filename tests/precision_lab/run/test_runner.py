@@ -1,0 +1,199 @@
+"""One run, really trained: learning, divergence, modes, interruption and crashes."""
+
+import datetime
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from precision_lab.run import runner
+from precision_lab.run.suite import RunPlan
+from precision_lab.specs import parse_spec
+from precision_lab.workloads.data import digits
+from precision_lab.workloads.scenarios import get_scenario
+
+CPU = torch.device("cpu")
+
+
+def plan(optimizer="adamw", dtype=torch.float32, mode="pure", steps=5, **kw):
+    hyper = kw.pop("hyperparameters", {})
+    return RunPlan(
+        kw.pop("model", "mlp"),
+        kw.pop("scenario", "baseline"),
+        parse_spec(optimizer),
+        dtype,
+        mode,
+        kw.pop("seed", 0),
+        steps,
+        64,
+        hyper,
+        **kw,
+    )
+
+
+def test_adamw_learns_the_digits():
+    """Real learning: 80 steps of AdamW on the MLP, far above chance (0.1)."""
+    out = runner.train(plan(steps=80, hyperparameters={"lr": 1e-2}), device=CPU, every=40)
+    s = out.summary
+    assert s["finished"] and not s["diverged"] and s["steps"] == 80
+    assert s["accuracy"] > 0.85
+    loss = out.records.query("probe == 'train' and metric == 'loss'")
+    assert list(loss["step"]) == list(range(80))
+    assert loss["value"].iloc[-10:].mean() < 0.5 * loss["value"].iloc[0]
+    accuracy = out.records.query("metric == 'test_accuracy'")["value"]
+    assert list(accuracy) == [s["accuracy"]]
+
+
+def test_singd_trains_every_transformer_parameter():
+    """LayerNorm, Embedding and attention weights move too: SINGD's fallback trains them."""
+    p = plan("singd:diagonal", model="transformer", steps=2, hyperparameters={"lr": 0.03})
+    out = runner.train(p, device=CPU, every=1)
+    assert out.summary["fallback_optimizer"] == "AdamW"
+    assert out.summary["finished"] and out.summary["error"] is None
+    moved = out.records.query("tensor == 'update' and metric == 'amax' and step == 0")
+    names = {n for n, _ in runner.build_model("transformer", 0).named_parameters()}
+    assert set(moved["module"]) == names
+    assert (moved["value"] > 0).all()
+    for fallback in ("position.weight", "blocks.0.norm1.weight", "blocks.0.attn.in_proj_weight"):
+        assert fallback in names
+
+
+def test_divergence_stops_the_run_and_is_recorded():
+    p = plan("sgd", dtype=torch.float16, steps=20, hyperparameters={"lr": 1e4})
+    s = runner.train(p, device=CPU, every=10).summary
+    assert s["diverged"] and s["finished"]
+    assert s["steps"] < 20  # stopped early
+    assert s["first_nonfinite_step"] is not None and s["first_nonfinite_step"] <= s["steps"]
+    assert not math.isfinite(s["final_loss"])
+
+
+def test_loss_ten_times_its_first_value_is_divergence():
+    p = plan("sgd", steps=20, hyperparameters={"lr": 1e3})
+    out = runner.train(p, device=CPU, every=10)
+    loss = out.records.query("metric == 'loss'")["value"].tolist()
+    assert out.summary["diverged"]
+    assert loss[-1] > runner.DIVERGENCE_FACTOR * loss[0]
+    assert all(v <= runner.DIVERGENCE_FACTOR * loss[0] for v in loss[:-1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_pure_mode_keeps_adamw_state_in_the_dtype(dtype):
+    """Optimizer state bytes: AdamW's two moments per parameter in the dtype + a float32
+    step counter per tensor."""
+    s = runner.train(plan(dtype=dtype, steps=2), device=CPU, every=10).summary
+    model = runner.build_model("mlp", 0)
+    n = sum(p.numel() for p in model.parameters())
+    tensors = len(list(model.parameters()))
+    assert s["optimizer_state_bytes"] == 2 * n * 2 + 4 * tensors
+    assert s["dtype"] == str(dtype).removeprefix("torch.")
+
+
+def test_mixed_float16_uses_a_grad_scaler_and_keeps_float32_state():
+    p = plan(dtype=torch.float16, mode="mixed", steps=4, scenario="gradient_underflow")
+    out = runner.train(p, device=CPU, every=10)
+    scale = out.records.query("metric == 'grad_scale'")["value"]
+    assert len(scale) == 4 and (scale > 1).all()
+    model = runner.build_model("mlp", 0)
+    n = sum(p.numel() for p in model.parameters())
+    assert out.summary["optimizer_state_bytes"] == 2 * n * 4 + 4 * len(list(model.parameters()))
+    assert out.summary["mode"] == "mixed"
+
+
+class _Interrupting:
+    """Batches that raise ``exc`` when batch number ``at`` is drawn."""
+
+    def __init__(self, data, at, exc):
+        self.data, self.at, self.exc = data, at, exc
+
+    def __getattr__(self, name):
+        return getattr(self.data, name)
+
+    def batches(self, batch_size, seed):
+        for i, batch in enumerate(self.data.batches(batch_size, seed)):
+            if i == self.at:
+                raise self.exc
+            yield batch
+
+
+@pytest.mark.parametrize(
+    ("exc", "finished", "interrupted"),
+    [(KeyboardInterrupt(), False, True), (RuntimeError("disk on fire"), False, False)],
+)
+def test_interruption_and_crash_keep_what_was_recorded(monkeypatch, exc, finished, interrupted):
+    baseline = get_scenario("baseline")
+    monkeypatch.setattr(baseline, "dataset", lambda: _Interrupting(digits(), 3, exc))
+    out = runner.train(plan(steps=10), device=CPU, every=10)
+    assert out.interrupted is interrupted
+    assert out.summary["finished"] is finished
+    assert out.summary["steps"] == 3
+    assert out.records.query("metric == 'loss'")["step"].tolist() == [0, 1, 2]
+    if interrupted:
+        assert out.summary["error"] is None
+    else:
+        assert out.summary["error"] == "RuntimeError: disk on fire"
+
+
+def test_warnings_are_recorded_not_printed(recwarn):
+    p = plan("singd:diagonal", model="transformer", steps=1)
+    s = runner.train(p, device=CPU, every=10).summary
+    assert any("fallback" in w for w in s["warnings"])
+    assert not recwarn.list
+
+
+def test_failing_ranks_read_each_others_errors_from_the_store():
+    """The exchange behind `RankFailedError` on a real c10d store: the rank that fails
+    second names the first one's error before its own; the first, finding nothing, keeps
+    its own; a run id keeps runs apart."""
+    store = torch.distributed.HashStore()
+    assert runner._exchange_errors(store, "a", 1, 2, "ValueError: first") == []
+    assert runner._exchange_errors(store, "b", 0, 2, "other run") == []
+    assert runner._exchange_errors(store, "a", 0, 2, "RuntimeError: closed") == [
+        "rank 1: ValueError: first"
+    ]
+
+
+STORE_HOST = """
+import sys, time
+import torch.distributed as dist
+store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False)
+print(store.port, flush=True)
+time.sleep(120)
+"""
+
+
+def test_an_unreachable_store_leaves_each_rank_its_own_error():
+    """A store whose host process is gone (killed here, as torchrun's agent or rank 0
+    can be) raises on use; the exchange gives up and the rank reports its own error."""
+    host = subprocess.Popen([sys.executable, "-c", STORE_HOST], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(host.stdout.readline())
+        client = torch.distributed.TCPStore(
+            "127.0.0.1", port, 2, is_master=False, timeout=datetime.timedelta(seconds=5)
+        )
+        assert runner._exchange_errors(client, "a", 1, 2, "first") == []
+    finally:
+        host.kill()
+        host.wait()
+    assert runner._exchange_errors(client, "a", 0, 2, "mine") == []
+    with pytest.raises(RuntimeError):  # what the exchange survived
+        client.check(["precision-lab/failed/a/rank1"])
+    assert runner._exchange_errors(None, "a", 0, 2, "mine") == []
+
+
+def test_reproducers_land_where_the_caller_says_never_where_the_plan_says(tmp_path):
+    """A plan whose hyperparameters name a failure_dir (a suite file's, say) cannot send
+    KFAC's reproducers there: near_fp16_max in float16 makes A overflow and its Cholesky
+    fail, and the reproducer is written under the caller's failure_dir only."""
+    elsewhere = tmp_path / "elsewhere"
+    bad = plan(
+        "kfac:cholesky",
+        dtype=torch.float16,
+        steps=2,
+        scenario="near_fp16_max",
+        hyperparameters={"failure_dir": str(elsewhere)},
+    )
+    runner.train(bad, device=CPU, every=1, failure_dir=tmp_path / "failures")
+    assert not elsewhere.exists()
+    assert list((tmp_path / "failures").rglob("*.pt"))
