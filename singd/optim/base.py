@@ -412,6 +412,18 @@ class KroneckerOptimizer(Optimizer):
         for layer in self._layers:
             if layer not in due:
                 self._clear_accumulators(layer)
+        batched = self._batched_directions(active, divisor) if world == 1 else None
+        if batched is not None:  # one parameter group: one update over all layers
+            group = self.param_groups[0]
+            heavy_ball_(
+                [p for layer in active for p in layer.params],
+                batched,
+                self.state,
+                lr=group["lr"],
+                momentum=group["momentum"],
+                weight_decay=group["weight_decay"],
+            )
+            return
         directions = []
         for layer in active:
             # Inside DDP, a summed loss: DDP averaged the gradients, undo it.
@@ -436,6 +448,14 @@ class KroneckerOptimizer(Optimizer):
                 momentum=group["momentum"],
                 weight_decay=group["weight_decay"],
             )
+
+    def _batched_directions(
+        self, active: list[KroneckerLayer], divisor: Scale
+    ) -> list[Tensor] | None:
+        """None (the per-layer path), or, where a subclass batches the step over layers
+        (one parameter group, one process), the preconditioned gradient of every parameter
+        of ``active`` in layer order, bitwise what `_layer_directions` gives."""
+        return None
 
     def _layer_directions(
         self, layer: KroneckerLayer, divisor: Scale, factor: float

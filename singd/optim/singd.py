@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from singd.curvature import SINGD_ROLES, LayerCurvature
+from singd.optim import foreach
 from singd.optim.base import KroneckerOptimizer
 from singd.optim.coverage import DEFAULT_FALLBACK, FallbackFactory
 from singd.optim.functional import singd_factor_update, singd_natural_gradient
@@ -293,6 +294,11 @@ class SINGD(KroneckerOptimizer):
     def _precondition(self, layer: KroneckerLayer, grad: Tensor) -> Tensor:
         state = self._factors[layer.name]
         return singd_natural_gradient(state["K"], state["C"], grad)
+
+    def _batched_directions(self, active: list[KroneckerLayer], divisor) -> list[Tensor] | None:
+        if not foreach.applies(self, active):
+            return None
+        return foreach.diagonal_directions(self, active, divisor)
 
     def _layer_directions(self, layer: KroneckerLayer, divisor, factor: float) -> list[Tensor]:
         state = self._factors[layer.name]
