@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import psutil
 import pytest
@@ -28,6 +29,18 @@ def _fixed_threads_and_seed() -> Iterator[None]:
     torch.manual_seed(0)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def table(request) -> Iterator[dict[str, dict[str, Any]]]:
+    """Rows the module's tests collect, written by the module's own ``write_table(rows,
+    load_before, load_after)`` (Markdown and JSON results) when the module ends, with the
+    machine's load averages before and after."""
+    rows: dict[str, dict[str, Any]] = {}
+    load_before = os.getloadavg()
+    yield rows
+    if rows:
+        request.module.write_table(rows, load_before, os.getloadavg())
 
 
 def pytest_benchmark_update_machine_info(config, machine_info: dict) -> None:

@@ -39,15 +39,6 @@ WARMUP = 3
 KFAC_KWARGS = {"lr": 1e-3, "damping": 1e-3, "T": 1, "factor_decay": 0.95}
 
 
-@pytest.fixture(scope="module")
-def table():
-    rows: dict[str, dict[str, Any]] = {}
-    load_before = os.getloadavg()
-    yield rows
-    if rows:
-        write_table(rows, load_before, os.getloadavg())
-
-
 def singd_dense_step():
     model, x, y = mlp_step.build()
     optimizer = SINGD(model, structures=("dense", "dense"), **mlp_step.SINGD_KWARGS)

@@ -108,16 +108,6 @@ def reference():
     process.close()
 
 
-@pytest.fixture(scope="module")
-def table():
-    """Rows collected by the tests; written as Markdown and JSON when the module ends."""
-    rows: dict[str, dict[str, Any]] = {}
-    load_before = os.getloadavg()
-    yield rows
-    if rows:
-        write_table(rows, load_before, os.getloadavg())
-
-
 def singd_step(structure: str):
     model, x, y = mlp_step.build()
     optimizer = SINGD(model, structures=(structure, structure), **mlp_step.SINGD_KWARGS)
