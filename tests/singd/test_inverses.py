@@ -183,14 +183,19 @@ def test_reproducer_loads_with_weights_only_and_replays(tmp_path, capsys):
     assert main([str(path)]) == 0
 
 
-def test_replay_one_liner_runs_outside_training(tmp_path):
-    invert_or_keep(torch.zeros(2, 2), None, "inv", failure_dir=tmp_path, tag="layer")
-    done = subprocess.run(
-        [sys.executable, "-m", "singd.optim.replay", str(tmp_path / "layer.inv.pt")],
+def _replay_in_a_process(path) -> subprocess.CompletedProcess:
+    """``python -m singd.optim.replay PATH`` in a real interpreter, as a user types it."""
+    return subprocess.run(
+        [sys.executable, "-m", "singd.optim.replay", str(path)],
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def test_replay_one_liner_runs_outside_training(tmp_path):
+    invert_or_keep(torch.zeros(2, 2), None, "inv", failure_dir=tmp_path, tag="layer")
+    done = _replay_in_a_process(tmp_path / "layer.inv.pt")
     assert done.returncode == 1, done.stderr
     assert "fails again: singular" in done.stdout
     assert done.stderr == ""  # no runpy warning, no traceback
@@ -245,11 +250,6 @@ def test_replay_of_what_is_not_a_reproducer_is_one_sentence_and_exit_2(
 
 def test_replay_of_an_empty_file_in_a_real_process_is_exit_2(tmp_path):
     (tmp_path / "empty.pt").write_bytes(b"")
-    done = subprocess.run(
-        [sys.executable, "-m", "singd.optim.replay", str(tmp_path / "empty.pt")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = _replay_in_a_process(tmp_path / "empty.pt")
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("Error: ") and "Traceback" not in done.stderr
