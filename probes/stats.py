@@ -127,15 +127,8 @@ def _finish(host: list[float], numel: int) -> list[float]:
 def tensor_stats(tensor: Tensor, run_dtype: torch.dtype) -> list[float]:
     """The `STAT_METRICS` of one floating tensor; counts only where they can be nonzero.
 
-    Equal to `exact_stats` (see the module docstring for the shortcut). Tensors holding
-    a NaN or an infinity go to `exact_stats`.
-
-    Args:
-        tensor: Any floating tensor; read, never modified.
-        run_dtype: The run's (low-precision) dtype that cast metrics refer to.
-
-    Returns:
-        ``len(STAT_METRICS)`` floats in `STAT_METRICS` order.
+    Arguments and result as `exact_stats`, and equal to it (see the module docstring for
+    the shortcut). Tensors holding a NaN or an infinity go to `exact_stats`.
     """
     x = tensor.detach()
     if x.numel() == 0:

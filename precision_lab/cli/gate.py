@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from precision_lab.cli.context import LabContext, pass_lab
-from precision_lab.cli.params import FACTOR, FRACTION, PROBABILITY, SIZE
+from precision_lab.cli.params import FACTOR, FRACTION, JSON_FILE, PROBABILITY, RUN_DIR, SIZE
 from precision_lab.errors import EXIT_REGRESSION, UsageError, fail, user_errors
 from precision_lab.gate.baseline import read_baseline, read_run_dir, write_baseline
 from precision_lab.gate.checks import (
@@ -39,12 +39,12 @@ _STYLE = {FAIL: "bold red", BETTER: "green", NEW: "yellow", SKIP: "dim"}
 
 
 @click.command("baseline")
-@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("run_dir", type=RUN_DIR)
 @click.option(
     "-o",
     "--output",
     required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=JSON_FILE,
     help="The baseline file to write (JSON).",
 )
 @pass_lab
@@ -123,12 +123,12 @@ class _GateCommand(click.Command):
 
 
 @click.command("gate", cls=_GateCommand)
-@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("run_dir", type=RUN_DIR)
 @click.option(
     "--baseline",
     "baseline_path",
     required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=JSON_FILE,
     help="Baseline file from 'precision-lab baseline'.",
 )
 @click.option(
@@ -190,7 +190,7 @@ class _GateCommand(click.Command):
 )
 @click.option(
     "--against",
-    type=click.Path(path_type=Path),
+    type=RUN_DIR,
     default=None,
     help="Run directory of the same job whose step times RUN_DIR's are compared with.",
 )

@@ -9,6 +9,7 @@ config.json records).
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -94,3 +95,8 @@ FRACTION = Parsed("fraction", parse_fraction)
 PROBABILITY = Parsed("probability", parse_probability)
 FACTOR = Parsed("factor", parse_factor)
 SIZE = Parsed("size", parse_size)
+
+RUN_DIR = click.Path(path_type=Path)
+"""A run directory (checked when read, by `precision_lab.run.directory.read_run`)."""
+JSON_FILE = click.Path(dir_okay=False, path_type=Path)
+"""A JSON file (a baseline) to read or write."""

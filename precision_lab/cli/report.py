@@ -11,13 +11,14 @@ from pathlib import Path
 import click
 
 from precision_lab.cli.context import LabContext, pass_lab
+from precision_lab.cli.params import RUN_DIR
 from precision_lab.errors import UsageError, user_errors
 from precision_lab.report.scaling import mb
 from precision_lab.report.write import write_report
 
 
 @click.command("report")
-@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("run_dirs", nargs=-1, required=True, type=RUN_DIR)
 @click.option(
     "-o",
     "--output",
