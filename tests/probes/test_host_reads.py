@@ -22,6 +22,7 @@ from singd import SINGD
 from tests.host_reads import HostReads
 from tests.optimizers import factory
 from tests.probes.test_first_nonfinite import Poison
+from tests.training import finish_step
 
 OPTIMIZERS = {
     "sgd": factory("sgd", lr=0.1, momentum=0.9),
@@ -39,13 +40,8 @@ def _model() -> nn.Sequential:
 def _train_step(model, optimizer, x, y, grad_scaler) -> None:
     """One step of cross-entropy training, through ``grad_scaler`` where given."""
     loss = nn.functional.cross_entropy(model(x), y)
-    if grad_scaler is not None:
-        grad_scaler.scale(loss).backward()
-        grad_scaler.step(optimizer)
-        grad_scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
+    (grad_scaler.scale(loss) if grad_scaler is not None else loss).backward()
+    finish_step(optimizer, grad_scaler)
 
 
 def _reads(name: str, probed: bool, scaler: bool) -> int:

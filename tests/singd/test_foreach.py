@@ -9,6 +9,7 @@ from torch import nn
 
 from singd import SINGD
 from singd.optim import foreach
+from tests.training import finish_step
 
 CASES = {
     "plain": {},
@@ -66,11 +67,7 @@ def _train(case: dict, T: int, batched: bool, steps: int = 5):
                 out = model(x[rows]).float()
                 loss = nn.functional.cross_entropy(out, y[rows]) / passes
                 (scaler.scale(loss) if scaler else loss).backward()
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
+            finish_step(optimizer, scaler)
     finally:
         foreach.ENABLED = previous
     tensors = [p.detach().clone() for p in model.parameters()]

@@ -18,6 +18,7 @@ from torch import nn
 
 from singd import KFAC, SINGD
 from tests.host_reads import HostReads
+from tests.training import finish_step
 
 STRUCTURES = ("diagonal", "dense", "hierarchical3_3", "block4diagonal", "triltoeplitz")
 OPTIMIZERS = {
@@ -44,11 +45,7 @@ def host_reads(name: str, scaler: bool, device: str = "cpu", steps: int = 10) ->
         for _ in range(passes):
             loss = nn.functional.cross_entropy(model(x), y) / passes
             (grad_scaler.scale(loss) if scaler else loss).backward()
-        if scaler:
-            grad_scaler.step(optimizer)
-            grad_scaler.update()
-        else:
-            optimizer.step()
+        finish_step(optimizer, grad_scaler)
         optimizer.zero_grad()
 
     with warnings.catch_warnings():
