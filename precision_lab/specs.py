@@ -10,13 +10,17 @@ Forms (case-insensitive, whitespace ignored; DESIGN.md):
 ``kfac:METHOD``                    KFAC with ``inverse_method`` ``cholesky``, ``eigh``, ``inv``
                                    or ``newton-schulz``
 ``adamw``, ``sgd``                 torch.optim.AdamW / SGD over all trainable parameters
+``SPEC+auto``                      any SINGD-family or KFAC spec above with
+                                   ``precision="auto"`` (docs/precision.md), e.g.
+                                   ``kfac:cholesky+auto``; the suffix stays in the name
 =================================  ==========================================================
 
 Hyperparameters come from `DEFAULT_HYPERPARAMETERS` (one small table per family: the
 constructors' own defaults, which are the published SINGD's, except ``T = 1`` so that the
 short stress runs update their preconditioners at every step) and a user's overrides
 (``OptimizerSpec.build(model, overrides)``; suites pass theirs from TOML); the spec itself
-fixes the structures, ``kfac_like`` and ``inverse_method``, which overrides cannot change.
+fixes the structures, ``kfac_like``, ``inverse_method`` and ``precision`` (``"auto"`` with
+the ``+auto`` suffix, else the constructors' ``None``), which overrides cannot change.
 """
 
 from __future__ import annotations
@@ -44,8 +48,12 @@ SPEC_FORMS = (
     "kfac:newton-schulz",
     "adamw",
     "sgd",
+    "SPEC+auto",
 )
 """The forms `parse_spec` accepts, for messages and CLI help."""
+
+AUTO_SUFFIX = "+auto"
+"""Spec suffix building a SINGD or KFAC optimizer with ``precision="auto"``."""
 
 FAMILIES = ("singd", "kfac", "adamw", "sgd")
 
@@ -69,13 +77,18 @@ class OptimizerSpec:
         structures: ``(K, C)`` structure names for SINGD, ``("dense", "dense")`` for KFAC
             (its factors are dense), None for AdamW and SGD.
         fixed: Constructor arguments the spec determines (``structures``, ``kfac_like``,
-            ``inverse_method``).
+            ``inverse_method``; ``precision="auto"`` for a ``+auto`` spec).
     """
 
     text: str
     family: str
     structures: tuple[str, str] | None
     fixed: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    @property
+    def auto(self) -> bool:
+        """Whether the spec has the ``+auto`` suffix (``precision="auto"``)."""
+        return self.fixed.get("precision") == "auto"
 
     @property
     def structure(self) -> str | None:
@@ -94,6 +107,11 @@ class OptimizerSpec:
         """
         overrides = dict(overrides or {})
         for key in overrides:
+            if key == "precision" and self.family in ("singd", "kfac"):
+                raise UsageError(
+                    f"Hyperparameter 'precision' is set by the spec {self.text!r}; "
+                    f"add or drop the {AUTO_SUFFIX!r} suffix instead of overriding it."
+                )
             if key in self.fixed:
                 raise UsageError(
                     f"Hyperparameter {key!r} is set by the spec {self.text!r}; "
@@ -146,6 +164,25 @@ def parse_spec(text: str) -> OptimizerSpec:
     if not isinstance(text, str):
         raise UsageError(f"An optimizer spec must be a string such as 'kfac:eigh', got {text!r}.")
     key = "".join(text.split()).lower()
+    if key.endswith(AUTO_SUFFIX):
+        spec = _parse_plain(key.removesuffix(AUTO_SUFFIX), text)
+        if spec.family not in ("singd", "kfac"):
+            raise UsageError(
+                f"Optimizer spec {text!r} cannot take {AUTO_SUFFIX!r}: only SINGD-family "
+                f"(singd, ingd, ikfac) and KFAC specs have factors to widen, such as "
+                f"'kfac:cholesky{AUTO_SUFFIX}'."
+            )
+        return OptimizerSpec(
+            spec.text + AUTO_SUFFIX,
+            spec.family,
+            spec.structures,
+            {**spec.fixed, "precision": "auto"},
+        )
+    return _parse_plain(key, text)
+
+
+def _parse_plain(key: str, text: str) -> OptimizerSpec:
+    """A normalized spec without the ``+auto`` suffix; ``text`` as written, for messages."""
     head, sep, tail = key.partition(":")
     if head in ("adamw", "sgd") and not sep:
         return OptimizerSpec(head, head, None)
@@ -187,7 +224,8 @@ def parse_specs(text: str) -> list[OptimizerSpec]:
 def _unknown(text: str) -> str:
     return (
         f"Unknown optimizer spec {text!r}; valid forms are {', '.join(SPEC_FORMS)}, "
-        "where K and C are structure names such as dense, diagonal or hierarchical15_15."
+        "where K and C are structure names such as dense, diagonal or hierarchical15_15 "
+        "and SPEC is a SINGD-family or KFAC spec."
     )
 
 

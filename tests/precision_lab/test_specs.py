@@ -1,5 +1,7 @@
 """Optimizer spec strings: parsing, errors, defaults and overrides, building."""
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -241,3 +243,72 @@ def test_unsupported_layers_go_to_the_fallback_for_kronecker_specs():
         assert isinstance(opt.fallback, torch.optim.AdamW)
         covered = {id(p) for g in opt.fallback.param_groups for p in g["params"]}
         assert covered == {id(net[1].weight), id(net[1].bias)}
+
+
+@pytest.mark.parametrize(
+    ("text", "canonical", "plain"),
+    [
+        ("kfac:cholesky+auto", "kfac:cholesky+auto", "kfac:cholesky"),
+        (" KFAC:Newton-Schulz + AUTO ", "kfac:newton-schulz+auto", "kfac:newton-schulz"),
+        ("singd:dense+auto", "singd:dense+auto", "singd:dense"),
+        ("singd:diagonal/diagonal+auto", "singd:diagonal+auto", "singd:diagonal"),
+        ("singd:hierarchical15_15/dense+auto", "singd:hierarchical15_15/dense+auto", None),
+        ("ingd+auto", "ingd+auto", "ingd"),
+        ("ikfac+auto", "ikfac+auto", "ikfac"),
+        ("ikfac:dense+auto", "ikfac+auto", "ikfac"),
+    ],
+)
+def test_auto_suffix_keeps_its_name_and_fixes_precision_auto(text, canonical, plain):
+    spec = parse_spec(text)
+    assert spec.text == canonical and spec.auto
+    assert parse_spec(spec.text) == spec  # the canonical text round-trips
+    base = parse_spec(plain or canonical.removesuffix("+auto"))
+    assert not base.auto and spec != base  # run ids, baselines and the gate tell them apart
+    assert (spec.family, spec.structures) == (base.family, base.structures)
+    assert dict(spec.fixed) == {**base.fixed, "precision": "auto"}
+    assert "precision" not in base.fixed  # plain specs keep the constructors' default
+
+
+def test_parse_specs_keeps_plain_and_auto_apart():
+    specs = parse_specs("kfac:cholesky,kfac:cholesky+auto,KFAC:cholesky + auto")
+    assert [s.text for s in specs] == ["kfac:cholesky", "kfac:cholesky+auto"]
+
+
+@pytest.mark.parametrize("text", ["adamw+auto", "SGD + auto"])
+def test_auto_suffix_on_adamw_or_sgd_is_one_sentence_naming_what_takes_it(text):
+    with pytest.raises(UsageError) as info:
+        parse_spec(text)
+    message = str(info.value)
+    assert repr(text) in message and "'+auto'" in message
+    assert "SINGD" in message and "KFAC" in message
+    assert message.count(". ") == 0 and message.endswith(".")
+
+
+@pytest.mark.parametrize("text", ["+auto", "kfac+auto", "kfac:cholesky+auto+auto", "ingd+fast"])
+def test_malformed_auto_specs_list_the_forms(text):
+    with pytest.raises(UsageError, match="valid forms are") as info:
+        parse_spec(text)
+    assert "SPEC+auto" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "precision"),
+    [
+        ("kfac:cholesky+auto", "auto"),
+        ("singd:diagonal+auto", "auto"),
+        ("ikfac+auto", "auto"),
+        ("kfac:cholesky", None),
+        ("singd:diagonal", None),
+    ],
+)
+def test_auto_specs_build_optimizers_with_precision_auto(text, precision):
+    opt = parse_spec(text).build(model(), {"lr": 0.1})
+    assert opt.precision == precision
+    assert opt.param_groups[0]["lr"] == 0.1
+
+
+def test_precision_is_not_an_override_of_singd_or_kfac_specs():
+    for text in ("kfac:cholesky", "singd:dense+auto"):
+        expected = rf"'precision' is set by the spec {re.escape(repr(text))}.*'\+auto'"
+        with pytest.raises(UsageError, match=expected):
+            parse_spec(text).build(model(), {"precision": "auto"})
