@@ -138,6 +138,10 @@ def _fmt(value: Any, kind: str = "") -> str:
     return str(value)
 
 
+def _yes_no(value: bool | None) -> str:
+    return "-" if value is None else ("yes" if value else "[yellow]no[/yellow]")
+
+
 def summary_table(runs: list[dict[str, Any]], seeds: bool) -> Table:
     """One line per run with summary.json's headline figures.
 
@@ -160,6 +164,7 @@ def summary_table(runs: list[dict[str, Any]], seeds: bool) -> Table:
         "peak mem",
         "final loss",
         "accuracy",
+        "learned",
         "step ms",
         "cause",
     ]
@@ -196,6 +201,7 @@ def summary_table(runs: list[dict[str, Any]], seeds: bool) -> Table:
             _fmt(run["peak_memory_bytes"], "bytes"),
             _fmt(run["final_loss"]),
             _fmt(run["accuracy"]),
+            _yes_no(run.get("learned")),
             _fmt(run["step_time_ms"]),
             f"[red]{cause}[/red]" if cause == "precision" else _fmt(cause),
         ]

@@ -42,6 +42,7 @@ OVERVIEW_HEADERS: dict[str, tuple[str, float]] = {
     "peak_memory_bytes": ("peak memory (MB)", 1e-6),
     "final_loss": ("final loss", 1.0),
     "accuracy": ("test accuracy", 1.0),
+    "learned": ("learned", 1.0),
     "step_time_ms": ("step time (ms)", 1.0),
     "failure_cause": ("failure cause", 1.0),
 }

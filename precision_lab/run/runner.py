@@ -30,8 +30,9 @@ from torch import nn
 import probes
 from precision_lab.dtypes import dtype_name
 from precision_lab.run.suite import FILE_LOCATIONS, RunPlan
+from precision_lab.run.summary import learned
 from precision_lab.workloads.data import Dataset
-from precision_lab.workloads.models import build_model
+from precision_lab.workloads.models import NUM_CLASSES, build_model
 from precision_lab.workloads.scenarios import get_scenario
 from probes.memory import optimizer_state_bytes
 from probes.records import Recorder, frame_from_rows
@@ -286,6 +287,15 @@ def _train(
         "optimizer_state_bytes": sum(optimizer_state_bytes(optimizer).values()),
         "final_loss": loss_value,
         "accuracy": acc,
+        "learned": learned(
+            first_loss=first_loss,
+            final_loss=loss_value,
+            accuracy=acc,
+            classes=NUM_CLASSES,
+            test_size=len(data.test_y),
+            diverged=diverged,
+            finished=not (interrupted or error),
+        ),
         "fallback_optimizer": _fallback_name(optimizer),
         "error": error,
         "hyperparameters": spec.hyperparameters(plan.hyperparameters),

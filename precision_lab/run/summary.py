@@ -43,10 +43,15 @@ FIELDS: dict[str, str] = {
     "mark, reset per run (B)",
     "final_loss": "training loss of the last step taken (nats)",
     "accuracy": "test accuracy on the digits at the end, in [0, 1]; null for synthetic data",
+    "learned": "the run learned: its loss fell by 10% from its first step's and, where it has "
+    "a test accuracy, that accuracy beat chance by 3 standard errors (`learned`); false for "
+    "a run that diverged; null when it crashed or is unfinished",
     "step_time_ms": "median wall-clock time of a training step, probes included (ms)",
-    "failure_cause": "none, precision (the run broke, its float32 control held) or "
-    "optimization (the control broke too, or a float32 run broke); a run broke when it "
-    "diverged or crashed; null while it or its control is unfinished",
+    "failure_cause": "none, precision (the run broke, its float32 control held and learned), "
+    "no_learning (the run broke, its control held but did not learn: the setting says "
+    "nothing about the dtype) or optimization (the control broke too, or a float32 run "
+    "broke); a run broke when it diverged or crashed; null while it or its control is "
+    "unfinished or the control's learned is unknown",
     "fallback_optimizer": "optimizer of the parameters no Kronecker factor covers; null for "
     "AdamW and SGD",
     "control": "the float32 control's figures beside this run's; null for a float32 run",
@@ -67,10 +72,12 @@ KEY_FIELDS = ("model", "scenario", "optimizer", "dtype", "mode", "seed")
 control: `precision_lab.gate.baseline.RunKey`)."""
 
 FIGURES = tuple(
-    name for name in FIELDS if name not in ("run", *KEY_FIELDS, "control_of", "warnings")
+    name for name in FIELDS if name not in ("run", *KEY_FIELDS, "control_of", "warnings", "learned")
 )
 """What a run measured or how it was set up, apart from its id and key: what a baseline
-keeps for each run."""
+keeps for each run. ``learned`` is not among them: it is a verdict on ``final_loss`` and
+``accuracy``, which the gate checks, and baselines written before it existed stay
+readable."""
 
 CONTROL_FIELDS = (
     "run",
@@ -82,6 +89,7 @@ CONTROL_FIELDS = (
     "max_condition",
     "final_loss",
     "accuracy",
+    "learned",
     "error",
 )
 """The control's figures copied beside each low-precision run."""
@@ -97,8 +105,84 @@ def broke(run: dict[str, Any]) -> bool | None:
     return False if run.get("finished") else None
 
 
+LOSS_FALL = 0.10
+"""How far, relative to the first step's loss, the final loss must fall for a run to have
+learned (`learned`)."""
+
+ACCURACY_STANDARD_ERRORS = 3.0
+"""How many binomial standard errors above chance the test accuracy must be (`learned`)."""
+
+
+def chance_accuracy(classes: int, test_size: int) -> float:
+    """The test accuracy a run must exceed to have learned: chance, ``1 / classes``, plus
+    `ACCURACY_STANDARD_ERRORS` standard errors of a guesser's accuracy on ``test_size``
+    images, ``sqrt(p (1 - p) / n)``. For the digits (10 classes, 360 test images) it is
+    0.1 + 3 x 0.0158 = 0.147."""
+    p = 1.0 / classes
+    return p + ACCURACY_STANDARD_ERRORS * math.sqrt(p * (1.0 - p) / test_size)
+
+
+def learned(
+    *,
+    first_loss: float | None,
+    final_loss: float | None,
+    accuracy: float | None = None,
+    classes: int | None = None,
+    test_size: int | None = None,
+    diverged: bool = False,
+    finished: bool = True,
+) -> bool | None:
+    """Whether a run learned (DESIGN.md's ``learned``; the one definition, recorded per run
+    in summary.json and read by `failure_cause`).
+
+    A run learned when both hold:
+
+    - its final training loss is below its first step's by at least `LOSS_FALL` (10%) of
+      the first. Both are the loss of one minibatch: at initialization the per-example
+      cross-entropies of a 64-example batch spread by a few percent of their mean, so a
+      10% fall is not noise, while any run that learned the digits ends far lower (the
+      quick suite's float32 baseline controls: 2.3 to 0.2-0.6);
+    - where the workload has labels and a test accuracy (``accuracy`` not None), the
+      accuracy exceeds `chance_accuracy`: chance (1 / classes) plus 3 binomial standard
+      errors for the test set's size (one-sided p ~ 0.001 that a guesser gets there).
+      Synthetic data has no accuracy: the loss alone decides.
+
+    A run that diverged did not learn (it stopped on a loss that grew); one that crashed,
+    is unfinished, or has no finite first loss is unknown (None). A non-finite final loss
+    did not learn.
+
+    Args:
+        first_loss: The first step's training loss.
+        final_loss: The last step's training loss.
+        accuracy: Test accuracy in [0, 1], or None where the workload has none.
+        classes: Number of classes (needed with ``accuracy``).
+        test_size: Number of test examples (needed with ``accuracy``).
+        diverged: The run diverged.
+        finished: The run ran to its end or its divergence (False: crashed or cut off).
+    """
+    if diverged:
+        return False
+    if not finished or first_loss is None or not math.isfinite(first_loss):
+        return None
+    if final_loss is None or not math.isfinite(final_loss):
+        return False
+    if final_loss > first_loss - LOSS_FALL * abs(first_loss):
+        return False
+    if accuracy is None:
+        return True
+    if classes is None or test_size is None:
+        raise ValueError("learned: an accuracy needs its number of classes and test size")
+    return accuracy > chance_accuracy(classes, test_size)
+
+
 def failure_cause(run: dict[str, Any], control: dict[str, Any] | None) -> str | None:
-    """``none``, ``precision`` or ``optimization`` (`FIELDS`); None when unknown."""
+    """``none``, ``precision``, ``no_learning`` or ``optimization`` (`FIELDS`); None when
+    unknown.
+
+    A broken run is charged to ``precision`` only when its float32 control held and
+    learned: a control that held without learning (below-chance accuracy, a flat loss)
+    says nothing about the dtype, so the run is ``no_learning``.
+    """
     run_broke = broke(run)
     if run_broke is None or not run_broke:
         return None if run_broke is None else "none"
@@ -107,7 +191,12 @@ def failure_cause(run: dict[str, Any], control: dict[str, Any] | None) -> str | 
     control_broke = broke(control)
     if control_broke is None:
         return None
-    return "optimization" if control_broke else "precision"
+    if control_broke:
+        return "optimization"
+    control_learned = control.get("learned")
+    if control_learned is None:
+        return None
+    return "precision" if control_learned else "no_learning"
 
 
 def _number(value: Any) -> bool:
@@ -128,7 +217,9 @@ _OBJECT: Rule = (lambda v: isinstance(v, dict), "an object")
 FIGURE_RULES: dict[str, Rule] = {
     **dict.fromkeys(("model", "scenario", "optimizer", "structure", "dtype", "mode"), _TEXT),
     **dict.fromkeys(("control_of", "error", "fallback_optimizer", "role"), _TEXT),
-    **dict.fromkeys(("finished", "diverged"), (lambda v: isinstance(v, bool), "true or false")),
+    **dict.fromkeys(
+        ("finished", "diverged", "learned"), (lambda v: isinstance(v, bool), "true or false")
+    ),
     **dict.fromkeys(
         (
             "seed",

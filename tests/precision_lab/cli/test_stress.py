@@ -51,6 +51,7 @@ NULLABLE = {
     "max_condition": float,
     "final_loss": float,
     "accuracy": float,
+    "learned": bool,
     "fallback_optimizer": str,
     "control": dict,
     "error": str,
@@ -108,6 +109,21 @@ def test_quick_suite_records_load_back(quick_run):
     assert set(accuracy["run"]) == set(summary["run"])  # digits: every run has one
     assert {"numerics", "memory", "time", "condition", "train"} <= set(records["probe"])
     assert (records["dtype"].isin(["float32", "bfloat16", ""])).all()
+
+
+def test_no_run_is_charged_to_precision_unless_its_control_learned(quick_run):
+    """The real quick suite: every run that finished says whether it learned, and a run
+    charged to precision has a float32 control that held and learned."""
+    runs = json.loads((quick_run / "summary.json").read_text())["runs"]
+    assert all(isinstance(run["learned"], bool) for run in runs if run["finished"])
+    by_id = {run["run"]: run for run in runs}
+    for run in runs:
+        control = by_id.get(run["control"]["run"]) if run["control"] else None
+        if run["failure_cause"] == "precision":
+            assert control is not None and control["learned"] is True, run["run"]
+            assert run["control"]["learned"] is True
+        if run["failure_cause"] == "no_learning":
+            assert control is not None and control["learned"] is False, run["run"]
 
 
 def test_the_table_names_every_run(quick_run):

@@ -23,8 +23,8 @@ steps = 3
 """
 
 
-def done(diverged=False, error=None, finished=True):
-    return {"finished": finished, "diverged": diverged, "error": error}
+def done(diverged=False, error=None, finished=True, learned=True):
+    return {"finished": finished, "diverged": diverged, "error": error, "learned": learned}
 
 
 @pytest.mark.parametrize(
@@ -40,6 +40,11 @@ def done(diverged=False, error=None, finished=True):
         (done(finished=False), done(), None),  # unfinished: unknown
         (done(diverged=True), done(finished=False), None),  # control unfinished: unknown
         (done(), done(diverged=True), "none"),  # held while its control broke
+        # A control that held without learning says nothing about the dtype.
+        (done(diverged=True), done(learned=False), "no_learning"),
+        (done(error="LinAlgError: x"), done(learned=False), "no_learning"),
+        (done(diverged=True), done(learned=None), None),  # control's learning unknown
+        (done(), done(learned=False), "none"),
     ],
 )
 def test_failure_cause(run, control, cause):
@@ -61,7 +66,7 @@ def test_summary_after_every_run_with_controls_and_seed_counts(tmp_path):
     assert [r["run"] for r in first["runs"]] == [p.run_id for p in plans]
     assert not any(r["finished"] for r in first["runs"])
     # Seed 0: control held, run diverged with a NaN loss; seed 1 both fine; seed 2 not run.
-    rd.add(*_outcome(plans[0], final_loss=0.5, diverged=False))
+    rd.add(*_outcome(plans[0], final_loss=0.5, diverged=False, learned=True))
     rd.add(*_outcome(plans[1], final_loss=float("nan"), diverged=True, first_nonfinite_step=2))
     rd.add(*_outcome(plans[2], final_loss=0.4, diverged=False))
     rd.add(*_outcome(plans[3], final_loss=float("inf"), max_condition=float("inf")))
