@@ -24,6 +24,7 @@ import torch
 from plotly.subplots import make_subplots
 
 from precision_lab.report.page import Section
+from singd.curvature import KFAC_ROLES, SINGD_ROLES
 
 if TYPE_CHECKING:
     from precision_lab.report.data import ReportData
@@ -36,8 +37,19 @@ MIN_POINTS_PER_TRACE = 60
 
 SHORT_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}
 DTYPE_COLORS = {"float32": "#1f77b4", "bfloat16": "#d62728", "float16": "#ff7f0e"}
-FACTOR_DASH = {"K": "solid", "A": "solid", "C": "dash", "G": "dash", "KKT": "dot", "CCT": "dashdot"}
-FACTOR_DASH |= {"A_inv": "dot", "G_inv": "dashdot"}
+FACTORS = SINGD_ROLES | KFAC_ROLES
+"""Every factor the optimizers name, with its role (`singd.curvature.FactorRole`)."""
+_DASH = {("input", False): "solid", ("output", False): "dash"}
+_DASH |= {("input", True): "dot", ("output", True): "dashdot"}
+FACTOR_DASH = {
+    name: _DASH[role.side, role.kind == "inverse"]
+    for name, role in FACTORS.items()
+    if role.kind != "momentum"
+}
+"""Line style of each condition-number reading, by the factor's side and whether it is an
+inverse; the condition probe's products ``K K^T`` and ``C C^T`` (SINGD's preconditioner
+inverses) are drawn as KFAC's inverses are."""
+FACTOR_DASH |= {"KKT": "dot", "CCT": "dashdot"}
 NOT_STACKED = ("total", "factors", "momenta", "inverses")
 """Memory categories drawn through their per-layer factors instead (or not at all)."""
 SEGMENT_COLORS = {
@@ -560,7 +572,7 @@ def memory_by_factor(data: ReportData) -> Section:
     rec = _last_step(rec)
     # Per-layer factor rows summed over layers; the other categories as the optimizer
     # reports them (its factor categories would count the factors twice).
-    factors = rec[(rec["module"] != "") & rec["tensor"].isin(FACTOR_DASH | {"m_K": 0, "m_C": 0})]
+    factors = rec[(rec["module"] != "") & rec["tensor"].isin(set(FACTOR_DASH) | set(FACTORS))]
     others = rec[(rec["module"] == "") & (rec["value"] > 0)]
     others = others[(others["metric"] != "bytes") | ~others["tensor"].isin(NOT_STACKED)]
     rec = pd.concat([factors, others])

@@ -24,6 +24,7 @@ from precision_lab.errors import UsageError
 from precision_lab.memory import CATEGORIES, MemoryPlan, model_shape, state_bytes, widened_model
 from precision_lab.report.page import Section
 from precision_lab.specs import parse_spec
+from singd.curvature import KFAC_ROLES, SINGD_ROLES
 from singd.structures import get_structure
 
 if TYPE_CHECKING:
@@ -46,8 +47,10 @@ PALETTE = (
     "#bcbd22",
     "#7f7f7f",
 )
-FACTOR_SIDE = {"K": "k", "m_K": "k", "A": "k", "A_inv": "k"}
-FACTOR_SIDE |= {"C": "c", "m_C": "c", "G": "c", "G_inv": "c"}
+FACTOR_SIDE = {
+    name: "k" if role.side == "input" else "c" for name, role in (SINGD_ROLES | KFAC_ROLES).items()
+}
+"""Each factor's side by its role (`singd.curvature`): ``k`` (d_K) or ``c`` (d_C)."""
 
 
 def _itemsize(dtype: str, mode: str) -> int:
@@ -69,8 +72,8 @@ def _factor_structures(spec_text: str) -> dict[str, str]:
         return {}
     s_K, s_C = spec.structures
     if spec.family == "kfac":
-        return dict.fromkeys(("A", "G", "A_inv", "G_inv"), "dense")
-    return {"K": s_K, "m_K": s_K, "C": s_C, "m_C": s_C}
+        return dict.fromkeys(KFAC_ROLES, "dense")
+    return {name: s_K if role.side == "input" else s_C for name, role in SINGD_ROLES.items()}
 
 
 def _measured_factors(data: ReportData) -> pd.DataFrame:
