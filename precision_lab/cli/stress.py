@@ -142,6 +142,15 @@ def _yes_no(value: bool | None) -> str:
     return "-" if value is None else ("yes" if value else "[yellow]no[/yellow]")
 
 
+def _percent(fraction: float | None) -> str:
+    """A preconditioned fraction as a percentage, warning colour when none is; "-" for a
+    first-order optimizer."""
+    if fraction is None:
+        return "-"
+    shown = f"{fraction:.0%}" if fraction in (0.0, 1.0) else f"{fraction:.1%}"
+    return f"[yellow]{shown}[/yellow]" if fraction == 0.0 else shown
+
+
 def summary_table(runs: list[dict[str, Any]], seeds: bool) -> Table:
     """One line per run with summary.json's headline figures.
 
@@ -165,6 +174,7 @@ def summary_table(runs: list[dict[str, Any]], seeds: bool) -> Table:
         "final loss",
         "accuracy",
         "learned",
+        "precond",
         "step ms",
         "cause",
     ]
@@ -202,6 +212,7 @@ def summary_table(runs: list[dict[str, Any]], seeds: bool) -> Table:
             _fmt(run["final_loss"]),
             _fmt(run["accuracy"]),
             _yes_no(run.get("learned")),
+            _percent(run.get("preconditioned_fraction")),
             _fmt(run["step_time_ms"]),
             f"[red]{cause}[/red]" if cause == "precision" else _fmt(cause),
         ]

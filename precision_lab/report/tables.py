@@ -45,6 +45,7 @@ OVERVIEW_HEADERS: dict[str, tuple[str, float]] = {
     "learned": ("learned", 1.0),
     "step_time_ms": ("step time (ms)", 1.0),
     "failure_cause": ("failure cause", 1.0),
+    "preconditioned_fraction": ("preconditioned fraction", 1.0),
 }
 """The summary fields the overview shows (in `SUMMARY_FIELDS`' order), each with its
 header (unit included) and the scale applied for display."""

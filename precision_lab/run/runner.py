@@ -141,6 +141,16 @@ def _fallback_name(optimizer: torch.optim.Optimizer) -> str | None:
     return None if fallback is None else type(fallback).__name__
 
 
+def _coverage(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``preconditioned_fraction`` and ``coverage`` of a Kronecker optimizer (read after
+    training: final after the first step); both null for a first-order one."""
+    report = getattr(optimizer, "coverage", None)
+    if report is None:
+        return {"preconditioned_fraction": None, "coverage": None}
+    cov = report()
+    return {"preconditioned_fraction": cov.fraction, "coverage": cov.as_dict()}
+
+
 def accuracy(model: nn.Module, data: Dataset, dtype: torch.dtype, mode: str) -> float:
     """Fraction of the test set classified correctly, in [0, 1]."""
     device = next(model.parameters()).device
@@ -297,6 +307,7 @@ def _train(
             finished=not (interrupted or error),
         ),
         "fallback_optimizer": _fallback_name(optimizer),
+        **_coverage(optimizer),
         "error": error,
         "hyperparameters": spec.hyperparameters(plan.hyperparameters),
     }

@@ -54,6 +54,12 @@ FIELDS: dict[str, str] = {
     "unfinished or the control's learned is unknown",
     "fallback_optimizer": "optimizer of the parameters no Kronecker factor covers; null for "
     "AdamW and SGD",
+    "preconditioned_fraction": "fraction of the model's parameter elements that the Kronecker "
+    "factors precondition (`singd.optim.coverage.Coverage.fraction`, final after the first "
+    "step); null for AdamW and SGD, which have none",
+    "coverage": "where the parameters go, by layer type: preconditioned / fallback / untrained "
+    "tensor and element counts and the preconditioned fraction "
+    "(`singd.optim.coverage.Coverage.as_dict`); null for AdamW and SGD",
     "control": "the float32 control's figures beside this run's; null for a float32 run",
     "seeds_broken": "over the seeds of this configuration, how many broke",
     "seeds_total": "how many seeds of this configuration the suite plans",
@@ -72,12 +78,25 @@ KEY_FIELDS = ("model", "scenario", "optimizer", "dtype", "mode", "seed")
 control: `precision_lab.gate.baseline.RunKey`)."""
 
 FIGURES = tuple(
-    name for name in FIELDS if name not in ("run", *KEY_FIELDS, "control_of", "warnings", "learned")
+    name
+    for name in FIELDS
+    if name
+    not in (
+        "run",
+        *KEY_FIELDS,
+        "control_of",
+        "warnings",
+        "learned",
+        "preconditioned_fraction",
+        "coverage",
+    )
 )
 """What a run measured or how it was set up, apart from its id and key: what a baseline
 keeps for each run. ``learned`` is not among them: it is a verdict on ``final_loss`` and
 ``accuracy``, which the gate checks, and baselines written before it existed stay
-readable."""
+readable. Nor are ``preconditioned_fraction`` and ``coverage``: how the optimizer split the
+parameters is set by the model and the optimizer, both in the key, and baselines written
+before they existed stay readable."""
 
 CONTROL_FIELDS = (
     "run",
@@ -234,12 +253,12 @@ FIGURE_RULES: dict[str, Rule] = {
         ),
         _COUNT,
     ),
-    **dict.fromkeys(("underflow_fraction", "accuracy"), _FRACTION),
+    **dict.fromkeys(("underflow_fraction", "accuracy", "preconditioned_fraction"), _FRACTION),
     **dict.fromkeys(("optimizer_state_bytes", "peak_memory_bytes", "step_time_ms"), _SIZE),
     "max_condition": (lambda v: _number(v) and v >= 1, "a number >= 1"),
     "final_loss": (_number, "a number"),
     "failure_cause": (lambda v: v in FAILURE_CAUSES, f"one of {', '.join(FAILURE_CAUSES)}"),
-    **dict.fromkeys(("control", "hyperparameters"), _OBJECT),
+    **dict.fromkeys(("control", "hyperparameters", "coverage"), _OBJECT),
     "warnings": (lambda v: isinstance(v, list), "a list"),
 }
 """What each field of a run object (and ``role``, a baseline key's) may hold besides

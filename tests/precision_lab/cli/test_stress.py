@@ -53,6 +53,8 @@ NULLABLE = {
     "accuracy": float,
     "learned": bool,
     "fallback_optimizer": str,
+    "preconditioned_fraction": float,
+    "coverage": dict,
     "control": dict,
     "error": str,
 }
@@ -109,6 +111,28 @@ def test_quick_suite_records_load_back(quick_run):
     assert set(accuracy["run"]) == set(summary["run"])  # digits: every run has one
     assert {"numerics", "memory", "time", "condition", "train"} <= set(records["probe"])
     assert (records["dtype"].isin(["float32", "bfloat16", ""])).all()
+
+
+def test_kronecker_runs_of_the_mlp_precondition_every_parameter(quick_run):
+    """The real quick suite: the MLP is all nn.Linear, so every SINGD and KFAC run (and
+    control) records a preconditioned fraction of exactly 1 with its coverage by layer
+    type, AdamW and SGD runs none; the terminal table shows it."""
+    runs = json.loads((quick_run / "summary.json").read_text())["runs"]
+    mlp = [run for run in runs if run["model"] == "mlp"]
+    kronecker = [run for run in mlp if run["optimizer"].split(":")[0] in ("singd", "kfac")]
+    first_order = [run for run in mlp if run not in kronecker]
+    assert kronecker and first_order
+    for run in kronecker:
+        assert run["preconditioned_fraction"] == 1.0, run["run"]
+        assert list(run["coverage"]["by_type"]) == ["Linear"], run["run"]
+        total = run["coverage"]["total"]
+        assert total["fallback_elements"] == total["untrained_elements"] == 0
+        assert total["preconditioned_elements"] == 64 * 128 + 128 + 128 * 64 + 64 + 64 * 10 + 10
+        assert run["coverage"]["final"] is True
+    for run in first_order:
+        assert run["preconditioned_fraction"] is None and run["coverage"] is None, run["run"]
+    output = quick_run.with_name("output.txt").read_text()
+    assert "precond" in output and "100%" in output
 
 
 def test_no_run_is_charged_to_precision_unless_its_control_learned(quick_run):

@@ -58,6 +58,51 @@ def test_singd_trains_every_transformer_parameter():
     assert (moved["value"] > 0).all()
     for fallback in ("position.weight", "blocks.0.norm1.weight", "blocks.0.attn.in_proj_weight"):
         assert fallback in names
+    # Those fallback layers show in the coverage: part of the parameters only.
+    assert 0 < out.summary["preconditioned_fraction"] < 1
+    by_type = out.summary["coverage"]["by_type"]
+    assert by_type["LayerNorm"]["fallback_elements"] > 0
+    assert by_type["LayerNorm"]["preconditioned_elements"] == 0
+
+
+class _Tiny(torch.nn.Module):
+    """Embedding(5, 3) -> Linear(3, 4) -> LayerNorm(4): 15 + 16 + 8 = 39 elements, of
+    which only the Linear's 3 * 4 + 4 = 16 are Kronecker-factored."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(5, 3)
+        self.linear = torch.nn.Linear(3, 4)
+        self.norm = torch.nn.LayerNorm(4)
+
+    def forward(self, tokens):
+        return self.norm(self.linear(self.embed(tokens)))
+
+
+@pytest.mark.parametrize("optimizer", ["singd:diagonal", "kfac:cholesky"])
+def test_coverage_counts_embedding_and_layernorm_as_fallback(optimizer):
+    torch.manual_seed(0)
+    model = _Tiny()
+    opt = parse_spec(optimizer).build(model, {})
+    tokens, targets = torch.randint(5, (8,)), torch.randint(4, (8,))
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(tokens), targets).backward()
+    opt.step()
+    figures = runner._coverage(opt)
+    assert figures["preconditioned_fraction"] == pytest.approx(16 / 39)
+    by_type = figures["coverage"]["by_type"]
+    assert by_type["Linear"]["preconditioned_elements"] == 16
+    assert by_type["Linear"]["fallback_elements"] == 0
+    assert by_type["Embedding"]["fallback_elements"] == 15
+    assert by_type["LayerNorm"]["fallback_elements"] == 8
+    assert by_type["LayerNorm"]["fallback_tensors"] == 2
+    assert figures["coverage"]["total"]["elements"] == 39
+
+
+def test_first_order_optimizers_have_no_coverage():
+    for name in ("adamw", "sgd"):
+        opt = parse_spec(name).build(_Tiny(), {})
+        assert runner._coverage(opt) == {"preconditioned_fraction": None, "coverage": None}
 
 
 def test_divergence_stops_the_run_and_is_recorded():
