@@ -38,21 +38,26 @@ def applies(optimizer: SINGD, active: list[KroneckerLayer]) -> bool:
         return False
     if optimizer._escalation is not None or optimizer._ddp:
         return False
-    for layer in active:
-        state = optimizer._factors[layer.name]
-        if layer.transposed or not (
-            isinstance(state["K"], DiagonalMatrix) and isinstance(state["C"], DiagonalMatrix)
-        ):
-            return False
-    return True
+    return all(two_diagonal_factors(optimizer, layer) for layer in active)
+
+
+def two_diagonal_factors(optimizer: SINGD, layer: KroneckerLayer) -> bool:
+    """Whether the layer's ``K`` and ``C`` are diagonal and its weight untransposed: its
+    step is then `diagonal_directions`' elementwise scaling, no ``[dW | db]`` copy."""
+    state = optimizer._factors[layer.name]
+    return not layer.transposed and (
+        isinstance(state["K"], DiagonalMatrix) and isinstance(state["C"], DiagonalMatrix)
+    )
 
 
 def diagonal_directions(
-    optimizer: SINGD, active: list[KroneckerLayer], divisor: Scale
+    optimizer: SINGD, active: list[KroneckerLayer], divisor: Scale, factor: float = 1.0
 ) -> list[Tensor]:
-    """The preconditioned gradient of every parameter of ``active``, in layer order
-    (weight, then bias): ``[dW | db] / divisor`` scaled by ``k^2`` and ``c^2`` in the
-    factors' dtypes and cast back, as `SINGD._layer_directions` makes it (factor 1)."""
+    """The preconditioned gradient of every parameter of ``active`` (layers with two
+    diagonal factors), in layer order (weight, then bias): ``[dW | db] / divisor * factor``
+    scaled by ``k^2`` and ``c^2`` in the factors' dtypes and cast back (new tensors). The
+    same products, in the same order, as `singd_natural_gradient` on ``[dW | db]``; one
+    layer's call is `SINGD._layer_directions` for it."""
     diags = [
         optimizer._factors[layer.name][key].tensors()["diag"]
         for layer in active
@@ -74,6 +79,8 @@ def diagonal_directions(
             params.append(layer.params[1])
     if not_one(divisor):
         grads = torch._foreach_div(grads, divisor)
+    if factor != 1.0:
+        grads = torch._foreach_mul(grads, factor)
     grad_dtypes = [g.dtype for g in grads]
     if any(g.dtype != k.dtype for g, k in zip(grads, k_parts, strict=True)):
         grads = [g.to(k.dtype) for g, k in zip(grads, k_parts, strict=True)]

@@ -52,7 +52,6 @@ from singd.optim.coverage import DEFAULT_FALLBACK, FallbackFactory
 from singd.optim.functional import singd_factor_update, singd_natural_gradient
 from singd.optim.layers import KroneckerLayer, gradient_matrix, input_rows, layer_dims
 from singd.optim.precision import readings
-from singd.optim.scaling import not_one
 from singd.optim.validation import check_number, group_location
 from singd.optim.views import FactorView
 from singd.structures import StructuredMatrix, get_structure
@@ -301,28 +300,9 @@ class SINGD(KroneckerOptimizer):
         return foreach.diagonal_directions(self, active, divisor)
 
     def _layer_directions(self, layer: KroneckerLayer, divisor, factor: float) -> list[Tensor]:
-        state = self._factors[layer.name]
-        K, C = state["K"], state["C"]
-        if layer.transposed or not (
-            isinstance(K, DiagonalMatrix) and isinstance(C, DiagonalMatrix)
-        ):  # a transposed weight (d_in x d_out) goes through [dW | db]
-            return super()._layer_directions(layer, divisor, factor)
-        # Two diagonal factors scale the weight's columns and the bias by k^2 and rows by
-        # c^2: done on each parameter's gradient apart, without the copy into [dW | db]
-        # (the same products, in the same order, as `singd_natural_gradient`).
-        k, c = K.tensors()["diag"], C.tensors()["diag"]
-        k2, c2 = k * k, c * c
-        grads = [p.grad.flatten(1) if p.dim() > 1 else p.grad for p in layer.params]
-        columns = [k2[:-1] if layer.has_bias else k2, k2[-1]]
-        steps = []
-        for grad, k2_part in zip(grads, columns, strict=False):
-            scaled = grad / divisor if not_one(divisor) else grad
-            if factor != 1.0:
-                scaled = scaled * factor
-            nat = torch.mul(scaled.to(k.dtype), k2_part)  # a new tensor: scaled in place
-            nat = nat.to(c.dtype).mul_(c2 if nat.dim() == 1 else c2.unsqueeze(1))
-            steps.append(nat.to(grad.dtype).reshape(layer.params[len(steps)].shape))
-        return steps
+        if foreach.two_diagonal_factors(self, layer):  # no copy into [dW | db]
+            return foreach.diagonal_directions(self, [layer], divisor, factor)
+        return super()._layer_directions(layer, divisor, factor)
 
     # ------------------------------------------------------------ read-only view
     def curvature_state(self) -> list[LayerCurvature]:

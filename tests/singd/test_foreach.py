@@ -82,9 +82,9 @@ def _train(case: dict, T: int, batched: bool, steps: int = 5):
 @pytest.mark.parametrize("T", [1, 3])
 @pytest.mark.parametrize("name", CASES)
 def test_batched_step_is_bitwise_the_per_layer_step(name, T, monkeypatch):
-    calls = []
-    original = foreach.diagonal_directions
-    monkeypatch.setattr(foreach, "diagonal_directions", lambda *a: calls.append(1) or original(*a))
+    calls = []  # one entry per step that took the batched path (every layer in one call)
+    original = foreach.applies
+    monkeypatch.setattr(foreach, "applies", lambda *a: original(*a) and not calls.append(1))
     batched = _train(CASES[name], T, batched=True)
     assert calls, "the batched path was not taken"
     calls.clear()
