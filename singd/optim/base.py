@@ -412,37 +412,36 @@ class KroneckerOptimizer(Optimizer):
         for layer in self._layers:
             if layer not in due:
                 self._clear_accumulators(layer)
-        batched = self._batched_directions(active, divisor) if world == 1 else None
-        if batched is not None:  # one parameter group: one update over all layers
-            group = self.param_groups[0]
+        steps = self._batched_directions(active, divisor) if world == 1 else None
+        if steps is None:
+            directions = []
+            for layer in active:
+                # Inside DDP, a summed loss: DDP averaged the gradients, undo it.
+                summed = self._ddp and not self._loss_averaged(layer)
+                directions.append(self._layer_directions(layer, divisor, world if summed else 1.0))
+            steps = [t for layer_steps in directions for t in layer_steps]
+            if world > 1 and not self._ddp:
+                distributed.all_reduce_split(
+                    steps,
+                    [
+                        self._loss_averaged(layer)
+                        for layer, layer_steps in zip(active, directions, strict=True)
+                        for _ in layer_steps
+                    ],
+                )
+        # One momentum and parameter update per parameter group (elementwise, so the same
+        # bits as per layer), over its layers' parameters in layer order.
+        by_group: dict[int, tuple[list[Tensor], list[Tensor]]] = {}
+        params = [(layer.group_index, p) for layer in active for p in layer.params]
+        for (index, p), step in zip(params, steps, strict=True):
+            group_params, group_steps = by_group.setdefault(index, ([], []))
+            group_params.append(p)
+            group_steps.append(step)
+        for index, (group_params, group_steps) in by_group.items():
+            group = self.param_groups[index]
             heavy_ball_(
-                [p for layer in active for p in layer.params],
-                batched,
-                self.state,
-                lr=group["lr"],
-                momentum=group["momentum"],
-                weight_decay=group["weight_decay"],
-            )
-            return
-        directions = []
-        for layer in active:
-            # Inside DDP, a summed loss: DDP averaged the gradients, undo it.
-            summed = self._ddp and not self._loss_averaged(layer)
-            directions.append(self._layer_directions(layer, divisor, world if summed else 1.0))
-        if world > 1 and not self._ddp:
-            distributed.all_reduce_split(
-                [t for steps in directions for t in steps],
-                [
-                    self._loss_averaged(layer)
-                    for layer, steps in zip(active, directions, strict=True)
-                    for _ in steps
-                ],
-            )
-        for layer, steps in zip(active, directions, strict=True):
-            group = self.param_groups[layer.group_index]
-            heavy_ball_(
-                layer.params,
-                steps,
+                group_params,
+                group_steps,
                 self.state,
                 lr=group["lr"],
                 momentum=group["momentum"],
