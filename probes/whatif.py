@@ -33,16 +33,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from probes.limits import dtype_name
 from probes.records import Recorder
 
 WHATIF_DTYPES = (torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)
 WHATIF_EVERY = 1000
 """Default cadence: the costly readings' (`probes.session.DEFAULT_EVERY`)."""
 STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq")
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def whatif(x: Tensor, dtype: torch.dtype) -> dict[str, float]:
