@@ -143,7 +143,8 @@ class KFAC(KroneckerOptimizer):
         # Failure counts per layer, 0-d tensors on the layer's device (read on request).
         self._failures: dict[str, Tensor] = {}
         self._damping_used: dict[str, float] = {}
-        # Each inversion's verdict of the last update (0-d bool tensors), for the checks.
+        # Under precision="auto": each inversion's verdict of the last update (0-d bool
+        # tensors), one of the escalation's readings.
         self._failed: dict[str, dict[str, Tensor]] = {}
         defaults = dict(
             lr=lr,
@@ -265,8 +266,6 @@ class KFAC(KroneckerOptimizer):
             inverse, failed = invert_or_keep_on_device(
                 damped, previous, group["inverse_method"], inverse_dtype=inverse_dtype
             )
-            self._failures[layer.name] += failed
-            self._failed.setdefault(layer.name, {})[key] = failed
         else:
             inverse, error = invert_or_keep(
                 damped,
@@ -277,9 +276,11 @@ class KFAC(KroneckerOptimizer):
                 failure_dir=self.failure_dir,
                 tag=f"{layer.name}.{key}.step{self.steps}",
             )
-            self._failures[layer.name] += error is not None
-            self._failed.setdefault(layer.name, {})[key] = torch.tensor(
-                error is not None, device=damped.device
+            failed = error is not None
+        self._failures[layer.name] += failed
+        if self._escalation is not None:  # the verdict is one of its readings
+            self._failed.setdefault(layer.name, {})[key] = torch.as_tensor(
+                failed, device=damped.device
             )
         state[f"{key}_inv"] = inverse
 
