@@ -20,7 +20,7 @@ NAMES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
     "bfloat16": torch.bfloat16,
 }
-"""Every dtype name accepted, short and torch's."""
+"""Every dtype name accepted, short and torch's; each dtype's short name comes first."""
 
 FLOATING = tuple(dict.fromkeys(NAMES.values()))
 """Every dtype `NAMES` names."""
@@ -50,3 +50,9 @@ def parse_dtype(text: str, accept: tuple[torch.dtype, ...] = RUN_DTYPES) -> torc
 def dtype_name(dtype: torch.dtype) -> str:
     """The torch name of ``dtype``, as written in data: ``torch.bfloat16`` -> ``bfloat16``."""
     return str(dtype).removeprefix("torch.")
+
+
+def short_name(dtype: torch.dtype) -> str:
+    """The name a user types for ``dtype``: ``torch.bfloat16`` -> ``bf16`` (its first name in
+    `NAMES`); torch's name for a dtype `NAMES` lacks."""
+    return next((name for name, d in NAMES.items() if d == dtype), dtype_name(dtype))

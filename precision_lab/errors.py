@@ -17,6 +17,8 @@ EXIT_OK = 0
 EXIT_REGRESSION = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+"""After SIGTERM (128 + 15), once what was recorded is saved (`precision_lab.cli.interrupts`)."""
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -14,11 +14,10 @@ import click
 from precision_lab import __version__
 from precision_lab.cli.context import LabContext
 from precision_lab.cli.gate import baseline_command, gate_command
-from precision_lab.cli.interrupts import EXIT_TERMINATED
 from precision_lab.cli.memory import memory_command
 from precision_lab.cli.report import report_command
 from precision_lab.cli.stress import stress
-from precision_lab.errors import EXIT_INTERRUPTED, EXIT_REGRESSION, EXIT_USAGE
+from precision_lab.errors import EXIT_INTERRUPTED, EXIT_REGRESSION, EXIT_TERMINATED, EXIT_USAGE
 
 __all__ = ["EXIT_INTERRUPTED", "EXIT_REGRESSION", "EXIT_TERMINATED", "EXIT_USAGE", "cli", "main"]
 

@@ -20,8 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 
-EXIT_TERMINATED = 128 + signal.SIGTERM
-"""Exit code after SIGTERM once what was recorded is saved (143); Ctrl-C gives 130."""
+from precision_lab.errors import EXIT_INTERRUPTED, EXIT_TERMINATED
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -66,7 +65,7 @@ class StopSignals:
     @property
     def exit_code(self) -> int:
         """130 when Ctrl-C stopped the suite, 143 for SIGTERM (DESIGN.md's codes)."""
-        return EXIT_TERMINATED if self.received[:1] == [signal.SIGTERM] else 130
+        return EXIT_TERMINATED if self.received[:1] == [signal.SIGTERM] else EXIT_INTERRUPTED
 
     @property
     def skip_report(self) -> bool:

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from precision_lab.dtypes import dtype_name, parse_dtype
+from precision_lab.dtypes import parse_dtype, short_name
 from precision_lab.errors import UsageError
 from precision_lab.gate.checks import parse_factor, parse_fraction, parse_probability, parse_size
 from precision_lab.specs import parse_specs
@@ -69,13 +69,7 @@ def _seeds(text: str, option: str) -> list[int]:
     return seeds
 
 
-_SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
-
-DTYPE = Parsed(
-    "dtype",
-    lambda text, _: parse_dtype(text),
-    lambda dtype: _SHORT.get(dtype_name(dtype), dtype_name(dtype)),
-)
+DTYPE = Parsed("dtype", lambda text, _: parse_dtype(text), short_name)
 """``fp32|fp16|bf16`` or a torch name -> a torch dtype."""
 
 SPECS = Parsed(

@@ -410,14 +410,13 @@ def _run_all(
     device: torch.device,
     run_dir: RunDirectory | None,
     console: Console,
-    store: dist.Store | None = None,
-    stop: StopSignals | None = None,
+    store: dist.Store | None,
+    stop: StopSignals,
 ) -> bool:
     """Train every plan in order, recording each outcome; True if Ctrl-C stopped the suite.
 
     A signal that arrives while an outcome is being recorded is held until it is (``stop``).
     """
-    stop = stop or StopSignals(install=False)
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),

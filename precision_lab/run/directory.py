@@ -145,7 +145,7 @@ def _lock(path: Path) -> int:
     found = sorted(p.name for p in path.iterdir() if p.name != LOCK_FILE)
     if found:
         os.close(fd)
-        if "summary.json" in found:
+        if SUMMARY_FILE in found:
             raise UsageError(
                 f"{path} already holds a run (summary.json): pass a new --out directory."
             )
@@ -195,7 +195,7 @@ class RunDirectory:
                 folder.mkdir()
         except OSError as err:
             raise UsageError(f"Cannot write in {self.path} ({err.strerror or err}).") from None
-        _write_json(self.path / "config.json", config)
+        _write_json(self.path / CONFIG_FILE, config)
         self.write_summary()
 
     def add(self, summary: dict[str, Any], records: pd.DataFrame) -> None:
@@ -243,7 +243,7 @@ class RunDirectory:
             "records": self.records,
             "runs": self.summary(),
         }
-        _write_json(self.path / "summary.json", summary)
+        _write_json(self.path / SUMMARY_FILE, summary)
 
     def merge_records(self) -> None:
         """Join the runs' records files into records.parquet, then point summary.json at it.

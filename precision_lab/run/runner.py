@@ -281,7 +281,8 @@ def _train(
         session.detach()
 
     probe_summary = session.summary()
-    acc = accuracy(model, data, dtype, mode) if data.real and not (interrupted or error) else None
+    finished = not (interrupted or error)
+    acc = accuracy(model, data, dtype, mode) if data.real and finished else None
     if acc is not None:
         train_rows.add(step, "train", "test_accuracy", acc, tensor="accuracy")
     first_nonfinite = [
@@ -290,7 +291,7 @@ def _train(
     summary = {
         **plan.coordinates,
         "steps": step,
-        "finished": not (interrupted or error),
+        "finished": finished,
         "diverged": diverged,
         **{name: probe_summary[name] for name in PROBE_FIGURES},
         "first_nonfinite_step": min(first_nonfinite) if first_nonfinite else None,
@@ -304,7 +305,7 @@ def _train(
             classes=NUM_CLASSES,
             test_size=len(data.test_y),
             diverged=diverged,
-            finished=not (interrupted or error),
+            finished=finished,
         ),
         "fallback_optimizer": _fallback_name(optimizer),
         **_coverage(optimizer),
