@@ -350,7 +350,9 @@ class ProbeSession:
         self._found_inf = None
         # Whether this iteration's readings wait on the device (`_defer`): no cadence due.
         self._deferring = not (
-            self.read_every_step or self._full or self._due("condition") or self._due("memory")
+            self.read_every_step
+            or self._full
+            or any(self._due(probe) for probe in ("condition", "memory", "whatif"))
         )
         self._backward_seen = False
         self._before.clear()
