@@ -221,7 +221,6 @@ class ProbeSession:
         self._pending: list[StepRecord] = []
         self.probes = tuple(names)
         self.every = {n: every or DEFAULT_EVERY.get(n, WHATIF_EVERY) for n in self.probes}
-        params = [p for group in optimizer.param_groups for p in group["params"]]
         self._params = params
         self.run_dtype = parse_dtype(dtype) if dtype is not None else self._model_dtype()
         if rank is None:
