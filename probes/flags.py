@@ -55,6 +55,21 @@ def _amax(low: float, high: float) -> float:
     return max(-low, high)
 
 
+def _nonfinite(values: list[float], labels: list[Label], allowed, start: int) -> list[int]:
+    """Indices (from ``start``) of NaN values and of infinities not ``allowed``."""
+    return [
+        i
+        for i in range(start, len(values))
+        if math.isnan(values[i])
+        or (math.isinf(values[i]) and not (allowed is not None and allowed(labels[i][0])))
+    ]
+
+
+def _overflow(values: list[float], thresholds) -> bool:
+    """Whether any finite value is beyond its threshold."""
+    return any(math.isfinite(v) and v > t for v, t in zip(values, thresholds, strict=True))
+
+
 class StepRecord:
     """One closed iteration's readings, kept on the device until they are read.
 
@@ -98,20 +113,10 @@ class Replayed:
         return all(v <= t for v, t in zip(self._values, self._thresholds, strict=True))
 
     def nonfinite(self, allowed=None, start: int = 0) -> list[int]:
-        return [
-            i
-            for i in range(start, len(self._values))
-            if math.isnan(self._values[i])
-            or (
-                math.isinf(self._values[i])
-                and not (allowed is not None and allowed(self.labels[i][0]))
-            )
-        ]
+        return _nonfinite(self._values, self.labels, allowed, start)
 
     def overflow(self) -> bool:
-        return any(
-            math.isfinite(v) and v > t for v, t in zip(self._values, self._thresholds, strict=True)
-        )
+        return _overflow(self._values, self._thresholds)
 
 
 def read_records(records: list[StepRecord]) -> list[Replayed]:
@@ -300,20 +305,10 @@ class StepFlags:
         isfinite = math.isfinite
         if all(isfinite(v) for v in values[start:]):
             return []
-        bad = []
-        for i in range(start, len(values)):
-            v = values[i]
-            if math.isnan(v) or (
-                math.isinf(v) and not (allowed is not None and allowed(self.labels[i][0]))
-            ):
-                bad.append(i)
-        return bad
+        return _nonfinite(values, self.labels, allowed, start)
 
     def overflow(self) -> bool:
         """Whether any finite reading is beyond its threshold (see `probes.limits`)."""
         if self.clean():
             return False
-        return any(
-            math.isfinite(v) and v > chunk.threshold
-            for v, (chunk, _) in zip(self.values(), self._where, strict=True)
-        )
+        return _overflow(self.values(), [chunk.threshold for chunk, _ in self._where])

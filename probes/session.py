@@ -221,7 +221,6 @@ class ProbeSession:
         self._pending: list[StepRecord] = []
         self.probes = tuple(names)
         self.every = {n: every or DEFAULT_EVERY.get(n, WHATIF_EVERY) for n in self.probes}
-        params = [p for group in optimizer.param_groups for p in group["params"]]
         self._params = params
         self.run_dtype = parse_dtype(dtype) if dtype is not None else self._model_dtype()
         if rank is None:
@@ -350,7 +349,9 @@ class ProbeSession:
         self._found_inf = None
         # Whether this iteration's readings wait on the device (`_defer`): no cadence due.
         self._deferring = not (
-            self.read_every_step or self._full or self._due("condition") or self._due("memory")
+            self.read_every_step
+            or self._full
+            or any(self._due(probe) for probe in ("condition", "memory", "whatif"))
         )
         self._backward_seen = False
         self._before.clear()

@@ -113,7 +113,6 @@ class WhatIfProbe:
         self.recorder = recorder
         self.optimizer = optimizer
         self.names = names
-        self._events_seen = 0
 
     def record(self, step: int, layers: list) -> None:
         """One row per tensor, dtype and metric."""
@@ -131,10 +130,6 @@ class WhatIfProbe:
                         dtype=dtype_name(dtype),
                         unit=UNITS[metric],
                     )
-
-    def record_events(self) -> None:
-        """Rows for the optimizer's precision events not recorded yet."""
-        self._events_seen = precision_rows(self.recorder, self.optimizer, self._events_seen)
 
 
 def precision_rows(recorder: Recorder, optimizer: torch.optim.Optimizer, seen: int = 0) -> int:

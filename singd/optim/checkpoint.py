@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from singd.curvature import KFAC_ROLES, SINGD_ROLES
 from singd.optim.precision import widenings
 from singd.structures import get_structure
 from singd.structures.base import StructuredMatrix
@@ -35,13 +36,23 @@ if TYPE_CHECKING:
     from singd.optim.base import KroneckerOptimizer
     from singd.optim.layers import KroneckerLayer
 
+ROLES = {"SINGD": SINGD_ROLES, "KFAC": KFAC_ROLES}
+ACCUMULATOR_SIDES = {
+    "SINGD": {"H_K": "input", "H_C": "output"},
+    "KFAC": {"A_batch": "input", "G_batch": "output"},
+}
+"""Each kind's accumulators (the subclasses' ``ACCUMULATORS``), which have no role."""
+
 FACTOR_SIDES = {
-    "SINGD": {"K": 0, "C": 1, "m_K": 0, "m_C": 1, "H_K": 0, "H_C": 1},
-    "KFAC": {"A": 0, "G": 1, "A_inv": 0, "G_inv": 1, "A_batch": 0, "G_batch": 1},
+    kind: {
+        name: 0 if side == "input" else 1
+        for name, side in ({n: r.side for n, r in roles.items()} | ACCUMULATOR_SIDES[kind]).items()
+    }
+    for kind, roles in ROLES.items()
 }
 """Each kind's factors and their side: 0 the input side (d_K), 1 the output side (d_C)."""
 
-INVERSES = {"A_inv", "G_inv"}
+INVERSES = {name for name, role in KFAC_ROLES.items() if role.kind == "inverse"}
 """Factors whose dtype is the inversion's, not the curvature's: any floating dtype."""
 
 

@@ -102,3 +102,19 @@ def test_whatif_is_off_by_default():
     session = probes.attach(model, torch.optim.SGD(model.parameters(), lr=0.1))
     assert "whatif" not in session.probes
     session.detach()
+
+
+def test_whatif_cadence_is_read_when_readings_wait_on_the_device():
+    # With read_every_step=False an iteration where no cadence is due closes without
+    # reading anything; a due whatif cadence must still close it the full way.
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with probes.attach(
+        model, optimizer, probes=["whatif", "time"], every=2, read_every_step=False
+    ) as session:
+        for _ in range(4):
+            optimizer.zero_grad()
+            model(torch.randn(4, 3)).sum().backward()
+            optimizer.step()
+    rows = session.to_frame()
+    assert set(rows[rows.probe == "whatif"].step) == {0, 2}

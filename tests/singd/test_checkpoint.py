@@ -131,3 +131,9 @@ def test_a_kfac_checkpoint_without_its_counters_is_refused():
     optimizer, state = trained(KFAC, mlp())
     del state["kfac"]
     refused(optimizer, state, "no 'kfac' entry")
+
+
+def test_the_checks_know_each_optimizers_accumulators():
+    from singd.optim.checkpoint import ACCUMULATOR_SIDES
+
+    assert {"SINGD": dict(SINGD.ACCUMULATORS), "KFAC": dict(KFAC.ACCUMULATORS)} == ACCUMULATOR_SIDES
