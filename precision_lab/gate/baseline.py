@@ -169,7 +169,9 @@ def index_runs(runs: list[dict[str, Any]], source: str) -> dict[RunKey, dict[str
                 f"A run in {source} lacks the fields {', '.join(missing)}: it was not written "
                 "by precision-lab stress (summary schema 1)."
             )
-        check_run(run, repr(run["run"]), source, key_fields=KEY_FIELDS)
+        # read_run checked every field's type; a key's fields may not be null either.
+        key = {name: run[name] for name in KEY_FIELDS}
+        check_run(key, repr(run["run"]), source, key_fields=KEY_FIELDS)
     by_id = {run.get("run"): run for run in runs}
     indexed: dict[RunKey, dict[str, Any]] = {}
     for run in runs:
