@@ -26,6 +26,7 @@ import json
 import math
 import os
 import platform
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,7 +169,9 @@ def index_runs(runs: list[dict[str, Any]], source: str) -> dict[RunKey, dict[str
                 f"A run in {source} lacks the fields {', '.join(missing)}: it was not written "
                 "by precision-lab stress (summary schema 1)."
             )
-        check_run(run, repr(run["run"]), source, key_fields=KEY_FIELDS)
+        # read_run checked every field's type; a key's fields may not be null either.
+        key = {name: run[name] for name in KEY_FIELDS}
+        check_run(key, repr(run["run"]), source, key_fields=KEY_FIELDS)
     by_id = {run.get("run"): run for run in runs}
     indexed: dict[RunKey, dict[str, Any]] = {}
     for run in runs:
@@ -279,13 +282,19 @@ def write_baseline(run_dir: str | Path, output: str | Path) -> dict[str, Any]:
     return document
 
 
+def configurations(keys: Iterable[RunKey]) -> dict[tuple[str, ...], list[RunKey]]:
+    """The keys of each configuration (`RunKey.config`: its seeds), in the order given."""
+    seeds: dict[tuple[str, ...], list[RunKey]] = {}
+    for key in keys:
+        seeds.setdefault(key.config, []).append(key)
+    return seeds
+
+
 def _check_seed_counts(runs: dict[RunKey, dict[str, Any]], where: str) -> None:
     """Refuse stored seed counts that its runs contradict: the gate counts the runs."""
-    seeds: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    seeds = configurations(runs)
     for key, run in runs.items():
-        seeds.setdefault(key.config, []).append(run)
-    for key, run in runs.items():
-        configuration = seeds[key.config]
+        configuration = [runs[other] for other in seeds[key.config]]
         counted = {
             "seeds_broken": sum(bool(broke(other)) for other in configuration),
             "seeds_total": len(configuration),

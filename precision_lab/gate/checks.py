@@ -95,7 +95,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from precision_lab.errors import UsageError
-from precision_lab.gate.baseline import RunKey, RunSet
+from precision_lab.gate.baseline import RunKey, RunSet, configurations
 from precision_lab.run.summary import broke
 
 FAIL, BETTER, OK, NEW, SKIP = "fail", "better", "ok", "new", "skip"
@@ -813,9 +813,7 @@ def gate(
     verdicts: list[Verdict] = []
     tolerances = tolerances.for_device(baseline.environment.get("device"))
     checks = tolerances.checks()
-    seeds: dict[tuple, list[RunKey]] = {}
-    for key in baseline.runs:
-        seeds.setdefault(key.config, []).append(key)
+    seeds = configurations(baseline.runs)
     for key, base_run in baseline.runs.items():
         run = current.runs.get(key)
         across_seeds = len(seeds[key.config]) > 1
