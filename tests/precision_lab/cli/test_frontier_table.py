@@ -25,7 +25,7 @@ def test_one_line_per_seed_then_the_median():
     lines = [line for line in text.splitlines() if "kfac:cholesky" in line]
     assert len(lines) == 3
     assert "costs 3 rungs" in lines[0] and ".xxxx" in lines[0] and "....x" in lines[0]
-    assert "costs 1 rung" in lines[1] and "0.001" not in lines[1].split("|")[0]
+    assert "costs 1 rung" in lines[1] and " 0.0001 " in lines[1]
     assert "median" in lines[2] and " 2 " in lines[2]  # median of 3 and 1
     assert "0.1 -> 1e-05 (5)" in lines[0]
 
