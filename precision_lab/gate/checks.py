@@ -56,6 +56,13 @@ stability.seeds_broken        with several seeds per configuration in the baseli
 coverage.run                  fails when a baseline run is missing from the run directory, or
                               stopped without a result (interrupted: its figures are then not
                               compared). A run that raised is a result: it broke.
+frontier.breaking_point,      a frontier's breaking point, as its position on the ladder: fails
+frontier.control_breaking_    when it moved milder (earlier) than the baseline's, is ``better``
+point                         when harsher; with several seeds, by an exact one-sided permutation
+                              test of the seeds' positions at level ``alpha`` (Fisher's test of
+                              ``seeds_broken`` on a one-rung ladder). ``precision_lab.gate.
+                              frontiers`` says how; ``coverage.frontier`` fails a baseline
+                              frontier the run directory lacks.
 ===========================  ================================================================
 
 The tolerances are well above the noise measured (1 against 2 threads on this 2-core
@@ -96,6 +103,15 @@ from typing import Any
 
 from precision_lab.errors import UsageError
 from precision_lab.gate.baseline import RunKey, RunSet, configurations
+from precision_lab.gate.frontiers import (
+    SIDES,
+    Frontier,
+    FrontierKey,
+    check_ladders,
+    median_position,
+    moved,
+    permutation_p_lower,
+)
 from precision_lab.run.summary import broke
 
 FAIL, BETTER, OK, NEW, SKIP = "fail", "better", "ok", "new", "skip"
@@ -583,7 +599,8 @@ class Verdict:
             ``stability.seeds_broken``, ``"broken/seeds"``.
         change: the change, as the check measures it (relative, factor or absolute).
         message: for a failure, the run and the figure and by how much; else a note.
-        p_value: for ``stability.seeds_broken``, the one-sided Fisher exact test's.
+        p_value: for ``stability.seeds_broken``, the one-sided Fisher exact test's; for a
+            frontier judged over seeds, the one-sided permutation test's.
     """
 
     check: str
@@ -673,6 +690,136 @@ def judge_seeds(label: str, base_runs: list[dict], runs: list[dict], alpha: floa
         )
         return Verdict(**common, status=FAIL, message=message)
     return Verdict(**common, status=BETTER if p_better < alpha else OK)
+
+
+def _frontier_verdict(check: str, label: str, key: FrontierKey | None, **fields: Any) -> Verdict:
+    return Verdict(check=f"frontier.{check}", run=label, key=key and key.as_dict(), **fields)
+
+
+def judge_frontier(side: str, current: Frontier, baseline: Frontier) -> Verdict:
+    """One frontier of one seed: fails when its breaking point moved milder on the ladder
+    (`precision_lab.gate.frontiers`), ``better`` when harsher."""
+    now, was = current.position(side), baseline.position(side)
+    common = {"baseline": baseline.shown(was), "current": current.shown(now)}
+    if now is None or was is None:
+        whose = "this run's" if now is None else "the baseline's"
+        reason = f"{whose} breaking point is unknown: a milder rung did not run"
+        return _frontier_verdict(
+            side, current.key.label, current.key, status=SKIP, **common, message=reason
+        )
+    change = moved(current, now, was)
+    if now < was:
+        message = (
+            f"{current.key.label}: {side.replace('_', ' ')} moved {change}: breaks at "
+            f"{current.shown(now)} where the baseline broke at {baseline.shown(was)}"
+        )
+        return _frontier_verdict(
+            side,
+            current.key.label,
+            current.key,
+            status=FAIL,
+            **common,
+            change=change,
+            message=message,
+        )
+    status = BETTER if now > was else OK
+    return _frontier_verdict(
+        side, current.key.label, current.key, status=status, **common, change=change
+    )
+
+
+def _seeds_shown(frontiers: list[Frontier], positions: list[int]) -> str:
+    seeds = ", ".join(f.shown(p) for f, p in zip(frontiers, positions, strict=True))
+    return f"median {frontiers[0].shown(median_position(positions))} ({seeds})"
+
+
+def judge_frontier_seeds(
+    side: str, current: list[Frontier], baseline: list[Frontier], alpha: float
+) -> Verdict:
+    """One frontier configuration over several seeds: fails when the current positions are
+    significantly milder (`permutation_p_lower` < ``alpha``), ``better`` when significantly
+    harsher. Seeds whose position is unknown (a milder rung did not run) are left out."""
+    label = baseline[0].key.config_label
+    pairs = [(f, f.position(side)) for f in current]
+    base_pairs = [(f, f.position(side)) for f in baseline]
+    now = [(f, p) for f, p in pairs if p is not None]
+    was = [(f, p) for f, p in base_pairs if p is not None]
+    if not now or not was:
+        reason = "no seed's breaking point is known on " + (
+            "this run" if not now else "the baseline"
+        )
+        return _frontier_verdict(side, label, None, status=SKIP, message=reason)
+    now_frontiers, now_positions = map(list, zip(*now, strict=True))
+    was_frontiers, was_positions = map(list, zip(*was, strict=True))
+    p_worse = permutation_p_lower(now_positions, was_positions)
+    p_better = permutation_p_lower(was_positions, now_positions)
+    common = {
+        "baseline": _seeds_shown(was_frontiers, was_positions),
+        "current": _seeds_shown(now_frontiers, now_positions),
+        "change": f"p={p_worse:.3g}",
+        "p_value": p_worse,
+    }
+    if p_worse < alpha:
+        message = (
+            f"{label}: {side.replace('_', ' ')} moved milder over {len(now_positions)} seeds: "
+            f"{common['current']} against {common['baseline']} in the baseline (one-sided "
+            f"permutation test p = {p_worse:.3g} < alpha {alpha:g})"
+        )
+        return _frontier_verdict(side, label, None, status=FAIL, message=message, **common)
+    return _frontier_verdict(side, label, None, status=BETTER if p_better < alpha else OK, **common)
+
+
+def judge_frontiers(current: RunSet, baseline: RunSet, alpha: float) -> list[Verdict]:
+    """Every frontier check (`precision_lab.gate.frontiers`): per frontier with one seed per
+    configuration, per configuration with several; a baseline frontier the run directory
+    lacks fails ``coverage.frontier``, a new one is ``new``.
+
+    Raises:
+        UsageError: a frontier's ladder differs from the baseline's.
+    """
+    verdicts: list[Verdict] = []
+    seeds: dict[tuple[str, ...], list[FrontierKey]] = {}
+    for key in baseline.frontiers:
+        seeds.setdefault(key.config, []).append(key)
+    for keys in seeds.values():
+        present = [key for key in keys if key in current.frontiers]
+        for key in keys:
+            if key not in current.frontiers:
+                message = (
+                    f"{key.label}: frontier is in the baseline but missing from {current.source}"
+                )
+                verdicts.append(
+                    Verdict("coverage.frontier", key.label, key.as_dict(), FAIL, message=message)
+                )
+                continue
+            check_ladders(
+                current.frontiers[key], baseline.frontiers[key], current.source, baseline.source
+            )
+        for side in SIDES:
+            if len(keys) == 1 and present:
+                verdicts.append(
+                    judge_frontier(side, current.frontiers[keys[0]], baseline.frontiers[keys[0]])
+                )
+            elif present:
+                verdicts.append(
+                    judge_frontier_seeds(
+                        side,
+                        [current.frontiers[key] for key in present],
+                        [baseline.frontiers[key] for key in keys],
+                        alpha,
+                    )
+                )
+    for key in current.frontiers.keys() - baseline.frontiers.keys():
+        verdicts.append(
+            Verdict(
+                "coverage.frontier",
+                key.label,
+                key.as_dict(),
+                NEW,
+                message="not in the baseline: refresh it to gate this frontier",
+            )
+        )
+    return verdicts
 
 
 def _coverage(key: RunKey, status: str, message: str) -> Verdict:
@@ -844,6 +991,7 @@ def gate(
                 )
     for key in current.runs.keys() - baseline.runs.keys():
         verdicts.append(_coverage(key, NEW, "not in the baseline: refresh it to gate this run"))
+    verdicts.extend(judge_frontiers(current, baseline, tolerances.alpha))
     timing = None
     if against is not None:
         time_verdicts, timing = compare_step_times(current, against, tolerances.max_slowdown)
