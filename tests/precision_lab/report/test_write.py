@@ -76,6 +76,7 @@ def test_every_section_has_a_caption_and_a_figure_or_a_reason(bf16_run):
     sections = build_sections(load_report_data([bf16_run]))
     keys = [s.key for s in sections]
     assert keys == [
+        "frontiers",
         "overview",
         "stability",
         "events",
@@ -115,7 +116,7 @@ def test_a_run_directory_without_runs_still_gets_a_page(tmp_path):
     assert result.exit_code == 0, result.output
     sections = build_sections(load_report_data([run]))
     assert all(s.figure is None for s in sections)
-    assert sum(bool(s.empty) for s in sections) == 9
+    assert sum(bool(s.empty) for s in sections) == 10  # the nine figures and the frontiers
 
 
 def test_a_failing_figure_costs_only_its_own_section(bf16_run, tmp_path, monkeypatch):
@@ -225,7 +226,7 @@ def test_before_and_after_of_one_dtype_stay_apart(bf16_run, tmp_path):
         assert trace["name"].endswith(("[bf16]", "[after]")), trace["name"]
         colors.setdefault(trace["name"], set()).add(trace["line"]["color"])
     assert all(len(c) == 1 for c in colors.values())
-    assert colors["bf16 [bf16]"] != colors["bf16 [after]"]
+    assert colors["adamw bf16 [bf16]"] != colors["adamw bf16 [after]"]
 
 
 def test_thinning_keeps_every_bucket_extreme():
