@@ -107,9 +107,9 @@ from precision_lab.gate.frontiers import (
     SIDES,
     Frontier,
     FrontierKey,
-    check_ladders,
     median_position,
     moved,
+    on_ladder,
     permutation_p_lower,
 )
 from precision_lab.run.summary import broke
@@ -775,36 +775,38 @@ def judge_frontiers(current: RunSet, baseline: RunSet, alpha: float) -> list[Ver
     lacks fails ``coverage.frontier``, a new one is ``new``.
 
     Raises:
-        UsageError: a frontier's ladder differs from the baseline's.
+        UsageError: a frontier has a rung its baseline's ladder lacks.
     """
     verdicts: list[Verdict] = []
     seeds: dict[tuple[str, ...], list[FrontierKey]] = {}
     for key in baseline.frontiers:
         seeds.setdefault(key.config, []).append(key)
+    aligned = {
+        key: on_ladder(frontier, baseline.frontiers[key], current.source, baseline.source)
+        for key, frontier in current.frontiers.items()
+        if key in baseline.frontiers
+    }
     for keys in seeds.values():
-        present = [key for key in keys if key in current.frontiers]
         for key in keys:
-            if key not in current.frontiers:
+            if key not in aligned:
                 message = (
                     f"{key.label}: frontier is in the baseline but missing from {current.source}"
                 )
                 verdicts.append(
                     Verdict("coverage.frontier", key.label, key.as_dict(), FAIL, message=message)
                 )
-                continue
-            check_ladders(
-                current.frontiers[key], baseline.frontiers[key], current.source, baseline.source
-            )
+        present = [key for key in keys if key in aligned]
+        if not present:
+            continue
         for side in SIDES:
-            if len(keys) == 1 and present:
-                verdicts.append(
-                    judge_frontier(side, current.frontiers[keys[0]], baseline.frontiers[keys[0]])
-                )
-            elif present:
+            if len(keys) == 1:
+                only = keys[0]
+                verdicts.append(judge_frontier(side, aligned[only], baseline.frontiers[only]))
+            else:
                 verdicts.append(
                     judge_frontier_seeds(
                         side,
-                        [current.frontiers[key] for key in present],
+                        [aligned[key] for key in present],
                         [baseline.frontiers[key] for key in keys],
                         alpha,
                     )

@@ -30,7 +30,8 @@ test is exact integer arithmetic. The verdict does not depend on the thread coun
 the first broken rung leaves the position unknown: such a frontier is skipped, with the
 reason; the missing run itself fails ``coverage.run``. A frontier of the baseline absent from
 the run directory fails ``coverage.frontier``; a new one is reported ``new``. A frontier
-whose ladder differs from the baseline's cannot be compared (a `UsageError`, exit 2).
+with a rung its baseline's ladder lacks cannot be compared (a `UsageError`, exit 2); one that
+lacks a rung of the baseline's (its run removed from the summary) has that rung ``missing``.
 
 Baselines store each frontier's ladder and its rungs' statuses (`frontier_document`), and
 are checked on read (`read_frontier`): statuses from the known set, one per rung, and the
@@ -256,12 +257,27 @@ def moved(frontier: Frontier, current: int, baseline: int) -> str:
     return f"{rungs} rung{'s' * (rungs != 1)} {'milder' if current < baseline else 'harsher'}"
 
 
-def check_ladders(current: Frontier, baseline: Frontier, source: str, against: str) -> None:
-    """Refuse to compare positions on different ladders."""
-    if current.ladder != baseline.ladder:
+def on_ladder(current: Frontier, baseline: Frontier, source: str, against: str) -> Frontier:
+    """``current`` on the baseline's ladder: a rung the run directory lacks (its run was
+    removed from the summary) is ``missing``, so positions compare rung by rung.
+
+    Raises:
+        UsageError: ``current`` has a rung the baseline's ladder lacks (the ladder changed).
+    """
+    if current.ladder == baseline.ladder:
+        return current
+    if not set(current.ladder) <= set(baseline.ladder):
         shown = ", ".join(map(rung_label, current.ladder))
         was = ", ".join(map(rung_label, baseline.ladder))
         raise UsageError(
             f"Frontier {current.key.label} of {source} climbs the ladder ({shown}) but the "
             f"baseline {against}'s climbs ({was}): refresh the baseline for the new ladder."
         )
+    runs = dict(zip(current.ladder, current.statuses, strict=True))
+    controls = dict(zip(current.ladder, current.control_statuses, strict=True))
+    return Frontier(
+        current.key,
+        baseline.ladder,
+        tuple(runs.get(value, "missing") for value in baseline.ladder),
+        tuple(controls.get(value, "missing") for value in baseline.ladder),
+    )

@@ -136,6 +136,19 @@ def test_a_missing_rung_leaves_the_breaking_point_unknown(tmp_path):
     assert any(v["check"] == "coverage.run" and v["status"] == "fail" for v in data["checks"])
 
 
+def test_a_rung_removed_from_the_summary_is_missing_not_another_ladder(tmp_path):
+    _, path = make_baseline(tmp_path)
+    runs = frontier_runs(BASE)
+    gone = "mlp/damping=0.01/kfac:cholesky/bfloat16/pure/s0"
+    runs = [run for run in runs if gone not in run["run"]]  # the rung and its control
+    result = invoke("gate", write_frontier_dir(tmp_path / "now", runs), "--baseline", path)
+    assert result.exit_code == 1, result.output  # coverage.run: the rung is missing
+    data = json.loads(invoke("gate", tmp_path / "now", "--baseline", path, "--json").output)
+    verdict = frontier_verdicts(data)["frontier.breaking_point", KFAC]
+    assert verdict["status"] == "skip" and verdict["current"] == "unknown"
+    assert frontier_verdicts(data)["frontier.breaking_point", SINGD]["status"] == "ok"
+
+
 def test_a_frontier_missing_from_the_run_directory_fails(tmp_path):
     _, path = make_baseline(tmp_path)
     result, data = gate_json(tmp_path, path, {"kfac:cholesky": BASE["kfac:cholesky"]})
