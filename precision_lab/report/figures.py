@@ -300,7 +300,8 @@ def stability_heatmap(data: ReportData) -> Section:
         .reset_index()
     )
     rows = sorted(cells["optimizer"].unique())
-    cols = sorted(cells["column"].unique())
+    # The suite's order (a frontier's rungs mildest first), not the alphabet's.
+    cols = list(dict.fromkeys(s["column"]))
     z_broke = np.full((len(rows), len(cols)), np.nan)
     z_status = np.full((len(rows), len(cols)), np.nan)  # 0 stable, 1 diverged (loss)
     text = np.full((len(rows), len(cols)), "", dtype=object)

@@ -222,6 +222,12 @@ def finding(row: FrontierRow) -> str:
         notes.append("float32 not monotone: it held again at a harsher rung after breaking")
     for side, whose in ((row.run, ""), (row.control, "float32 ")):
         quiet = side.rungs_with("no_learning", ladder)
+        if side is row.control and where in quiet:
+            # The failure_cause rule: a control that did not learn says nothing of the dtype.
+            notes.append(
+                f"float32 did not learn at {where}, so that rung says nothing of the dtype"
+            )
+            quiet.remove(where)
         if quiet:
             notes.append(f"{whose}did not learn at {', '.join(quiet)}")
     return text + (f" ({'; '.join(notes)})" if notes else "")

@@ -85,9 +85,14 @@ def test_one_sentence_per_knob_says_what_was_found(frontier_dir):
         ({"sgd": ("HBHBBB", "HHHHHH")}, "(cost at least 5 rungs; not monotone: it held again"),
         (
             {"sgd": ("HHHBBB", "HNNNNB")},
-            "(cost 2 rungs; float32 did not learn at 0.01, 0.001, 0.0001, 1e-05)",
+            "(cost 2 rungs; float32 did not learn at 0.0001, so that rung says nothing of "
+            "the dtype; float32 did not learn at 0.01, 0.001, 1e-05)",
         ),
         ({"sgd": ("HHMBBB", "HHHHHB")}, "sgd's breaking point is unknown (0.001 did not run)"),
+        (
+            {"sgd": ("HHHHHB", "HHHHHH")},
+            "sgd breaks at 1e-06 where float32 holds on every rung (cost at least 1 rung).",
+        ),
         (
             {"sgd": ("BBBBBB", "HHHHHB")},
             "sgd breaks at 0.1 where float32 breaks at 1e-06 (cost at least 5 rungs)",
