@@ -103,20 +103,9 @@ from typing import Any
 
 from precision_lab.errors import UsageError
 from precision_lab.gate.baseline import RunKey, RunSet, configurations
-from precision_lab.gate.frontiers import (
-    SIDES,
-    Frontier,
-    FrontierKey,
-    median_position,
-    moved,
-    on_ladder,
-    permutation_p_lower,
-)
+from precision_lab.gate.frontiers import judge_frontiers
+from precision_lab.gate.verdicts import BETTER, FAIL, NEW, OK, SKIP, STATUS_ORDER, Verdict
 from precision_lab.run.summary import broke
-
-FAIL, BETTER, OK, NEW, SKIP = "fail", "better", "ok", "new", "skip"
-# Failures first, then what a reviewer should notice, then the unremarkable.
-STATUS_ORDER = {FAIL: 0, BETTER: 1, NEW: 2, OK: 3, SKIP: 4}
 
 MIB = 2**20
 
@@ -587,33 +576,6 @@ class Tolerances:
         ]
 
 
-@dataclass(frozen=True)
-class Verdict:
-    """One check on one run (or one configuration): what was compared and concluded.
-
-    Attributes:
-        check: ``category.figure``.
-        run: the run's key label (``seed*`` for a configuration); ``key`` the key itself.
-        status: ``fail``, ``better``, ``ok``, ``new`` (no baseline) or ``skip``.
-        baseline, current: the figure's values (null where non-finite or absent); for
-            ``stability.seeds_broken``, ``"broken/seeds"``.
-        change: the change, as the check measures it (relative, factor or absolute).
-        message: for a failure, the run and the figure and by how much; else a note.
-        p_value: for ``stability.seeds_broken``, the one-sided Fisher exact test's; for a
-            frontier judged over seeds, the one-sided permutation test's.
-    """
-
-    check: str
-    run: str
-    key: dict[str, Any] | None
-    status: str
-    baseline: Any = None
-    current: Any = None
-    change: str = ""
-    message: str = ""
-    p_value: float | None = None
-
-
 @dataclass
 class GateResult:
     """Every verdict of one gate, and the step-time comparison if one was asked for."""
@@ -690,138 +652,6 @@ def judge_seeds(label: str, base_runs: list[dict], runs: list[dict], alpha: floa
         )
         return Verdict(**common, status=FAIL, message=message)
     return Verdict(**common, status=BETTER if p_better < alpha else OK)
-
-
-def _frontier_verdict(check: str, label: str, key: FrontierKey | None, **fields: Any) -> Verdict:
-    return Verdict(check=f"frontier.{check}", run=label, key=key and key.as_dict(), **fields)
-
-
-def judge_frontier(side: str, current: Frontier, baseline: Frontier) -> Verdict:
-    """One frontier of one seed: fails when its breaking point moved milder on the ladder
-    (`precision_lab.gate.frontiers`), ``better`` when harsher."""
-    now, was = current.position(side), baseline.position(side)
-    common = {"baseline": baseline.shown(was), "current": current.shown(now)}
-    if now is None or was is None:
-        whose = "this run's" if now is None else "the baseline's"
-        reason = f"{whose} breaking point is unknown: a milder rung did not run"
-        return _frontier_verdict(
-            side, current.key.label, current.key, status=SKIP, **common, message=reason
-        )
-    change = moved(current, now, was)
-    if now < was:
-        message = (
-            f"{current.key.label}: {side.replace('_', ' ')} moved {change}: breaks at "
-            f"{current.shown(now)} where the baseline broke at {baseline.shown(was)}"
-        )
-        return _frontier_verdict(
-            side,
-            current.key.label,
-            current.key,
-            status=FAIL,
-            **common,
-            change=change,
-            message=message,
-        )
-    status = BETTER if now > was else OK
-    return _frontier_verdict(
-        side, current.key.label, current.key, status=status, **common, change=change
-    )
-
-
-def _seeds_shown(frontiers: list[Frontier], positions: list[int]) -> str:
-    seeds = ", ".join(f.shown(p) for f, p in zip(frontiers, positions, strict=True))
-    return f"median {frontiers[0].shown(median_position(positions))} ({seeds})"
-
-
-def judge_frontier_seeds(
-    side: str, current: list[Frontier], baseline: list[Frontier], alpha: float
-) -> Verdict:
-    """One frontier configuration over several seeds: fails when the current positions are
-    significantly milder (`permutation_p_lower` < ``alpha``), ``better`` when significantly
-    harsher. Seeds whose position is unknown (a milder rung did not run) are left out."""
-    label = baseline[0].key.config_label
-    pairs = [(f, f.position(side)) for f in current]
-    base_pairs = [(f, f.position(side)) for f in baseline]
-    now = [(f, p) for f, p in pairs if p is not None]
-    was = [(f, p) for f, p in base_pairs if p is not None]
-    if not now or not was:
-        reason = "no seed's breaking point is known on " + (
-            "this run" if not now else "the baseline"
-        )
-        return _frontier_verdict(side, label, None, status=SKIP, message=reason)
-    now_frontiers, now_positions = map(list, zip(*now, strict=True))
-    was_frontiers, was_positions = map(list, zip(*was, strict=True))
-    p_worse = permutation_p_lower(now_positions, was_positions)
-    p_better = permutation_p_lower(was_positions, now_positions)
-    common = {
-        "baseline": _seeds_shown(was_frontiers, was_positions),
-        "current": _seeds_shown(now_frontiers, now_positions),
-        "change": f"p={p_worse:.3g}",
-        "p_value": p_worse,
-    }
-    if p_worse < alpha:
-        message = (
-            f"{label}: {side.replace('_', ' ')} moved milder over {len(now_positions)} seeds: "
-            f"{common['current']} against {common['baseline']} in the baseline (one-sided "
-            f"permutation test p = {p_worse:.3g} < alpha {alpha:g})"
-        )
-        return _frontier_verdict(side, label, None, status=FAIL, message=message, **common)
-    return _frontier_verdict(side, label, None, status=BETTER if p_better < alpha else OK, **common)
-
-
-def judge_frontiers(current: RunSet, baseline: RunSet, alpha: float) -> list[Verdict]:
-    """Every frontier check (`precision_lab.gate.frontiers`): per frontier with one seed per
-    configuration, per configuration with several; a baseline frontier the run directory
-    lacks fails ``coverage.frontier``, a new one is ``new``.
-
-    Raises:
-        UsageError: a frontier has a rung its baseline's ladder lacks.
-    """
-    verdicts: list[Verdict] = []
-    seeds: dict[tuple[str, ...], list[FrontierKey]] = {}
-    for key in baseline.frontiers:
-        seeds.setdefault(key.config, []).append(key)
-    aligned = {
-        key: on_ladder(frontier, baseline.frontiers[key], current.source, baseline.source)
-        for key, frontier in current.frontiers.items()
-        if key in baseline.frontiers
-    }
-    for keys in seeds.values():
-        for key in keys:
-            if key not in aligned:
-                message = (
-                    f"{key.label}: frontier is in the baseline but missing from {current.source}"
-                )
-                verdicts.append(
-                    Verdict("coverage.frontier", key.label, key.as_dict(), FAIL, message=message)
-                )
-        present = [key for key in keys if key in aligned]
-        if not present:
-            continue
-        for side in SIDES:
-            if len(keys) == 1:
-                only = keys[0]
-                verdicts.append(judge_frontier(side, aligned[only], baseline.frontiers[only]))
-            else:
-                verdicts.append(
-                    judge_frontier_seeds(
-                        side,
-                        [aligned[key] for key in present],
-                        [baseline.frontiers[key] for key in keys],
-                        alpha,
-                    )
-                )
-    for key in current.frontiers.keys() - baseline.frontiers.keys():
-        verdicts.append(
-            Verdict(
-                "coverage.frontier",
-                key.label,
-                key.as_dict(),
-                NEW,
-                message="not in the baseline: refresh it to gate this frontier",
-            )
-        )
-    return verdicts
 
 
 def _coverage(key: RunKey, status: str, message: str) -> Verdict:
