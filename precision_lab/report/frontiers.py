@@ -370,7 +370,7 @@ def knob_figure(rows: list[FrontierRow], several_sources: bool) -> dict:
         for source, model, dtype, mode, _ in panels
     ]
     heights = [2 * len(members) for members in panels.values()]
-    height = 120 + sum(ROW_PX * h + GAP_PX for h in heights)
+    height = 160 + sum(ROW_PX * h + GAP_PX for h in heights)
     fig = make_subplots(
         len(panels),
         1,
@@ -402,9 +402,16 @@ def knob_figure(rows: list[FrontierRow], several_sources: bool) -> dict:
             "zeroline": False,
         }
     layout |= LAYOUT
-    layout["margin"] = {**LAYOUT["margin"], "l": 200}
+    # The legend on a line of its own at the top, above the first panel's title.
+    layout["margin"] = {**LAYOUT["margin"], "l": 200, "t": 80}
     layout["height"] = height
-    layout["legend"] = {"orientation": "h", "y": 1.0, "yanchor": "bottom", "x": 0}
+    layout["legend"] = {
+        "orientation": "h",
+        "yref": "container",
+        "y": 1,
+        "yanchor": "top",
+        "x": 0,
+    }
     return {"data": traces, "layout": layout}
 
 
