@@ -172,12 +172,16 @@ def _rungs_phrase(count: float) -> str:
     return f"{count} rung{'' if count == 1 else 's'}"
 
 
+def _name(row: FrontierRow) -> str:
+    return row.optimizer if row.mode == "pure" else f"{row.optimizer} ({row.mode})"
+
+
 def finding(row: FrontierRow) -> str:
     """What one row found, as a clause: its breaking point against float32's, the cost in
     rungs, and what qualifies it (unknown rungs, a lower bound, a non-monotone ladder,
     rungs where a run did not learn, the seeds)."""
     ladder, n = row.ladder, len(row.ladder)
-    opt = row.optimizer if row.mode == "pure" else f"{row.optimizer} ({row.mode})"
+    opt = _name(row)
     if not row.known:
         missing = row.run.rungs_with("missing", ladder) + row.control.rungs_with("missing", ladder)
         shown = ", ".join(dict.fromkeys(missing)) or "some rungs"
@@ -224,13 +228,38 @@ def finding(row: FrontierRow) -> str:
         quiet = side.rungs_with("no_learning", ladder)
         if side is row.control and where in quiet:
             # The failure_cause rule: a control that did not learn says nothing of the dtype.
-            notes.append(
-                f"float32 did not learn at {where}, so that rung says nothing of the dtype"
-            )
             quiet.remove(where)
-        if quiet:
+            others = f", nor at {', '.join(quiet)}" if quiet else ""
+            notes.append(
+                f"float32 did not learn at {where}, so that rung says nothing of the dtype{others}"
+            )
+        elif quiet:
             notes.append(f"{whose}did not learn at {', '.join(quiet)}")
     return text + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def _grouped(rows: list[FrontierRow]) -> list[str]:
+    """The rows' findings, optimizers that found the same said together ("a, b and c hold
+    on every rung, as float32 does (cost 0)"), in the order of their first row."""
+    said: dict[str, list[str]] = {}
+    for row in rows:
+        name = _name(row)
+        predicate = finding(row)[len(name) :]
+        # "x's breaking point is unknown" stays alone: its subject is possessive.
+        key = predicate if predicate.startswith(" ") else name + predicate
+        said.setdefault(key, []).append(name)
+    clauses = []
+    for predicate, names in said.items():
+        if not predicate.startswith(" "):
+            clauses.append(predicate)
+            continue
+        if len(names) > 1:
+            for verb in ("holds", "breaks"):
+                if predicate.startswith(f" {verb} "):
+                    predicate = f" {verb[:-1]}{predicate[len(verb) + 1 :]}"
+        subject = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+        clauses.append(subject + predicate)
+    return clauses
 
 
 def knob_sentence(knob: str, rows: list[FrontierRow], source: str | None) -> str:
@@ -245,7 +274,7 @@ def knob_sentence(knob: str, rows: list[FrontierRow], source: str | None) -> str
     for (model, dtype, mode, own), members in groups.items():
         other = "" if own == first else f" (ladder {rung(own[0])} .. {rung(own[-1])})"
         mode_text = "" if mode == "pure" else f" ({mode})"
-        body = "; ".join(finding(row) for row in members)
+        body = "; ".join(_grouped(members))
         clauses.append(f"on the {model}{other} in {dtype}{mode_text}, {body}")
     return f"{lead} the {knob} ladder ({ladder}, {len(first)} rungs): {'; '.join(clauses)}."
 

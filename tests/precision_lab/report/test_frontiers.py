@@ -86,7 +86,7 @@ def test_one_sentence_per_knob_says_what_was_found(frontier_dir):
         (
             {"sgd": ("HHHBBB", "HNNNNB")},
             "(cost 2 rungs; float32 did not learn at 0.0001, so that rung says nothing of "
-            "the dtype; float32 did not learn at 0.01, 0.001, 1e-05)",
+            "the dtype, nor at 0.01, 0.001, 1e-05)",
         ),
         ({"sgd": ("HHMBBB", "HHHHHB")}, "sgd's breaking point is unknown (0.001 did not run)"),
         (
@@ -102,6 +102,23 @@ def test_one_sentence_per_knob_says_what_was_found(frontier_dir):
 def test_honest_wording_for_every_kind_of_frontier(tmp_path, patterns, words):
     path = write_frontier_dir(tmp_path / "run", frontier_runs(patterns), records=True)
     assert words in sentence(path, "damping")
+
+
+def test_optimizers_that_found_the_same_are_said_together(tmp_path):
+    patterns = {
+        "singd:dense": ("HHHHHH", "HHHHHH"),
+        "kfac:cholesky": ("HHHBBB", "HHHHHB"),
+        "singd:diagonal": ("HHHHHH", "HHHHHH"),
+        "kfac:eigh": ("HHHBBB", "HHHHHB"),
+        "ikfac": ("HHHHHH", "HHHHHH"),
+    }
+    path = write_frontier_dir(tmp_path / "run", frontier_runs(patterns), records=True)
+    assert sentence(path, "damping") == (
+        "On the damping ladder (0.1 .. 1e-06, 6 rungs): on the mlp in bfloat16, "
+        "singd:dense, singd:diagonal and ikfac hold on every rung, as float32 does (cost 0); "
+        "kfac:cholesky and kfac:eigh break at 0.0001 where float32 breaks at 1e-06 "
+        "(cost 2 rungs)."
+    )
 
 
 def test_over_seeds_the_sentence_gives_the_median_and_each_seed(tmp_path):
