@@ -411,10 +411,29 @@ def knob_figure(rows: list[FrontierRow], several_sources: bool) -> dict:
     layout = spec["layout"]
     traces: list[dict] = []
     shown: set[str] = set()
+    bands: list[dict] = []
+    labels: list[str] = []
     for index, ((_, _, _, _, ladder), members) in enumerate(panels.items()):
         axis = "" if index == 0 else str(index + 1)
         made, tickvals, ticktext = _panel_traces(members, axis, shown)
         traces += made
+        labels += ticktext
+        # Every other optimizer's pair of rows (dtype, control) on a light band.
+        bands += [
+            {
+                "type": "rect",
+                "layer": "below",
+                "xref": f"x{axis}",
+                "yref": f"y{axis}",
+                "x0": -0.6,
+                "x1": len(ladder) + 0.9,
+                "y0": tickvals[k + 1] - 0.5,
+                "y1": tickvals[k] + 0.5,
+                "fillcolor": "#f3f4f6",
+                "line": {"width": 0},
+            }
+            for k in range(2, len(tickvals), 4)
+        ]
         layout[f"xaxis{axis}"] |= {
             "tickvals": list(range(len(ladder))),
             "ticktext": [rung(v) for v in ladder],
@@ -432,7 +451,10 @@ def knob_figure(rows: list[FrontierRow], several_sources: bool) -> dict:
         }
     layout |= LAYOUT
     # The legend on a line of its own at the top, above the first panel's title.
-    layout["margin"] = {**LAYOUT["margin"], "l": 200, "t": 80}
+    # Room on the left for the longest row label (about 7 px a character at 12 px).
+    left = 30 + 7 * max(map(len, labels))
+    layout["margin"] = {**LAYOUT["margin"], "l": left, "t": 80}
+    layout["shapes"] = bands
     layout["height"] = height
     layout["legend"] = {
         "orientation": "h",
