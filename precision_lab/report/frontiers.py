@@ -216,7 +216,8 @@ def finding(row: FrontierRow) -> str:
     else:
         text = f"{opt} breaks at {at}{where}, later than float32 at {at}{control_at}"
     if p > c:
-        notes.append(f"float32 broke first, {_rungs_phrase(-cost)} earlier")
+        # The medians' distance: over seeds the median cost may disagree in sign.
+        notes.append(f"float32 broke first, {_rungs_phrase(p - c)} earlier")
     if several:
         per_seed = ", ".join("held" if bp is None else rung(bp) for bp in row.run.breaking_points)
         notes.append(f"over {len(row.seeds)} seeds, breaking at {per_seed}")
