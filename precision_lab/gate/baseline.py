@@ -216,15 +216,17 @@ def read_run_dir(path: str | Path) -> RunSet:
         "device": config.get("device"),
         "command": config.get("command"),
     }
+    try:
+        entries = frontier_entries(run.runs)
+    except ValueError as error:  # a knob no version of the suite declares
+        raise UsageError(f"{run.path / SUMMARY_FILE}: {error}") from None
     return RunSet(
         suite=suite_name(config.get("suite")),
         runs=index_runs(run.runs, str(run.path / SUMMARY_FILE)),
         settings={name: config.get(name) for name in SETTINGS},
         environment=environment,
         source=str(run.path),
-        frontiers=index_frontiers(
-            map(frontier_from_entry, frontier_entries(run.runs)), str(run.path)
-        ),
+        frontiers=index_frontiers(map(frontier_from_entry, entries), str(run.path)),
     )
 
 

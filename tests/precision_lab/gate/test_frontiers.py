@@ -173,6 +173,15 @@ def test_another_ladder_cannot_be_compared(tmp_path):
     assert_one_sentence_error(result, "climbs the ladder", "refresh the baseline")
 
 
+def test_a_run_directory_naming_an_unknown_knob_exits_2(tmp_path):
+    _, path = make_baseline(tmp_path)
+    runs = frontier_runs(BASE)
+    for run in runs:
+        run["frontier"] = "warp_factor"
+    result = invoke("gate", write_frontier_dir(tmp_path / "now", runs), "--baseline", path)
+    assert_one_sentence_error(result, "summary.json", "Unknown knob 'warp_factor'")
+
+
 def test_a_baseline_without_frontiers_is_read_and_gates_none(tmp_path):
     """Baselines written before frontiers existed: readable, no frontier is judged (each
     is reported new)."""
