@@ -50,16 +50,13 @@ from typing import TYPE_CHECKING, Any
 
 from precision_lab.errors import UsageError
 from precision_lab.gate.verdicts import BETTER, FAIL, NEW, OK, SKIP, Verdict
+from precision_lab.run.frontiers import ENTRY_KEY, STATUSES
 
 if TYPE_CHECKING:
     from precision_lab.gate.baseline import RunSet
 
-STATUSES = ("held", "broke", "no_learning", "missing")
-"""A rung's status (`precision_lab.run.frontiers`): ``held`` (did not break, learned or
-unknown), ``broke`` (diverged or raised), ``no_learning`` (did not break, did not learn),
-``missing`` (absent or unfinished)."""
-
-FRONTIER_KEY_FIELDS = ("model", "knob", "optimizer", "dtype", "mode", "seed")
+FRONTIER_KEY_FIELDS = ENTRY_KEY
+"""A frontier's key: summary.json's ``frontiers`` entries' (`precision_lab.run.frontiers`)."""
 SIDES = {"breaking_point": "statuses", "control_breaking_point": "control_statuses"}
 """The two checks, each with the rung statuses it reads."""
 
