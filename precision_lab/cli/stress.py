@@ -34,7 +34,7 @@ from rich.table import Table
 from precision_lab import __version__
 from precision_lab.cli.context import LabContext, pass_lab
 from precision_lab.cli.interrupts import ReportSkipped, StopSignals
-from precision_lab.cli.params import DTYPE, NAMES, SEEDS, SPECS
+from precision_lab.cli.params import DTYPE, MODELS, MODELS_HELP, NAMES, SEEDS, SPECS
 from precision_lab.dtypes import dtype_name
 from precision_lab.errors import EXIT_REGRESSION, UsageError, fail, user_errors
 from precision_lab.report.write import write_report
@@ -252,7 +252,7 @@ def summary_table(runs: list[dict[str, Any]], seeds: bool) -> Table:
     type=SPECS,
     help="Comma-separated optimizer specs, e.g. singd:diagonal,kfac:eigh.",
 )
-@click.option("--models", type=NAMES, help="Comma-separated models: mlp, cnn, transformer.")
+@click.option("--models", type=MODELS, help=MODELS_HELP)
 @click.option("--scenarios", type=NAMES, help="Comma-separated scenarios (see docs/suites.md).")
 @click.option("--steps", type=click.IntRange(min=1), help="Training steps per run.")
 @click.option("--seeds", type=SEEDS, help="Comma-separated seeds, e.g. 0,1,2.")
