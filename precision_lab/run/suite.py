@@ -24,11 +24,14 @@ import torch
 
 from precision_lab.dtypes import dtype_name, parse_dtype
 from precision_lab.errors import UsageError
+from precision_lab.run.resolve import resolve_workload
 from precision_lab.specs import OptimizerSpec, parse_spec
-from precision_lab.workloads.models import MODELS, build_model
+from precision_lab.workloads.loader import is_import_path
+from precision_lab.workloads.models import build_model
 from precision_lab.workloads.scenarios import get_scenario
 
 BUILTIN_SUITES = ("quick", "default", "full")
+KRONECKER_FAMILIES = ("singd", "kfac")
 MODES = ("pure", "mixed")
 TOP_KEYS = {
     "name",
@@ -62,6 +65,8 @@ class RunPlan:
         hyperparameters: The overrides passed to ``OptimizerSpec.build``: the suite's
             family table, then its spec table, then the scenario's, later ones winning.
         control_for: For a float32 control, the dtype and mode of the run it controls.
+        source: The import path the suite named the workload by (``file.py:NAME``,
+            ``module:NAME``), whose ``name`` is ``model``; None for a built-in.
     """
 
     model: str
@@ -74,6 +79,7 @@ class RunPlan:
     batch_size: int
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     control_for: tuple[torch.dtype, str] | None = None
+    source: str | None = None
 
     @property
     def optimizer(self) -> str:
@@ -192,12 +198,7 @@ class Suite:
     def validate(self) -> None:
         """Check every name and number; `UsageError` (one sentence) on the first bad one."""
         for matrix in self.matrices:
-            for model in matrix.models:
-                if model not in MODELS:
-                    raise UsageError(
-                        f"Suite {self.name!r} names unknown model {model!r}; "
-                        f"expected one of {', '.join(MODELS)}."
-                    )
+            self._check_models(matrix.models, matrix.optimizers)
             for scenario in matrix.scenarios:
                 _wrap(get_scenario, scenario)
             for spec in matrix.optimizers:
@@ -216,6 +217,21 @@ class Suite:
             if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
                 raise UsageError(f"Seeds must be integers from 0 to {MAX_SEED}, got {seed!r}.")
 
+    def _check_models(self, models: tuple[str, ...], optimizers: tuple[str, ...]) -> None:
+        """Each model names a usable workload (`precision_lab.run.resolve`), one that SINGD
+        and KFAC can precondition where they train it; no two models share a name."""
+        kronecker = any(_parse_spec(s).family in KRONECKER_FAMILIES for s in optimizers)
+        names: dict[str, str] = {}
+        for model in models:
+            if not _is_int(self.batch_size) or self.batch_size < 1:
+                return  # reported with the numbers
+            name = resolve_workload(model, self.batch_size, kronecker=kronecker).name
+            if names.setdefault(name, model) != model:
+                raise UsageError(
+                    f"Suite {self.name!r}: models {names[name]!r} and {model!r} are both named "
+                    f"{name!r}; give one of them another name (Workload's name=)."
+                )
+
     def plan(self) -> list[RunPlan]:
         """The runs in order: for each configuration, a float32 control before each run.
 
@@ -226,6 +242,8 @@ class Suite:
         runs: dict[str, RunPlan] = {}
         for matrix in self.matrices:
             for model in matrix.models:
+                workload = resolve_workload(model, self.batch_size, kronecker=False)
+                source = model if is_import_path(model) else None
                 for scenario_name in matrix.scenarios:
                     scenario = get_scenario(scenario_name)
                     for spec_text in matrix.optimizers:
@@ -240,7 +258,7 @@ class Suite:
                         }
                         for seed in self.seeds:
                             base = RunPlan(
-                                model,
+                                workload.name,
                                 scenario_name,
                                 spec,
                                 torch.float32,
@@ -249,6 +267,7 @@ class Suite:
                                 self.steps,
                                 self.batch_size,
                                 hyper,
+                                source=source,
                             )
                             if torch.float32 in self.dtypes:
                                 runs.setdefault(base.run_id, base)

@@ -112,7 +112,7 @@ def test_choose_replaces_the_suites_lists():
     [
         ("models = [", "is not valid TOML"),
         (MINIMAL + "colour = 1\n", "unknown key 'colour'"),
-        (MINIMAL.replace('"mlp"', '"resnet"'), "unknown model 'resnet'"),
+        (MINIMAL.replace('"mlp"', '"resnet50"'), "Unknown model 'resnet50'; expected a built-in"),
         (MINIMAL.replace('"baseline"', '"rain"'), "Unknown scenario 'rain'"),
         (MINIMAL.replace('"adamw"', '"adamw:fast"'), "Unknown optimizer spec 'adamw:fast'"),
         (MINIMAL.replace('"bf16"', '"fp8"'), "Unknown dtype 'fp8'"),
