@@ -39,6 +39,7 @@ from precision_lab.dtypes import dtype_name
 from precision_lab.errors import EXIT_REGRESSION, UsageError, fail, user_errors
 from precision_lab.report.write import write_report
 from precision_lab.run.directory import REPORT_FILE, RunDirectory
+from precision_lab.run.frontiers import ENTRY_KEY, frontier_entries, median_cost
 from precision_lab.run.runner import Outcome, RankFailedError, train
 from precision_lab.run.suite import BUILTIN_SUITES, load_suite
 from precision_lab.specs import OptimizerSpec
@@ -149,6 +150,76 @@ def _percent(fraction: float | None) -> str:
         return "-"
     shown = f"{fraction:.0%}" if fraction in (0.0, 1.0) else f"{fraction:.1%}"
     return f"[yellow]{shown}[/yellow]" if fraction == 0.0 else shown
+
+
+RUNG_MARKS = {"held": ".", "broke": "[red]x[/red]", "no_learning": "[yellow]n[/yellow]"}
+"""How `frontier_table` draws each rung's status (anything else, missing: ``?``)."""
+
+
+def _rungs(statuses: list[str]) -> str:
+    return "".join(RUNG_MARKS.get(status, "?") for status in statuses)
+
+
+def _verdict(entry: dict[str, Any]) -> str:
+    text = escape(entry["verdict"])
+    cost = entry["precision_cost"]
+    return f"[red]{text}[/red]" if cost is not None and cost > 0 else text
+
+
+def frontier_table(entries: list[dict[str, Any]]) -> Table:
+    """One line per frontier entry (optimizer x dtype x seed on each model's knob): the
+    breaking point (mildest rung that broke) beside float32's, the cost in rungs and the
+    verdict; the rungs drawn mildest first (``.`` held, ``x`` broke, ``n`` did not learn,
+    ``?`` missing). With several seeds, a ``median`` line follows each configuration's.
+    """
+    table = Table(
+        title="frontiers: where each optimizer breaks, in the dtype and in float32",
+        header_style="bold",
+    )
+    headers = ["model", "knob", "optimizer", "dtype", "mode", "seed", "ladder (mild -> harsh)"]
+    headers += ["rungs", "float32 rungs", "breaks at", "float32 breaks at", "cost", "verdict"]
+    for header in headers:
+        table.add_column(header, overflow="ellipsis", no_wrap=True)
+    medians = median_cost(entries)
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for entry in entries:
+        groups.setdefault(tuple(entry[k] for k in ENTRY_KEY[:-1]), []).append(entry)
+    for key, group in groups.items():
+        for entry in sorted(group, key=lambda e: e["seed"]):
+            ladder = entry["ladder"]
+            table.add_row(
+                *key[:2],
+                entry["optimizer"],
+                entry["dtype"],
+                entry["mode"],
+                str(entry["seed"]),
+                f"{format(ladder[0], 'g')} -> {format(ladder[-1], 'g')} ({len(ladder)})",
+                _rungs([r["status"] for r in entry["rungs"]]),
+                _rungs([r["control_status"] for r in entry["rungs"]]),
+                "held" if entry["breaking_point"] is None else format(entry["breaking_point"], "g"),
+                "held"
+                if entry["control_breaking_point"] is None
+                else format(entry["control_breaking_point"], "g"),
+                _fmt(entry["precision_cost"]) + ("+" if entry["cost_lower_bound"] else ""),
+                _verdict(entry),
+            )
+        if len(group) > 1:
+            median = medians[key]
+            table.add_row(
+                *key[:2],
+                key[2],
+                key[3],
+                key[4],
+                "median",
+                "",
+                "",
+                "",
+                "",
+                "",
+                _fmt(median),
+                "",
+            )
+    return table
 
 
 def summary_table(runs: list[dict[str, Any]], seeds: bool) -> Table:
@@ -372,7 +443,11 @@ def _stress(
     if not lab.console.is_terminal:
         # Piped output would get rich's 80 columns: too few for this table to stay readable.
         lab.console.width = max(lab.console.width, 240)
-    lab.console.print(summary_table(run_dir.summary(), seeds=len(suite.seeds) > 1))
+    runs = run_dir.summary()
+    entries = frontier_entries(runs)
+    if entries:
+        lab.console.print(frontier_table(entries))
+    lab.console.print(summary_table(runs, seeds=len(suite.seeds) > 1))
     lab.console.print(f"Run directory: {run_dir.path}", soft_wrap=True)
     if report_skipped:
         lab.progress_console.print(

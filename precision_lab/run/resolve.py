@@ -18,6 +18,7 @@ import torch
 
 from precision_lab.errors import UsageError
 from precision_lab.workloads.builtin import build_module
+from precision_lab.workloads.knobs import Condition
 from precision_lab.workloads.loader import load_workload
 from precision_lab.workloads.workload import Workload, as_score, first_line, has_floating
 from singd.optim.coverage import find_layers
@@ -114,10 +115,26 @@ def _build(workload: Workload, name: str) -> torch.nn.Module:
     return _MODULES[key]
 
 
-def floating_inputs(workload: Workload) -> bool:
-    """Whether the workload's first training batch has a floating input tensor."""
-    inputs, _ = next(iter(workload.batches(0)))
-    return has_floating(inputs)
+_FLOATING: dict[int, bool] = {}
+
+
+def inapplicable(condition: Condition, workload: Workload) -> str | None:
+    """Why ``condition`` means nothing for ``workload`` (its runs would repeat the
+    baseline's under another name), or None when it applies: input scaling acts on
+    floating inputs only, and a workload whose first training batch has none (token ids)
+    is not scaled by it."""
+    if condition.input_max is None:
+        return None
+    key = id(workload)
+    if key not in _FLOATING:
+        inputs, _ = next(iter(workload.batches(0)))
+        _FLOATING[key] = has_floating(inputs)
+    if _FLOATING[key]:
+        return None
+    return (
+        f"{condition.name} scales floating inputs, and the inputs of {workload.name} have "
+        "none (integer token ids or labels only)"
+    )
 
 
 def _kind(value: object) -> str:

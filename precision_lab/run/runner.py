@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +38,8 @@ from precision_lab.dtypes import dtype_name
 from precision_lab.run.resolve import resolve_workload
 from precision_lab.run.suite import FILE_LOCATIONS, RunPlan
 from precision_lab.run.summary import learned
-from precision_lab.workloads.builtin import MODELS, build_module, digits_workload
-from precision_lab.workloads.scenarios import get_scenario
+from precision_lab.workloads.builtin import build_module
+from precision_lab.workloads.knobs import Condition
 from precision_lab.workloads.workload import (
     Workload,
     as_score,
@@ -45,6 +47,7 @@ from precision_lab.workloads.workload import (
     cast_inputs,
     map_floating,
     map_tensors,
+    tensors,
 )
 from probes.memory import optimizer_state_bytes
 from probes.records import Recorder, frame_from_rows
@@ -163,17 +166,20 @@ def _coverage(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     return {"preconditioned_fraction": cov.fraction, "coverage": cov.as_dict()}
 
 
-def score(workload: Workload, model: nn.Module, dtype: torch.dtype, mode: str) -> float:
+def score(
+    workload: Workload, model: nn.Module, dtype: torch.dtype, mode: str, factor: float = 1.0
+) -> float:
     """The workload's metric of the trained ``model`` (unwrapped from DDP), in [0, 1]: in
-    eval mode, without gradients, under the run's autocast, the model casting the floating
-    tensors it is called with to the run's input dtype.
+    eval mode, without gradients, under the run's autocast, the model scaling the floating
+    tensors it is called with by the run's input ``factor`` (its condition's, as the
+    training inputs were) and casting them to the run's input dtype.
 
     Raises:
         ValueError: The metric returned something other than a number in [0, 1].
     """
     device = next(model.parameters()).device
     was_training = model.training
-    handle = cast_inputs(model, dtype if mode == "pure" else torch.float32)
+    handle = cast_inputs(model, dtype if mode == "pure" else torch.float32, factor)
     model.eval()
     try:
         with torch.no_grad(), _autocast(device, dtype, mode):
@@ -196,12 +202,25 @@ def _to_run(data, device: torch.device, dtype: torch.dtype, rank: int, world: in
     return map_tensors(data, lambda t: t.to(device))
 
 
-def _workload(plan: RunPlan) -> Workload:
-    """The plan's workload; a built-in digits model on its scenario's data."""
-    data = get_scenario(plan.scenario).dataset()
-    if plan.source is None and plan.model in MODELS:
-        return digits_workload(plan.model, plan.batch_size, data)
-    return resolve_workload(plan.source or plan.model, plan.batch_size, kronecker=False)
+def _training_batches(
+    workload: Workload, plan: RunPlan, condition: Condition
+) -> tuple[Iterator, float]:
+    """The run's batches and the factor on their floating inputs (1 unless the condition
+    scales inputs to a maximum).
+
+    To scale, the condition needs the largest absolute floating input the run trains on,
+    so the run's ``steps`` batches are drawn first (the same for a run and its control,
+    which share the seed); otherwise they are drawn as the run goes.
+    """
+    batches = iter(workload.batches(plan.seed))
+    if condition.input_max is None:
+        return batches, 1.0
+    drawn = list(islice(batches, plan.steps))
+    floating = [t for inputs, _ in drawn for t in tensors(inputs) if t.is_floating_point()]
+    max_abs = max((float(t.abs().max()) for t in floating if t.numel()), default=0.0)
+    factor = condition.input_factor(max_abs)
+    scaled = [(Condition.scale_inputs(inputs, factor), targets) for inputs, targets in drawn]
+    return iter(scaled), factor
 
 
 def _autocast(device: torch.device, dtype: torch.dtype, mode: str):
@@ -250,9 +269,9 @@ def _train(
     store: dist.Store | None,
 ) -> Outcome:
     rank, world = _world()
-    scenario = get_scenario(plan.scenario)
+    condition = plan.condition  # its hyperparameters are already in plan.hyperparameters
     spec = plan.spec
-    workload = _workload(plan)
+    workload = resolve_workload(plan.source or plan.model, plan.batch_size, kronecker=False)
     dtype, mode = plan.dtype, plan.mode
     input_dtype = dtype if mode == "pure" else torch.float32
 
@@ -278,7 +297,7 @@ def _train(
     session = probes.attach(
         model, optimizer, probes=names, every=every, run=plan.run_id, dtype=dtype
     )
-    batches = iter(workload.batches(plan.seed))
+    factor = 1.0
     first_loss: float | None = None
     loss_value = math.nan
     diverged = interrupted = False
@@ -286,6 +305,7 @@ def _train(
     error: str | None = None
     step = 0
     try:
+        batches, factor = _training_batches(workload, plan, condition)
         for step in range(plan.steps):
             batch = next(batches, None)
             if batch is None:
@@ -305,7 +325,7 @@ def _train(
                     loss_nonfinite_step = step
                 break
             optimizer.zero_grad(set_to_none=True)
-            scaled = loss * scenario.loss_scale
+            scaled = loss * condition.loss_multiplier
             if scaler is None:
                 scaled.backward()
                 optimizer.step()
@@ -327,7 +347,7 @@ def _train(
     acc = None
     if workload.metric is not None and not (interrupted or error):
         try:
-            acc = score(workload, model.module if world > 1 else model, dtype, mode)
+            acc = score(workload, model.module if world > 1 else model, dtype, mode, factor)
         except KeyboardInterrupt:
             interrupted = True
         except Exception as err:  # the metric's failure is the run's: it has no figure

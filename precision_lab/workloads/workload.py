@@ -174,13 +174,20 @@ def first_line(err: BaseException) -> str:
     return lines[0].rstrip(".") if lines else "(no message)"
 
 
-def cast_inputs(model: nn.Module, dtype: torch.dtype) -> torch.utils.hooks.RemovableHandle:
-    """Make ``model`` cast the floating tensors it is called with to ``dtype`` (and to its
-    device) until the returned handle is removed; for metrics written in float32."""
+def cast_inputs(
+    model: nn.Module, dtype: torch.dtype, factor: float = 1.0
+) -> torch.utils.hooks.RemovableHandle:
+    """Make ``model`` multiply the floating tensors it is called with by ``factor`` (in
+    their own dtype) and cast them to ``dtype``, every tensor moved to the model's device,
+    until the returned handle is removed; for metrics written in float32."""
     device = next(model.parameters()).device
 
+    def move(t: Tensor) -> Tensor:
+        if not t.is_floating_point():
+            return t.to(device)
+        return (t * factor if factor != 1.0 else t).to(device, dtype)
+
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        move = lambda t: t.to(device, dtype) if t.is_floating_point() else t.to(device)  # noqa: E731
         return map_tensors(args, move), map_tensors(kwargs, move)
 
     return model.register_forward_pre_hook(hook, with_kwargs=True)
