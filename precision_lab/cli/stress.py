@@ -410,7 +410,9 @@ def _stress(
         "command": _command_line(click.get_current_context()),
         "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
-    run_dir = RunDirectory(out or _default_out(), config, plans) if rank == 0 else None
+    run_dir = (
+        RunDirectory(out or _default_out(), config, plans, suite.skipped()) if rank == 0 else None
+    )
     if run_dir is not None and world > 1:
         # Once a rank fails, torchrun stops the others with SIGTERM (and SIGKILL after its
         # grace period): rank 0 lets its collective fail instead, so that it can record
@@ -448,6 +450,10 @@ def _stress(
     if entries:
         lab.console.print(frontier_table(entries))
     lab.console.print(summary_table(runs, seeds=len(suite.seeds) > 1))
+    for skip in run_dir.skipped:
+        lab.console.print(
+            f"Skipped {skip['model']} x {skip['scenario']}: {skip['reason']}.", soft_wrap=True
+        )
     lab.console.print(f"Run directory: {run_dir.path}", soft_wrap=True)
     if report_skipped:
         lab.progress_console.print(
