@@ -20,6 +20,7 @@ from precision_lab.run.suite import load_suite
 ROOT = Path(__file__).resolve().parents[2]
 PLAIN = "examples/tabular_classifier.py:build"
 HUGGINGFACE = "examples/huggingface_gpt2.py:build"
+MILD = ("baseline", "input_scale=16", "damping=0.001")
 
 
 def _lab(*args: str) -> subprocess.CompletedProcess:
@@ -56,14 +57,13 @@ def _check_run_directory(out: Path) -> list[dict]:
             assert 0.5 < run["preconditioned_fraction"] < 1.0
         else:
             assert run["coverage"] is None
-    # The float32 controls learned the task: held-out accuracy above chance (0.29); SINGD
-    # and AdamW far above it (KFAC at its default lr 1e-3 learns more slowly).
-    assert all(c["learned"] and c["accuracy"] > 0.29 for c in controls.values())
-    assert all(
-        c["accuracy"] > 0.6
-        for c in controls.values()
-        if c["optimizer"] in ("singd:diagonal", "adamw")
-    )
+    # Where nothing is pushed (the mildest rungs), the float32 controls learned the task:
+    # held-out accuracy above chance (0.29); SINGD and AdamW far above it (KFAC at its
+    # default lr 1e-3 learns more slowly). Harsher rungs may keep a control from learning:
+    # a result (no_learning), not a failure of the example.
+    mild = [c for c in controls.values() if c["scenario"] in MILD]
+    assert mild and all(c["learned"] and c["accuracy"] > 0.29 for c in mild)
+    assert all(c["accuracy"] > 0.6 for c in mild if c["optimizer"] in ("singd:diagonal", "adamw"))
     assert (out / "report.html").stat().st_size > 10_000
     return runs
 
