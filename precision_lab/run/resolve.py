@@ -23,7 +23,9 @@ from precision_lab.workloads.loader import load_workload
 from precision_lab.workloads.workload import Workload, as_score, first_line, has_floating
 from singd.optim.coverage import find_layers
 
-_CHECKED: set[int] = set()
+_CHECKED: set[Workload] = set()
+"""Workloads checked already (the dicts here hold the workloads themselves, not their ids,
+which a workload garbage-collected could pass on to another)."""
 
 
 def resolve_workload(name: str, batch_size: int, *, kronecker: bool = True) -> Workload:
@@ -39,10 +41,9 @@ def resolve_workload(name: str, batch_size: int, *, kronecker: bool = True) -> W
         UsageError: In one sentence naming the model and what is wrong.
     """
     workload = load_workload(name, batch_size)
-    key = id(workload)
-    if key not in _CHECKED:
+    if workload not in _CHECKED:
         _check(workload, name)
-        _CHECKED.add(key)
+        _CHECKED.add(workload)
     if kronecker:
         _check_layers(workload, name)
     return workload
@@ -92,12 +93,11 @@ def _check_layers(workload: Workload, name: str) -> None:
         )
 
 
-_MODULES: dict[int, torch.nn.Module] = {}
+_MODULES: dict[Workload, torch.nn.Module] = {}
 
 
 def _build(workload: Workload, name: str) -> torch.nn.Module:
-    key = id(workload)
-    if key not in _MODULES:
+    if workload not in _MODULES:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -111,11 +111,11 @@ def _build(workload: Workload, name: str) -> torch.nn.Module:
             raise UsageError(
                 f"Model {name!r}: its model() returned a {type(module).__name__}, not an nn.Module."
             )
-        _MODULES[key] = module
-    return _MODULES[key]
+        _MODULES[workload] = module
+    return _MODULES[workload]
 
 
-_FLOATING: dict[int, bool] = {}
+_FLOATING: dict[Workload, bool] = {}
 
 
 def inapplicable(condition: Condition, workload: Workload) -> str | None:
@@ -125,11 +125,10 @@ def inapplicable(condition: Condition, workload: Workload) -> str | None:
     is not scaled by it."""
     if condition.input_max is None:
         return None
-    key = id(workload)
-    if key not in _FLOATING:
+    if workload not in _FLOATING:
         inputs, _ = next(iter(workload.batches(0)))
-        _FLOATING[key] = has_floating(inputs)
-    if _FLOATING[key]:
+        _FLOATING[workload] = has_floating(inputs)
+    if _FLOATING[workload]:
         return None
     return (
         f"{condition.name} scales floating inputs, and the inputs of {workload.name} have "

@@ -10,10 +10,10 @@ with the workload's metric, and returns the run's summary figures with every rec
 wrote. A run that diverges is stopped early and returned as a result; Ctrl-C during a run
 returns what was recorded, marked unfinished.
 
-Under torch.distributed (torchrun) each rank trains on its slice of every batch (every
-tensor of it, along its first dimension), the
-model is wrapped in DistributedDataParallel, the loss that decides divergence is the
-mean over ranks (so every rank stops at the same step), and rank 0 gathers all records.
+Under torch.distributed (torchrun) each rank trains on its slice of every batch (of every
+tensor in it, along its first dimension), the model is wrapped in DistributedDataParallel,
+the loss that decides divergence is the mean over ranks (so every rank stops at the same
+step), and rank 0 gathers all records.
 A run that raises on a rank cannot be recorded in step (the other ranks wait in a
 collective it will never join): `RankFailedError` stops the suite instead of letting it hang.
 """
