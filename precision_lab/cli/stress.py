@@ -222,6 +222,16 @@ def frontier_table(entries: list[dict[str, Any]]) -> Table:
     return table
 
 
+def _metric_header(runs: list[dict[str, Any]]) -> str:
+    """``accuracy`` for the digits' test accuracy; a workload's own metric by its name, or
+    ``metric`` when the runs' workloads name theirs differently (summary.json's
+    ``metric_name`` says which is which)."""
+    names = {run.get("metric_name") for run in runs} - {None}
+    if names <= {"test_accuracy"}:
+        return "accuracy"
+    return names.pop() if len(names) == 1 else "metric"
+
+
 def summary_table(runs: list[dict[str, Any]], seeds: bool) -> Table:
     """One line per run with summary.json's headline figures.
 
@@ -243,7 +253,7 @@ def summary_table(runs: list[dict[str, Any]], seeds: bool) -> Table:
         "opt state",
         "peak mem",
         "final loss",
-        "accuracy",
+        _metric_header(runs),
         "learned",
         "precond",
         "step ms",

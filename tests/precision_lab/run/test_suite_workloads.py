@@ -98,3 +98,13 @@ def test_the_run_directory_records_what_was_skipped_and_why(tmp_path):
     assert "Skipped lm x input_scale=1024: input_scale=1024 scales floating inputs" in " ".join(
         result.output.split()
     )
+
+
+def test_the_table_names_a_workloads_own_metric():
+    from precision_lab.cli.stress import _metric_header
+
+    digits, lm, mine = ({"metric_name": n} for n in ("test_accuracy", "answer_accuracy", "f1"))
+    assert _metric_header([digits, {"metric_name": None}]) == "accuracy"
+    assert _metric_header([lm, lm]) == "answer_accuracy"
+    assert _metric_header([digits, lm]) == "metric"
+    assert _metric_header([lm, mine]) == "metric"
