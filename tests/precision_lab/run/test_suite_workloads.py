@@ -1,12 +1,10 @@
 """Suites name workloads by import path; a condition that means nothing for a workload is
-left out with its reason, and the run directory records why."""
+left out with its reason."""
 
 import json
 
 import pytest
-from click.testing import CliRunner
 
-from precision_lab.cli import cli
 from precision_lab.errors import UsageError
 from precision_lab.run.suite import parse_suite
 
@@ -72,39 +70,3 @@ def test_two_workloads_of_one_name_are_refused(tmp_path, workload_file):
     models = json.dumps([f"{workload_file}:build", f"{other}:build"])
     with pytest.raises(UsageError, match="are both named 'linear'"):
         parse_suite(SUITE.format(models=models), "s.toml")
-
-
-def test_a_bad_model_path_stops_stress_before_anything_runs(tmp_path):
-    out = tmp_path / "run"
-    result = CliRunner().invoke(
-        cli, ["stress", "--suite", "quick", "--models", "nowhere.py:build", "--out", str(out)]
-    )
-    assert result.exit_code == 2
-    assert "Model 'nowhere.py:build': the file nowhere.py does not exist." in result.output
-    assert "Traceback" not in result.output and not out.exists()
-
-
-def test_the_run_directory_records_what_was_skipped_and_why(tmp_path):
-    suite = tmp_path / "s.toml"
-    suite.write_text(SUITE.format(models='["lm"]').replace('"adamw"', '"sgd"'))
-    out = tmp_path / "run"
-    result = CliRunner().invoke(
-        cli, ["stress", "--suite", str(suite), "--device", "cpu", "--out", str(out)]
-    )
-    assert result.exit_code == 0, result.output
-    summary = json.loads((out / "summary.json").read_text())
-    assert [s["scenario"] for s in summary["skipped"]] == ["input_scale=1024"]
-    assert {r["scenario"] for r in summary["runs"]} == {"baseline"}
-    assert "Skipped lm x input_scale=1024: input_scale=1024 scales floating inputs" in " ".join(
-        result.output.split()
-    )
-
-
-def test_the_table_names_a_workloads_own_metric():
-    from precision_lab.cli.stress import _metric_header
-
-    digits, lm, mine = ({"metric_name": n} for n in ("test_accuracy", "answer_accuracy", "f1"))
-    assert _metric_header([digits, {"metric_name": None}]) == "accuracy"
-    assert _metric_header([lm, lm]) == "answer_accuracy"
-    assert _metric_header([digits, lm]) == "metric"
-    assert _metric_header([lm, mine]) == "metric"
