@@ -334,7 +334,13 @@ def summary_table(runs: list[dict[str, Any]], seeds: bool) -> Table:
     help="Comma-separated optimizer specs, e.g. singd:diagonal,kfac:eigh.",
 )
 @click.option("--models", type=MODELS, help=MODELS_HELP)
-@click.option("--scenarios", type=NAMES, help="Comma-separated scenarios (see docs/suites.md).")
+@click.option(
+    "--scenarios",
+    type=NAMES,
+    help="Comma-separated: knobs selecting the suite's frontiers (damping, input_scale, "
+    "loss_scale, lr_cov) and/or scenarios (baseline, a rung such as damping=1e-08); "
+    "see docs/suites.md.",
+)
 @click.option("--steps", type=click.IntRange(min=1), help="Training steps per run.")
 @click.option("--seeds", type=SEEDS, help="Comma-separated seeds, e.g. 0,1,2.")
 @click.option("--every", type=click.IntRange(min=1), help="Cadence of the expensive probes, steps.")
@@ -408,6 +414,11 @@ def _stress(
         "optimizers": sorted({p.optimizer for p in plans}),
         "models": sorted({p.model for p in plans}),
         "scenarios": sorted({p.scenario for p in plans}),
+        "frontiers": [
+            {"models": list(f.models), "knob": f.knob, "ladder": list(f.ladder)}
+            | {"optimizers": list(f.optimizers)}
+            for f in suite.frontiers
+        ],
         "dtypes": [dtype_name(d) for d in suite.dtypes],
         "modes": list(suite.modes),
         "seeds": list(suite.seeds),

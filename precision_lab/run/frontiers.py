@@ -79,12 +79,11 @@ def _verdict(
     control_index: int | None,
     cost: int | None,
     lower_bound: bool,
-    statuses: list[str],
+    missing: int,
     monotone: bool,
 ) -> str:
     if cost is None:
-        missing = statuses.count("missing")
-        text = f"unknown ({_plural(missing)} missing)" if missing else "unknown (control missing)"
+        text = f"unknown ({_plural(missing)} missing)"
     elif run_index is None and control_index is None:
         text = "held everywhere"
     elif run_index == 0 and control_index == 0:
@@ -131,7 +130,7 @@ def _entry(
         control_index,
         cost,
         lower_bound,
-        statuses + control_statuses,
+        sum("missing" in pair for pair in zip(statuses, control_statuses, strict=True)),
         monotone and _monotone(control_statuses),
     )
     if run_index is not None and control_statuses[run_index] == "no_learning":

@@ -27,7 +27,12 @@ step shrinks by ``s`` too (SINGD's ``C`` moreover starts at the identity and mov
 at every rung and only the dtype's range is stressed. AdamW's step
 ``lr * m / (sqrt(v) + eps)`` is a ratio of the gradient to its own root mean square: ``s``
 cancels (until ``s |g|`` nears ``eps = 1e-8``), so its learning rate stays.
-tests/precision_lab/workloads/test_knobs.py measures both claims on the MLP.
+Measured on the MLP (float32, 40 steps, final training loss; first loss 2.3): without
+the division SINGD, KFAC and SGD stay untrained at every s <= 2**-4 (2.10-2.33); with it
+SGD gives 1.962 at every s (bit for bit: powers of two), SINGD 0.237 at every s <= 2**-4
+(0.246 at s = 1) and KFAC 0.122-0.123 (0.211 at s = 1, where ``G`` still outweighs the
+damping); AdamW, undivided, 0.023-0.047 from s = 1 to 2**-14.
+tests/precision_lab/run/test_conditions.py checks the same on 15 steps.
 """
 
 from __future__ import annotations

@@ -190,6 +190,15 @@ def test_frontiers_in_summary_json_are_the_breaking_points_of_its_runs(quick_run
         )
     output = quick_run.with_name("output.txt").read_text()
     assert output.index("frontier") < output.index("precision-lab stress")
+    config = json.loads((quick_run / "config.json").read_text())
+    assert config["frontiers"] == [
+        {
+            "models": ["mlp"],
+            "knob": "input_scale",
+            "ladder": [16.0, 256.0, 16384.0],
+            "optimizers": ["singd:diagonal", "kfac:cholesky", "adamw"],
+        }
+    ]
 
 
 def test_default_out_is_a_timestamped_folder_under_reports_runs(tmp_path, monkeypatch):

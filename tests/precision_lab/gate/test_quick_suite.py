@@ -205,11 +205,11 @@ def test_a_real_regression_fails_the_committed_baseline(tmp_path):
     suite.write_text(text.replace("singd]\nlr = 0.03", "singd]\nlr = 0.01"), encoding="utf-8")
     out = tmp_path / "run"
     args = ["stress", "--suite", str(suite), "--dtype", "fp32", "--device", "cpu"]
-    args += ["--optimizers", "singd:diagonal", "--scenarios", "baseline"]
+    args += ["--optimizers", "singd:diagonal", "--scenarios", "input_scale=16"]
     result = CliRunner().invoke(cli, [*args, "--out", str(out)])
     assert result.exit_code == 0, result.output
     failures = gate_failures(out, BASELINES / "quick-suite-fp32.json")
-    singd = "mlp/baseline/singd:diagonal/float32/pure/seed0: "
+    singd = "mlp/input_scale=16/singd:diagonal/float32/pure/seed0: "
     assert {message.split(" ")[1] for message in failures if message.startswith(singd)} == {
         "final_loss",
         "accuracy",
