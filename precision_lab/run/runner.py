@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -202,25 +201,34 @@ def _to_run(data, device: torch.device, dtype: torch.dtype, rank: int, world: in
     return map_tensors(data, lambda t: t.to(device))
 
 
-def _training_batches(
-    workload: Workload, plan: RunPlan, condition: Condition
-) -> tuple[Iterator, float]:
-    """The run's batches and the factor on their floating inputs (1 unless the condition
-    scales inputs to a maximum).
+REFERENCE_SEED = 0
+"""Seed of the batches whose largest floating input sets an input-scaling condition's
+factor (`_input_factor`), for every run of a workload whatever its own seed."""
 
-    To scale, the condition needs the largest absolute floating input the run trains on,
-    so the run's ``steps`` batches are drawn first (the same for a run and its control,
-    which share the seed); otherwise they are drawn as the run goes.
-    """
-    batches = iter(workload.batches(plan.seed))
+_MAX_ABS: dict[tuple[Workload, int], float] = {}
+
+
+def _input_factor(workload: Workload, steps: int, condition: Condition) -> float:
+    """The factor on every floating input under ``condition``: 1 unless it scales inputs
+    to a maximum; then that maximum over the largest ``|x|`` among the floating inputs of
+    the first ``steps`` batches of `REFERENCE_SEED` (the training inputs of a run that
+    long: for the digits, at 30 steps or more, the whole training set's 37.9). One factor
+    for every seed, every run and its control, and the metric's inputs alike."""
     if condition.input_max is None:
-        return batches, 1.0
-    drawn = list(islice(batches, plan.steps))
-    floating = [t for inputs, _ in drawn for t in tensors(inputs) if t.is_floating_point()]
-    max_abs = max((float(t.abs().max()) for t in floating if t.numel()), default=0.0)
-    factor = condition.input_factor(max_abs)
-    scaled = [(Condition.scale_inputs(inputs, factor), targets) for inputs, targets in drawn]
-    return iter(scaled), factor
+        return 1.0
+    key = (workload, steps)
+    if key not in _MAX_ABS:
+        drawn = islice(workload.batches(REFERENCE_SEED), steps)
+        _MAX_ABS[key] = max(
+            (
+                float(t.abs().max())
+                for inputs, _ in drawn
+                for t in tensors(inputs)
+                if t.is_floating_point() and t.numel()
+            ),
+            default=0.0,
+        )
+    return condition.input_factor(_MAX_ABS[key])
 
 
 def _autocast(device: torch.device, dtype: torch.dtype, mode: str):
@@ -305,12 +313,14 @@ def _train(
     error: str | None = None
     step = 0
     try:
-        batches, factor = _training_batches(workload, plan, condition)
+        factor = _input_factor(workload, plan.steps, condition)
+        batches = iter(workload.batches(plan.seed))
         for step in range(plan.steps):
             batch = next(batches, None)
             if batch is None:
                 break  # the workload's batches ran out: the run ends here
-            inputs, targets = (_to_run(t, device, input_dtype, rank, world) for t in batch)
+            scaled_batch = (Condition.scale_inputs(batch[0], factor), batch[1])
+            inputs, targets = (_to_run(t, device, input_dtype, rank, world) for t in scaled_batch)
             with _autocast(device, dtype, mode):
                 loss = workload.compute_loss(call_model(model, inputs), targets)
             loss_value = _mean_over_ranks(float(loss.detach()), device)
