@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -114,7 +114,7 @@ class Workload:
         """This workload, named ``name`` unless it names itself."""
         if self.name is not None:
             return self
-        return Workload(**{**self.__dict__, "name": name})
+        return replace(self, name=name)
 
 
 def map_floating(data: Any, fn: Callable[[Tensor], Tensor]) -> Any:
@@ -130,7 +130,8 @@ def map_tensors(data: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     if isinstance(data, Mapping):
         return {key: map_tensors(value, fn) for key, value in data.items()}
     if isinstance(data, tuple | list):
-        return type(data)(map_tensors(value, fn) for value in data)
+        values = [map_tensors(value, fn) for value in data]
+        return type(data)(*values) if hasattr(data, "_fields") else type(data)(values)
     return data
 
 

@@ -1,6 +1,7 @@
 """The workload interface: its default loss, nested batches, dtype casting and checks."""
 
 import math
+from collections import namedtuple
 
 import pytest
 import torch
@@ -54,6 +55,9 @@ def test_only_floating_tensors_are_mapped_through_nested_batches():
     assert out["pair"][1][1] == "text"
     assert isinstance(out["pair"], tuple) and isinstance(out["pair"][1], list)
     assert has_floating(batch) and not has_floating({"ids": torch.tensor([1])})
+    pair = namedtuple("Pair", "x ids")(torch.ones(1), torch.tensor([1]))
+    mapped = map_floating(pair, lambda t: t.half())
+    assert type(mapped) is type(pair) and mapped.x.dtype == torch.float16 and mapped.ids is pair.ids
 
 
 def test_models_are_called_with_dicts_tuples_and_tensors():
