@@ -56,7 +56,7 @@ def test_default_suite_sweeps_damping_and_input_scale_for_every_default_optimize
     assert set(matrix.optimizers) == {"singd:diagonal", "kfac:cholesky", "adamw"}
     plans = suite.plan()
     rungs = {p.scenario for p in plans if p.frontier == "damping"}
-    assert "damping=1e-08" in rungs and len(rungs) == 8  # the former tiny_damping
+    assert "damping=1e-08" in rungs and len(rungs) == 7  # the former tiny_damping
     assert "input_scale=16384" in {p.scenario for p in plans}  # the former near_fp16_max
     assert not any(p.frontier == "damping" and p.family == "adamw" for p in plans)
 
