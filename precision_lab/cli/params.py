@@ -80,7 +80,18 @@ SPECS = Parsed(
 """Comma-separated optimizer specs -> a list of `OptimizerSpec`, duplicates removed."""
 
 NAMES = Parsed("names", _names, ",".join)
-"""A comma-separated list of names (models, scenarios)."""
+"""A comma-separated list of names (scenarios)."""
+
+MODELS = Parsed("models", _names, ",".join)
+"""A comma-separated list of workloads: built-in names or import paths, ``package.module:NAME``
+or ``path/to/file.py:NAME``; what each leads to is checked when the suite is chosen
+(`precision_lab.run.resolve`), which needs the suite's batch size and optimizers."""
+
+MODELS_HELP = (
+    "Comma-separated workloads: built-ins (mlp, cnn, resnet, transformer, lm), "
+    "package.module:NAME or path/to/file.py:NAME, NAME a precision_lab.Workload or a "
+    "function returning one (docs/workloads.md)."
+)
 
 SEEDS = Parsed("seeds", _seeds, lambda seeds: ",".join(map(str, seeds)))
 """A comma-separated list of non-negative integers."""

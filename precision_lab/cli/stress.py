@@ -34,7 +34,7 @@ from rich.table import Table
 from precision_lab import __version__
 from precision_lab.cli.context import LabContext, pass_lab
 from precision_lab.cli.interrupts import ReportSkipped, StopSignals
-from precision_lab.cli.params import DTYPE, NAMES, SEEDS, SPECS
+from precision_lab.cli.params import DTYPE, MODELS, MODELS_HELP, NAMES, SEEDS, SPECS
 from precision_lab.dtypes import dtype_name
 from precision_lab.errors import EXIT_REGRESSION, UsageError, fail, user_errors
 from precision_lab.report.write import write_report
@@ -222,6 +222,16 @@ def frontier_table(entries: list[dict[str, Any]]) -> Table:
     return table
 
 
+def _metric_header(runs: list[dict[str, Any]]) -> str:
+    """``accuracy`` for the digits' test accuracy; a workload's own metric by its name, or
+    ``metric`` when the runs' workloads name theirs differently (summary.json's
+    ``metric_name`` says which is which)."""
+    names = {run.get("metric_name") for run in runs} - {None}
+    if names <= {"test_accuracy"}:
+        return "accuracy"
+    return names.pop() if len(names) == 1 else "metric"
+
+
 def summary_table(runs: list[dict[str, Any]], seeds: bool) -> Table:
     """One line per run with summary.json's headline figures.
 
@@ -243,7 +253,7 @@ def summary_table(runs: list[dict[str, Any]], seeds: bool) -> Table:
         "opt state",
         "peak mem",
         "final loss",
-        "accuracy",
+        _metric_header(runs),
         "learned",
         "precond",
         "step ms",
@@ -323,7 +333,7 @@ def summary_table(runs: list[dict[str, Any]], seeds: bool) -> Table:
     type=SPECS,
     help="Comma-separated optimizer specs, e.g. singd:diagonal,kfac:eigh.",
 )
-@click.option("--models", type=NAMES, help="Comma-separated models: mlp, cnn, transformer.")
+@click.option("--models", type=MODELS, help=MODELS_HELP)
 @click.option(
     "--scenarios",
     type=NAMES,
@@ -421,7 +431,9 @@ def _stress(
         "command": _command_line(click.get_current_context()),
         "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
-    run_dir = RunDirectory(out or _default_out(), config, plans) if rank == 0 else None
+    run_dir = (
+        RunDirectory(out or _default_out(), config, plans, suite.skipped()) if rank == 0 else None
+    )
     if run_dir is not None and world > 1:
         # Once a rank fails, torchrun stops the others with SIGTERM (and SIGKILL after its
         # grace period): rank 0 lets its collective fail instead, so that it can record
@@ -459,6 +471,10 @@ def _stress(
     if entries:
         lab.console.print(frontier_table(entries))
     lab.console.print(summary_table(runs, seeds=len(suite.seeds) > 1))
+    for skip in run_dir.skipped:
+        lab.console.print(
+            f"Skipped {skip['model']} x {skip['scenario']}: {skip['reason']}.", soft_wrap=True
+        )
     lab.console.print(f"Run directory: {run_dir.path}", soft_wrap=True)
     if report_skipped:
         lab.progress_console.print(

@@ -6,6 +6,7 @@
       config.json      the suite (its TOML text), optimizers, dtypes, modes, seeds,
                        versions, device and command line
       summary.json     {"schema": 1, "runs": [one object per run], "records": [files],
+                       "skipped": [model x scenario pairs left out, with the reason],
                        "frontiers": [breaking points]}, rewritten after every run
       records/         while the suite runs: one Parquet file per recorded run
       records.parquet  once the suite has closed: those files as one long table (every
@@ -183,8 +184,17 @@ class RunDirectory:
             by another process; or a file cannot be written (then and in every method).
     """
 
-    def __init__(self, path: Path, config: dict[str, Any], plans: list[RunPlan]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        config: dict[str, Any],
+        plans: list[RunPlan],
+        skipped: list[dict[str, str]] | None = None,
+    ) -> None:
         self.path = Path(path)
+        self.skipped = list(skipped or [])
+        """The model x scenario pairs the suite left out, with why
+        (`precision_lab.run.suite.Suite.skipped`), for summary.json's ``skipped``."""
         self._lock = _lock(self.path)
         self.failures = self.path / "failures"
         self.plans = plans
@@ -247,6 +257,7 @@ class RunDirectory:
             "records": self.records,
             "runs": runs,
             "frontiers": frontier_entries(runs),
+            "skipped": self.skipped,
         }
         _write_json(self.path / SUMMARY_FILE, summary)
 

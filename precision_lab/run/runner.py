@@ -1,14 +1,19 @@
 """One training run of a suite: build, train with probes attached, summarize.
 
-`train` follows a `RunPlan`: it builds the model from the seed, casts it (``pure``) or
-keeps float32 master weights under autocast (``mixed``, with a GradScaler for float16),
-builds the optimizer from its spec, attaches the probes, trains, and returns the run's
-summary figures with every record it wrote. A run that diverges is stopped early and
-returned as a result; Ctrl-C during a run returns what was recorded, marked unfinished.
+`train` follows a `RunPlan`: it loads the plan's workload
+(`precision_lab.workloads.workload.Workload`: the built-ins and a user's alike), builds
+its model from the seed, casts it (``pure``) or keeps float32 master weights under
+autocast (``mixed``, with a GradScaler for float16), builds the optimizer from its spec,
+attaches the probes, trains on the workload's batches (their floating tensors cast to the
+run's dtype, integer ones as they are) with the workload's loss, scores the trained model
+with the workload's metric, and returns the run's summary figures with every record it
+wrote. A run that diverges is stopped early and returned as a result; Ctrl-C during a run
+returns what was recorded, marked unfinished.
 
-Under torch.distributed (torchrun) each rank trains on its slice of every batch, the
-model is wrapped in DistributedDataParallel, the loss that decides divergence is the
-mean over ranks (so every rank stops at the same step), and rank 0 gathers all records.
+Under torch.distributed (torchrun) each rank trains on its slice of every batch (of every
+tensor in it, along its first dimension), the model is wrapped in DistributedDataParallel,
+the loss that decides divergence is the mean over ranks (so every rank stops at the same
+step), and rank 0 gathers all records.
 A run that raises on a rank cannot be recorded in step (the other ranks wait in a
 collective it will never join): `RankFailedError` stops the suite instead of letting it hang.
 """
@@ -18,21 +23,31 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 import probes
 from precision_lab.dtypes import dtype_name
+from precision_lab.run.resolve import resolve_workload
 from precision_lab.run.suite import FILE_LOCATIONS, RunPlan
 from precision_lab.run.summary import learned
-from precision_lab.workloads.data import Dataset, digits
-from precision_lab.workloads.models import NUM_CLASSES, build_model
+from precision_lab.workloads.builtin import build_module
+from precision_lab.workloads.knobs import Condition
+from precision_lab.workloads.workload import (
+    Workload,
+    as_score,
+    call_model,
+    cast_inputs,
+    map_floating,
+    map_tensors,
+    tensors,
+)
 from probes.memory import optimizer_state_bytes
 from probes.records import Recorder, frame_from_rows
 
@@ -150,16 +165,70 @@ def _coverage(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     return {"preconditioned_fraction": cov.fraction, "coverage": cov.as_dict()}
 
 
-def accuracy(model: nn.Module, data: Dataset, dtype: torch.dtype, mode: str) -> float:
-    """Fraction of the test set classified correctly, in [0, 1]."""
+def score(
+    workload: Workload, model: nn.Module, dtype: torch.dtype, mode: str, factor: float = 1.0
+) -> float:
+    """The workload's metric of the trained ``model`` (unwrapped from DDP), in [0, 1]: in
+    eval mode, without gradients, under the run's autocast, the model scaling the floating
+    tensors it is called with by the run's input ``factor`` (its condition's, as the
+    training inputs were) and casting them to the run's input dtype.
+
+    Raises:
+        ValueError: The metric returned something other than a number in [0, 1].
+    """
     device = next(model.parameters()).device
-    x = data.test_x.to(device, dtype if mode == "pure" else torch.float32)
     was_training = model.training
+    handle = cast_inputs(model, dtype if mode == "pure" else torch.float32, factor)
     model.eval()
-    with torch.no_grad(), _autocast(device, dtype, mode):
-        predicted = model(x).argmax(dim=1)
-    model.train(was_training)
-    return float((predicted.cpu() == data.test_y).double().mean())
+    try:
+        with torch.no_grad(), _autocast(device, dtype, mode):
+            value = workload.metric(model)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    result = as_score(value)
+    if result is None:
+        raise ValueError(f"metric {workload.score_name} returned {value!r}, not a number in [0, 1]")
+    return result
+
+
+def _to_run(data, device: torch.device, dtype: torch.dtype, rank: int, world: int):
+    """A batch's inputs or targets on ``device``, this rank's slice of each tensor, the
+    floating tensors in ``dtype`` (token ids and labels keep theirs)."""
+    if world > 1:
+        data = map_tensors(data, lambda t: t[rank::world] if t.dim() else t)
+    data = map_floating(data, lambda t: t.to(device, dtype))
+    return map_tensors(data, lambda t: t.to(device))
+
+
+REFERENCE_SEED = 0
+"""Seed of the batches whose largest floating input sets an input-scaling condition's
+factor (`_input_factor`), for every run of a workload whatever its own seed."""
+
+_MAX_ABS: dict[tuple[Workload, int], float] = {}
+
+
+def _input_factor(workload: Workload, steps: int, condition: Condition) -> float:
+    """The factor on every floating input under ``condition``: 1 unless it scales inputs
+    to a maximum; then that maximum over the largest ``|x|`` among the floating inputs of
+    the first ``steps`` batches of `REFERENCE_SEED` (the training inputs of a run that
+    long: for the digits, at 30 steps or more, the whole training set's 37.9). One factor
+    for every seed, every run and its control, and the metric's inputs alike."""
+    if condition.input_max is None:
+        return 1.0
+    key = (workload, steps)
+    if key not in _MAX_ABS:
+        drawn = islice(workload.batches(REFERENCE_SEED), steps)
+        _MAX_ABS[key] = max(
+            (
+                float(t.abs().max())
+                for inputs, _ in drawn
+                for t in tensors(inputs)
+                if t.is_floating_point() and t.numel()
+            ),
+            default=0.0,
+        )
+    return condition.input_factor(_MAX_ABS[key])
 
 
 def _autocast(device: torch.device, dtype: torch.dtype, mode: str):
@@ -210,14 +279,11 @@ def _train(
     rank, world = _world()
     condition = plan.condition  # its hyperparameters are already in plan.hyperparameters
     spec = plan.spec
-    data = digits()
-    factor = condition.input_factor(float(data.train_x.abs().max()))
-    if factor != 1.0:
-        data = data.map_features(lambda x: condition.scale_inputs(x, factor))
+    workload = resolve_workload(plan.source or plan.model, plan.batch_size, kronecker=False)
     dtype, mode = plan.dtype, plan.mode
     input_dtype = dtype if mode == "pure" else torch.float32
 
-    model = build_model(plan.model, plan.seed).to(device)
+    model = build_module(workload, plan.seed).to(device)
     if mode == "pure":
         model.to(dtype)
     if world > 1:
@@ -239,7 +305,7 @@ def _train(
     session = probes.attach(
         model, optimizer, probes=names, every=every, run=plan.run_id, dtype=dtype
     )
-    batches = data.batches(plan.batch_size, plan.seed)
+    factor = 1.0
     first_loss: float | None = None
     loss_value = math.nan
     diverged = interrupted = False
@@ -247,11 +313,16 @@ def _train(
     error: str | None = None
     step = 0
     try:
+        factor = _input_factor(workload, plan.steps, condition)
+        batches = iter(workload.batches(plan.seed))
         for step in range(plan.steps):
-            x, y = next(batches)
-            x, y = x[rank::world].to(device, input_dtype), y[rank::world].to(device)
+            batch = next(batches, None)
+            if batch is None:
+                break  # the workload's batches ran out: the run ends here
+            scaled_batch = (Condition.scale_inputs(batch[0], factor), batch[1])
+            inputs, targets = (_to_run(t, device, input_dtype, rank, world) for t in scaled_batch)
             with _autocast(device, dtype, mode):
-                loss = F.cross_entropy(model(x), y)
+                loss = workload.compute_loss(call_model(model, inputs), targets)
             loss_value = _mean_over_ranks(float(loss.detach()), device)
             train_rows.add(
                 step, "train", "loss", loss_value, tensor="loss", dtype=dtype_name(dtype)
@@ -283,10 +354,19 @@ def _train(
         session.detach()
 
     probe_summary = session.summary()
+    acc = None
+    if workload.metric is not None and not (interrupted or error):
+        try:
+            acc = score(workload, model.module if world > 1 else model, dtype, mode, factor)
+        except KeyboardInterrupt:
+            interrupted = True
+        except Exception as err:  # the metric's failure is the run's: it has no figure
+            error = f"{type(err).__name__} in the metric: {err}"
     finished = not (interrupted or error)
-    acc = accuracy(model, data, dtype, mode) if data.real and finished else None
     if acc is not None:
-        train_rows.add(step, "train", "test_accuracy", acc, tensor="accuracy")
+        train_rows.add(
+            step, "train", "test_accuracy", acc, tensor="accuracy", module=workload.score_name
+        )
     first_nonfinite = [
         s for s in (probe_summary["first_nonfinite_step"], loss_nonfinite_step) if s is not None
     ]
@@ -300,12 +380,12 @@ def _train(
         "optimizer_state_bytes": sum(optimizer_state_bytes(optimizer).values()),
         "final_loss": loss_value,
         "accuracy": acc,
+        "metric_name": workload.score_name,
         "learned": learned(
             first_loss=first_loss,
             final_loss=loss_value,
-            accuracy=acc,
-            classes=NUM_CLASSES,
-            test_size=len(data.test_y),
+            accuracy=acc if workload.chance is not None else None,
+            chance=workload.chance,
             diverged=diverged,
             finished=finished,
         ),

@@ -24,9 +24,11 @@ import torch
 
 from precision_lab.dtypes import dtype_name, parse_dtype
 from precision_lab.errors import UsageError
+from precision_lab.run.resolve import inapplicable, resolve_workload
 from precision_lab.specs import OptimizerSpec, parse_spec
-from precision_lab.workloads.knobs import KNOBS, Condition, get_knob
-from precision_lab.workloads.models import MODELS, build_model
+from precision_lab.workloads.knobs import KNOBS, KRONECKER_FAMILIES, Condition, get_knob
+from precision_lab.workloads.loader import is_import_path
+from precision_lab.workloads.models import build_model
 from precision_lab.workloads.scenarios import get_scenario, rung
 
 BUILTIN_SUITES = ("quick", "default", "full")
@@ -67,6 +69,8 @@ class RunPlan:
         control_for: For a float32 control, the dtype and mode of the run it controls.
         frontier: For a frontier rung (or a scenario naming one), the knob; else None.
         knob_value: The rung's value (exact; ``scenario`` shows it rounded); else None.
+        source: The import path the suite named the workload by (``file.py:NAME``,
+            ``module:NAME``), whose ``name`` is ``model``; None for a built-in.
     """
 
     model: str
@@ -81,6 +85,7 @@ class RunPlan:
     control_for: tuple[torch.dtype, str] | None = None
     frontier: str | None = None
     knob_value: float | None = None
+    source: str | None = None
 
     @property
     def condition(self) -> Condition:
@@ -252,14 +257,9 @@ class Suite:
     def validate(self) -> None:
         """Check every name and number; `UsageError` (one sentence) on the first bad one."""
         for group in (*self.matrices, *self.frontiers):
-            for model in group.models:
-                if model not in MODELS:
-                    raise UsageError(
-                        f"Suite {self.name!r} names unknown model {model!r}; "
-                        f"expected one of {', '.join(MODELS)}."
-                    )
             for spec in group.optimizers:
                 _parse_spec(spec)
+            self._check_models(group.models, group.optimizers)
         for matrix in self.matrices:
             for scenario in matrix.scenarios:
                 _wrap(get_scenario, scenario)
@@ -276,6 +276,36 @@ class Suite:
         for seed in self.seeds:
             if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
                 raise UsageError(f"Seeds must be integers from 0 to {MAX_SEED}, got {seed!r}.")
+
+    def _check_models(self, models: tuple[str, ...], optimizers: tuple[str, ...]) -> None:
+        """Each model names a usable workload (`precision_lab.run.resolve`), one that SINGD
+        and KFAC can precondition where they train it; no two models share a name."""
+        if not _is_int(self.batch_size) or self.batch_size < 1:
+            return  # reported with the other numbers
+        kronecker = any(_parse_spec(s).family in KRONECKER_FAMILIES for s in optimizers)
+        names: dict[str, str] = {}
+        for model in models:
+            name = resolve_workload(model, self.batch_size, kronecker=kronecker).name
+            if names.setdefault(name, model) != model:
+                raise UsageError(
+                    f"Suite {self.name!r}: models {names[name]!r} and {model!r} are both named "
+                    f"{name!r}; give one of them another name (Workload's name=)."
+                )
+
+    def skipped(self) -> list[dict[str, str]]:
+        """The model x scenario pairs `plan` leaves out because the scenario's condition
+        means nothing for the workload (`precision_lab.run.resolve.inapplicable`: input
+        scaling without floating inputs), each ``{"model", "scenario", "reason"}``, once."""
+        found: dict[tuple[str, str], dict[str, str]] = {}
+        for model, _, condition, _, _ in self._points():
+            workload = resolve_workload(model, self.batch_size, kronecker=False)
+            reason = inapplicable(condition, workload)
+            if reason is not None:
+                found.setdefault(
+                    (workload.name, condition.name),
+                    {"model": workload.name, "scenario": condition.name, "reason": reason},
+                )
+        return list(found.values())
 
     def _points(self):
         """(model, spec, condition, knob, value) of every run configuration: the matrices'
@@ -298,7 +328,8 @@ class Suite:
         """The runs in order: for each configuration, a float32 control before each run.
 
         Configurations whose condition does not apply to the optimizer's family
-        (`Condition.overrides` is None) are skipped; a run listed twice runs once.
+        (`Condition.overrides` is None) or to the workload (`skipped`) are left out; a run
+        listed twice runs once.
         A condition's learning-rate factor (``loss_scale``) multiplies the learning rate
         the suite (or the family's default) sets.
         """
@@ -307,7 +338,8 @@ class Suite:
         for model, spec_text, condition, knob, value in self._points():
             spec = _parse_spec(spec_text)
             extra = condition.overrides(spec.family)
-            if extra is None:
+            workload = resolve_workload(model, self.batch_size, kronecker=False)
+            if extra is None or inapplicable(condition, workload) is not None:
                 continue
             hyper = {
                 **self.hyperparameters.get(spec.family, {}),
@@ -319,7 +351,7 @@ class Suite:
                 hyper["lr"] = spec.hyperparameters(hyper)["lr"] * factor
             for seed in self.seeds:
                 base = RunPlan(
-                    model,
+                    workload.name,
                     condition.name,
                     spec,
                     torch.float32,
@@ -330,6 +362,7 @@ class Suite:
                     hyper,
                     frontier=knob,
                     knob_value=value,
+                    source=model if is_import_path(model) else None,
                 )
                 if torch.float32 in self.dtypes:
                     runs.setdefault(base.run_id, base)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from precision_lab.errors import UsageError
+from precision_lab.workloads.workload import chance_accuracy
 
 FIELDS: dict[str, str] = {
     "run": "the run's id: model/scenario/optimizer/dtype/mode/s<seed>[/control-<dtype>-<mode>]",
@@ -45,7 +46,10 @@ FIELDS: dict[str, str] = {
     "peak_memory_bytes": "CUDA allocator peak, or the process's resident-memory high-water "
     "mark, reset per run (B)",
     "final_loss": "training loss of the last step taken (nats)",
-    "accuracy": "test accuracy on the digits at the end, in [0, 1]; null for synthetic data",
+    "accuracy": "the workload's metric at the end, in [0, 1], higher better: test accuracy "
+    "for the digits models; null for synthetic data and workloads without a metric",
+    "metric_name": "what accuracy holds: test_accuracy (the digits), answer_accuracy (the "
+    "language model), or the name of a user workload's metric; null without one",
     "learned": "the run learned: its loss fell by 10% from its first step's and, where it has "
     "a test accuracy, that accuracy beat chance by 3 standard errors (`learned`); false for "
     "a run that diverged; null when it crashed or is unfinished",
@@ -94,6 +98,7 @@ FIGURES = tuple(
         "learned",
         "preconditioned_fraction",
         "coverage",
+        "metric_name",
     )
 )
 """What a run measured or how it was set up, apart from its id and key: what a baseline
@@ -102,7 +107,8 @@ keeps for each run. ``learned`` is not among them: it is a verdict on ``final_lo
 readable. Nor are ``frontier`` and ``knob_value``: the scenario, in the key, names them.
 Nor are ``preconditioned_fraction`` and ``coverage``: how the optimizer split the
 parameters is set by the model and the optimizer, both in the key, and baselines written
-before they existed stay readable."""
+before they existed stay readable. Nor is ``metric_name``: the model, in the key, sets
+it."""
 
 CONTROL_FIELDS = (
     "run",
@@ -134,18 +140,6 @@ LOSS_FALL = 0.10
 """How far, relative to the first step's loss, the final loss must fall for a run to have
 learned (`learned`)."""
 
-ACCURACY_STANDARD_ERRORS = 3.0
-"""How many binomial standard errors above chance the test accuracy must be (`learned`)."""
-
-
-def chance_accuracy(classes: int, test_size: int) -> float:
-    """The test accuracy a run must exceed to have learned: chance, ``1 / classes``, plus
-    `ACCURACY_STANDARD_ERRORS` standard errors of a guesser's accuracy on ``test_size``
-    images, ``sqrt(p (1 - p) / n)``. For the digits (10 classes, 360 test images) it is
-    0.1 + 3 x 0.0158 = 0.147."""
-    p = 1.0 / classes
-    return p + ACCURACY_STANDARD_ERRORS * math.sqrt(p * (1.0 - p) / test_size)
-
 
 def learned(
     *,
@@ -154,6 +148,7 @@ def learned(
     accuracy: float | None = None,
     classes: int | None = None,
     test_size: int | None = None,
+    chance: float | None = None,
     diverged: bool = False,
     finished: bool = True,
 ) -> bool | None:
@@ -182,6 +177,8 @@ def learned(
         accuracy: Test accuracy in [0, 1], or None where the workload has none.
         classes: Number of classes (needed with ``accuracy``).
         test_size: Number of test examples (needed with ``accuracy``).
+        chance: The accuracy to beat, given instead of ``classes`` and ``test_size`` (a
+            workload's ``chance``, `precision_lab.workloads.workload.Workload`).
         diverged: The run diverged.
         finished: The run ran to its end or its divergence (False: crashed or cut off).
     """
@@ -195,9 +192,11 @@ def learned(
         return False
     if accuracy is None:
         return True
-    if classes is None or test_size is None:
-        raise ValueError("learned: an accuracy needs its number of classes and test size")
-    return accuracy > chance_accuracy(classes, test_size)
+    if chance is None:
+        if classes is None or test_size is None:
+            raise ValueError("learned: an accuracy needs its chance or classes and test size")
+        chance = chance_accuracy(classes, test_size)
+    return accuracy > chance
 
 
 def failure_cause(run: dict[str, Any], control: dict[str, Any] | None) -> str | None:
@@ -241,7 +240,9 @@ _OBJECT: Rule = (lambda v: isinstance(v, dict), "an object")
 
 FIGURE_RULES: dict[str, Rule] = {
     **dict.fromkeys(("model", "scenario", "optimizer", "structure", "dtype", "mode"), _TEXT),
-    **dict.fromkeys(("control_of", "error", "fallback_optimizer", "role", "frontier"), _TEXT),
+    **dict.fromkeys(
+        ("control_of", "error", "fallback_optimizer", "role", "frontier", "metric_name"), _TEXT
+    ),
     "knob_value": (lambda v: _number(v) and v > 0, "a positive number"),
     **dict.fromkeys(
         ("finished", "diverged", "learned"), (lambda v: isinstance(v, bool), "true or false")

@@ -1,14 +1,14 @@
-"""The stress suites' models: an MLP, a small VGG-style CNN and a small transformer.
+"""The digits models: an MLP, a small VGG-style CNN, a residual CNN and a small transformer.
 
-All three read the same input, a batch of 8 x 8 single-channel images (the digits of
+All four read the same input, a batch of 8 x 8 single-channel images (the digits of
 scikit-learn, or synthetic data of that shape) given as ``(batch, 64)`` float tensors,
 and return 10 logits. Each is sized so that one training step takes milliseconds on one
 CPU core in float32 and bfloat16, and stays affordable in float16, which this CPU
 emulates at about 2 GFLOP/s.
 
 The Kronecker-factored optimizers precondition the ``nn.Linear`` and ``nn.Conv2d``
-layers; the transformer's LayerNorm, Embedding and attention projections exercise the
-optimizers' fallback for unsupported layers.
+layers; the residual CNN's BatchNorm layers and the transformer's LayerNorm, Embedding
+and attention projections exercise the optimizers' fallback for unsupported layers.
 """
 
 from __future__ import annotations
@@ -63,6 +63,44 @@ class VGG(nn.Module):
         return self.classifier(h.flatten(1))
 
 
+class ResidualBlock(nn.Module):
+    """``relu(x + BN(conv(relu(BN(conv(x))))))``: two 3x3 convolutions without bias (the
+    BatchNorm's shift replaces it) around an identity shortcut."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.norm1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.norm2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.norm1(self.conv1(x)))
+        return torch.relu(x + self.norm2(self.conv2(h)))
+
+
+class ResNet(nn.Module):
+    """A residual CNN with batch normalization, ResNet-style, on the 8 x 8 images.
+
+    ``1 x 8 x 8 -> conv c, BN, ReLU -> blocks residual blocks -> global average pool ->
+    Linear -> 10``; in eval mode (the metric) BatchNorm uses its running statistics.
+    """
+
+    def __init__(self, channels: int = 16, blocks: int = 2) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(),
+        )
+        self.blocks = nn.Sequential(*(ResidualBlock(channels) for _ in range(blocks)))
+        self.head = nn.Linear(channels, NUM_CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.blocks(self.stem(x.reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE)))
+        return self.head(h.mean(dim=(2, 3)))
+
+
 class TransformerBlock(nn.Module):
     """Pre-norm block: ``x + attn(LN(x))``, then ``x + MLP(LN(x))`` (ReLU, width 2 d)."""
 
@@ -102,7 +140,12 @@ class Transformer(nn.Module):
         return self.head(self.norm(h.mean(dim=1)))
 
 
-MODELS: dict[str, Callable[[], nn.Module]] = {"mlp": MLP, "cnn": VGG, "transformer": Transformer}
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "mlp": MLP,
+    "cnn": VGG,
+    "resnet": ResNet,
+    "transformer": Transformer,
+}
 
 
 def build_model(name: str, seed: int) -> nn.Module:

@@ -25,12 +25,12 @@ MAY_IMPORT: dict[str, set[str]] = {
     "gate": {"precision_lab", "errors", "run"},
     "cli": {"precision_lab", "errors", "dtypes", "specs", "workloads", "memory", "run", "report"}
     | {"gate"},
-    "precision_lab": {"run"},
+    "precision_lab": {"run", "workloads"},
     "__main__": {"cli"},
 }
 """Which parts of precision_lab each part (a top-level module or a subpackage) may import,
 besides itself; ``precision_lab`` is the package's ``__init__`` (``__version__``,
-``load_run``)."""
+``load_run``, ``Workload``)."""
 
 
 def _module_name(path: Path) -> str:

@@ -27,7 +27,7 @@ def assert_usage_error(result, *fragments):
         (["--dtype", "fp8"], ["Unknown dtype 'fp8'", "bf16"]),
         (["--dtype", "bf16", "--optimizers", "kfac:magic"], ["Unknown optimizer spec"]),
         (["--optimizers", "singd:wiggly"], ["singd:wiggly"]),
-        (["--models", "resnet"], ["unknown model 'resnet'", "mlp"]),
+        (["--models", "resnet50"], ["Unknown model 'resnet50'", "mlp"]),
         (["--scenarios", "rain"], ["Unknown scenario 'rain'"]),
         (["--mode", "half"], ["Unknown mode 'half'"]),
         (["--seeds", "0,x"], ["--seeds", "'0,x'"]),

@@ -15,9 +15,10 @@ from click.testing import CliRunner
 
 from precision_lab import load_run
 from precision_lab.cli import cli
-from precision_lab.run import runner
 from precision_lab.run.summary import SUMMARY_FIELDS
+from precision_lab.workloads.builtin import digits_workload
 from precision_lab.workloads.data import digits
+from precision_lab.workloads.loader import _LOADED
 
 TYPES = {
     "run": str,
@@ -239,7 +240,7 @@ def test_a_divergence_is_recorded_and_the_suite_goes_on(tmp_path):
 
 
 def test_ctrl_c_mid_suite_keeps_earlier_runs_and_exits_130(tmp_path, monkeypatch):
-    """KeyboardInterrupt raised inside the third run, via the runner's data."""
+    """KeyboardInterrupt raised inside the third run, via the workload's batches."""
     calls = []
 
     class Interrupting:
@@ -249,11 +250,12 @@ def test_ctrl_c_mid_suite_keeps_earlier_runs_and_exits_130(tmp_path, monkeypatch
         def batches(self, batch_size, seed):
             calls.append(1)
             for i, batch in enumerate(digits().batches(batch_size, seed)):
-                if len(calls) == 3 and i == 2:
+                # The first call is the suite's check of the workload, before any run.
+                if len(calls) == 4 and i == 2:
                     raise KeyboardInterrupt
                 yield batch
 
-    monkeypatch.setattr(runner, "digits", lambda: Interrupting())
+    monkeypatch.setitem(_LOADED, ("mlp", 64), digits_workload("mlp", 64, Interrupting()))
     out = tmp_path / "run"
     result = stress(
         "--suite", "quick", "--scenarios", "baseline", "--steps", "4", "--out", str(out)

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from precision_lab.run import runner
+from precision_lab.run.resolve import resolve_workload
 from precision_lab.run.suite import parse_suite
+from precision_lab.workloads.data import digits
 
 CPU = torch.device("cpu")
 SCALES = [1.0, 2.0**-4, 2.0**-8]
@@ -71,8 +73,12 @@ def test_input_scale_reaches_the_model_scaled_to_its_maximum():
         SUITE.replace('"loss_scale"', '"input_scale"').replace(str(SCALES), "[1000.0]"), "t.toml"
     )
     plan = next(p for p in suite.plan() if p.optimizer == "adamw")
-    data = runner.digits()
+    data = digits()
     factor = plan.condition.input_factor(float(data.train_x.abs().max()))
+    # The runner's factor, from the inputs of the reference seed's first 15 batches, is the
+    # training set's: the MLP's batches of seed 0 reach its largest |x| (37.9).
+    workload = resolve_workload("mlp", plan.batch_size, kronecker=False)
+    assert runner._input_factor(workload, plan.steps, plan.condition) == factor
     assert float(plan.condition.scale_inputs(data.train_x, factor).abs().max()) == pytest.approx(
         1000.0
     )

@@ -11,7 +11,10 @@ import torch
 from precision_lab.run import runner
 from precision_lab.run.suite import RunPlan
 from precision_lab.specs import parse_spec
+from precision_lab.workloads.builtin import digits_workload
 from precision_lab.workloads.data import digits
+from precision_lab.workloads.loader import _LOADED
+from precision_lab.workloads.models import build_model
 
 CPU = torch.device("cpu")
 
@@ -52,7 +55,7 @@ def test_singd_trains_every_transformer_parameter():
     assert out.summary["fallback_optimizer"] == "AdamW"
     assert out.summary["finished"] and out.summary["error"] is None
     moved = out.records.query("tensor == 'update' and metric == 'amax' and step == 0")
-    names = {n for n, _ in runner.build_model("transformer", 0).named_parameters()}
+    names = {n for n, _ in build_model("transformer", 0).named_parameters()}
     assert set(moved["module"]) == names
     assert (moved["value"] > 0).all()
     for fallback in ("position.weight", "blocks.0.norm1.weight", "blocks.0.attn.in_proj_weight"):
@@ -127,7 +130,7 @@ def test_pure_mode_keeps_adamw_state_in_the_dtype(dtype):
     """Optimizer state bytes: AdamW's two moments per parameter in the dtype + a float32
     step counter per tensor."""
     s = runner.train(plan(dtype=dtype, steps=2), device=CPU, every=10).summary
-    model = runner.build_model("mlp", 0)
+    model = build_model("mlp", 0)
     n = sum(p.numel() for p in model.parameters())
     tensors = len(list(model.parameters()))
     assert s["optimizer_state_bytes"] == 2 * n * 2 + 4 * tensors
@@ -139,7 +142,7 @@ def test_mixed_float16_uses_a_grad_scaler_and_keeps_float32_state():
     out = runner.train(p, device=CPU, every=10)
     scale = out.records.query("metric == 'grad_scale'")["value"]
     assert len(scale) == 4 and (scale > 1).all()
-    model = runner.build_model("mlp", 0)
+    model = build_model("mlp", 0)
     n = sum(p.numel() for p in model.parameters())
     assert out.summary["optimizer_state_bytes"] == 2 * n * 4 + 4 * len(list(model.parameters()))
     assert out.summary["mode"] == "mixed"
@@ -166,7 +169,8 @@ class _Interrupting:
     [(KeyboardInterrupt(), False, True), (RuntimeError("disk on fire"), False, False)],
 )
 def test_interruption_and_crash_keep_what_was_recorded(monkeypatch, exc, finished, interrupted):
-    monkeypatch.setattr(runner, "digits", lambda: _Interrupting(digits(), 3, exc))
+    interrupting = digits_workload("mlp", 64, _Interrupting(digits(), 3, exc))
+    monkeypatch.setitem(_LOADED, ("mlp", 64), interrupting)
     out = runner.train(plan(steps=10), device=CPU, every=10)
     assert out.interrupted is interrupted
     assert out.summary["finished"] is finished

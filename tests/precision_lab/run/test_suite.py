@@ -49,7 +49,11 @@ def test_default_suite_sweeps_damping_and_input_scale_for_every_default_optimize
     assert set(frontiers[("mlp",), "input_scale"].optimizers) == DEFAULT_OPTIMIZERS | auto
     assert set(frontiers[("mlp",), "damping"].optimizers) == DEFAULT_OPTIMIZERS - {"adamw"} | auto
     assert set(frontiers[("cnn",), "damping"].optimizers) == DEFAULT_OPTIMIZERS - {"adamw"}
-    assert not suite.matrices  # the transformer's baseline did not fit the budget
+    # The transformer's baseline did not fit the budget; the language model's does, with one
+    # optimizer of each family (issue 17).
+    (matrix,) = suite.matrices
+    assert matrix.models == ("lm",) and matrix.scenarios == ("baseline",)
+    assert set(matrix.optimizers) == {"singd:diagonal", "kfac:cholesky", "adamw"}
     plans = suite.plan()
     rungs = {p.scenario for p in plans if p.frontier == "damping"}
     assert "damping=1e-08" in rungs and len(rungs) == 7  # the former tiny_damping
@@ -60,7 +64,8 @@ def test_default_suite_sweeps_damping_and_input_scale_for_every_default_optimize
 def test_full_sweeps_every_knob_on_every_model_in_both_modes():
     suite = load_suite("full")
     assert {f.knob for f in suite.frontiers} == {"damping", "input_scale", "loss_scale", "lr_cov"}
-    assert all(set(f.models) == {"mlp", "cnn", "transformer"} for f in suite.frontiers)
+    models = {"mlp", "cnn", "resnet", "transformer", "lm"}
+    assert all(set(f.models) == models for f in suite.frontiers)
     (matrix,) = suite.matrices
     assert matrix.scenarios == ("baseline",) and len(matrix.optimizers) == 10
     assert set(suite.modes) == {"pure", "mixed"}
@@ -186,8 +191,12 @@ def test_choose_applies_to_frontiers_and_scenarios_select_knobs():
     suite = load_suite("default")
     chosen = suite.choose(models=["mlp"], optimizers=["adamw"], seeds=[1, 2])
     plans = chosen.plan()
-    # adamw has no damping: the input_scale frontier is left, on the MLP.
-    assert {(p.frontier, p.model, p.optimizer) for p in plans} == {("input_scale", "mlp", "adamw")}
+    # adamw has no damping: the input_scale frontier is left, on the MLP, and the matrix's
+    # baseline (the language model's, now the MLP's).
+    assert {(p.frontier, p.model, p.optimizer) for p in plans} == {
+        ("input_scale", "mlp", "adamw"),
+        (None, "mlp", "adamw"),
+    }
     assert {p.seed for p in plans} == {1, 2}
     only_damping = suite.choose(scenarios=["damping"]).plan()
     assert {p.frontier for p in only_damping} == {"damping"}
@@ -215,7 +224,7 @@ def test_choose_replaces_the_suites_lists():
     [
         ("models = [", "is not valid TOML"),
         (MINIMAL + "colour = 1\n", "unknown key 'colour'"),
-        (MINIMAL.replace('"mlp"', '"resnet"'), "unknown model 'resnet'"),
+        (MINIMAL.replace('"mlp"', '"resnet50"'), "Unknown model 'resnet50'; expected a built-in"),
         (MINIMAL.replace('"baseline"', '"rain"'), "Unknown scenario 'rain'"),
         (MINIMAL.replace('"adamw"', '"adamw:fast"'), "Unknown optimizer spec 'adamw:fast'"),
         (MINIMAL.replace('"bf16"', '"fp8"'), "Unknown dtype 'fp8'"),

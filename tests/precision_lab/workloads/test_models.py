@@ -35,14 +35,16 @@ def test_building_does_not_touch_the_global_generator():
 
 
 def test_layer_kinds():
-    """The CNN has convolutions; the transformer has the layers the Kronecker optimizers
-    leave to their fallback (LayerNorm, Embedding, attention)."""
+    """The CNNs have convolutions (the residual one BatchNorm too); the transformer has
+    the layers the Kronecker optimizers leave to their fallback (LayerNorm, Embedding,
+    attention)."""
     kinds = {name: {type(m) for m in build_model(name, 0).modules()} for name in MODELS}
     assert nn.Conv2d in kinds["cnn"] and nn.Linear in kinds["cnn"]
     assert {nn.LayerNorm, nn.Embedding, nn.MultiheadAttention} <= kinds["transformer"]
     assert nn.Conv2d not in kinds["mlp"]
+    assert {nn.Conv2d, nn.BatchNorm2d, nn.Linear} <= kinds["resnet"]
 
 
 def test_unknown_model_names_the_known_ones():
-    with pytest.raises(ValueError, match="Unknown model 'resnet'; expected one of mlp, cnn"):
-        build_model("resnet", 0)
+    with pytest.raises(ValueError, match="Unknown model 'resnet50'; expected one of mlp, cnn, res"):
+        build_model("resnet50", 0)
