@@ -23,6 +23,10 @@ as tensor. Rows: probe ``whatif``, phase ``step``, ``dtype`` the dtype considere
 - ``bytes_saved`` (B): ``numel * (itemsize(current) - itemsize(dtype))``, negative
   where the dtype is wider than the tensor's.
 
+and one row per tensor with ``dtype`` the tensor's own (stored) dtype: ``stored_bytes``
+(B), its ``numel * itemsize`` now, so that readers know what each saving is measured
+against (a ``precision="auto"`` factor changes its stored dtype during a run).
+
 Also `precision_rows`: a ``precision="auto"`` optimizer's `precision_events`, one row
 each (probe ``precision``, module the layer, tensor the factor, dtype the new dtype,
 metric the reading that crossed its bound, value the reading).
@@ -77,6 +81,7 @@ UNITS = {
     "overflow_fraction": "fraction",
     "rounding_error": "relative",
     "bytes_saved": "B",
+    "stored_bytes": "B",
 }
 
 
@@ -115,8 +120,19 @@ class WhatIfProbe:
         self.names = names
 
     def record(self, step: int, layers: list) -> None:
-        """One row per tensor, dtype and metric."""
+        """One row per tensor, dtype and metric, and its ``stored_bytes``."""
         for module, tensor, x in state_tensors(self.optimizer, layers, self.names):
+            self.recorder.add(
+                step,
+                "whatif",
+                "stored_bytes",
+                float(x.numel() * x.element_size()),
+                module=module,
+                tensor=tensor,
+                phase="step",
+                dtype=dtype_name(x.dtype),
+                unit=UNITS["stored_bytes"],
+            )
             for dtype in WHATIF_DTYPES:
                 for metric, value in whatif(x, dtype).items():
                     self.recorder.add(

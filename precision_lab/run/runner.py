@@ -151,6 +151,43 @@ def _coverage(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     return {"preconditioned_fraction": cov.fraction, "coverage": cov.as_dict()}
 
 
+def _escalation(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``precision_events``, ``promoted_fraction`` and ``promoted_bytes`` of a
+    ``precision="auto"`` optimizer at the end of its run; all null for any other.
+
+    A factor counts as promoted when its dtype is no longer the one its side started in
+    (the ``from_dtype`` of that layer and side's first event: SINGD's momenta follow their
+    factor without an event of their own); its extra bytes are its elements times the
+    growth of its element size.
+    """
+    if getattr(optimizer, "precision", None) != "auto":
+        return dict.fromkeys(("precision_events", "promoted_fraction", "promoted_bytes"))
+    events = optimizer.precision_events
+    layers = optimizer.curvature_state()
+    roles = {(layer.name, name): role for layer in layers for name, role in layer.roles.items()}
+    start: dict[tuple[str, str], torch.dtype] = {}
+    for event in events:
+        side = roles[event.layer, event.factor].side
+        start.setdefault((event.layer, side), getattr(torch, event.from_dtype))
+    total = promoted = extra = 0
+    for layer in layers:
+        for name, factor in layer.factors.items():
+            stored = (
+                [factor] if isinstance(factor, torch.Tensor) else list(factor.tensors().values())
+            )
+            total += 1
+            began = start.get((layer.name, layer.roles[name].side), stored[0].dtype)
+            if stored[0].dtype != began:
+                promoted += 1
+                growth = stored[0].element_size() - torch.empty((), dtype=began).element_size()
+                extra += growth * sum(t.numel() for t in stored)
+    return {
+        "precision_events": len(events),
+        "promoted_fraction": promoted / total if total else 0.0,
+        "promoted_bytes": extra,
+    }
+
+
 def accuracy(model: nn.Module, data: Dataset, dtype: torch.dtype, mode: str) -> float:
     """Fraction of the test set classified correctly, in [0, 1]."""
     device = next(model.parameters()).device
@@ -234,6 +271,7 @@ def _train(
     train_rows = Recorder(run=plan.run_id, rank=rank)
     # Only SINGD and KFAC have factors whose condition numbers the condition probe reads.
     names = [p for p in probes.PROBES if p != "condition" or hasattr(optimizer, "curvature_state")]
+    names.append("whatif")  # at the costly readings' cadence: what the state would lose
     session = probes.attach(
         model, optimizer, probes=names, every=every, run=plan.run_id, dtype=dtype
     )
@@ -309,6 +347,7 @@ def _train(
         ),
         "fallback_optimizer": _fallback_name(optimizer),
         **_coverage(optimizer),
+        **_escalation(optimizer),
         "error": error,
         "hyperparameters": spec.hyperparameters(plan.hyperparameters),
     }
