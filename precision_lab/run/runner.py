@@ -36,6 +36,7 @@ from precision_lab.workloads.models import NUM_CLASSES, build_model
 from precision_lab.workloads.scenarios import get_scenario
 from probes.memory import optimizer_state_bytes
 from probes.records import Recorder, frame_from_rows
+from singd.curvature import KFAC_ROLES, SINGD_ROLES
 
 PROBE_FIGURES = (
     "nan_events",
@@ -163,12 +164,14 @@ def _escalation(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     if getattr(optimizer, "precision", None) != "auto":
         return dict.fromkeys(("precision_events", "promoted_fraction", "promoted_bytes"))
     events = optimizer.precision_events
-    layers = optimizer.curvature_state()
-    roles = {(layer.name, name): role for layer in layers for name, role in layer.roles.items()}
+    # Sides by the factors' names: a factor an event names may be absent from the view
+    # now (KFAC drops a statistic that went non-finite until its next update).
+    roles = SINGD_ROLES | KFAC_ROLES
     start: dict[tuple[str, str], torch.dtype] = {}
     for event in events:
-        side = roles[event.layer, event.factor].side
+        side = roles[event.factor].side
         start.setdefault((event.layer, side), getattr(torch, event.from_dtype))
+    layers = optimizer.curvature_state()
     total = promoted = extra = 0
     for layer in layers:
         for name, factor in layer.factors.items():
