@@ -72,7 +72,11 @@ _STOPS = [(LOW, "#67000d"), (0.0, "#ef3b2c"), (4.0, "#fd8d3c"), (8.0, "#fee391")
 COLORSCALE = [[(v - LOW) / (HIGH - LOW), c] for v, c in _STOPS]
 
 
+LIMITS = ("max", "tiny", "eps")
+
+
 def _limits(dtype: str) -> tuple[float, float, float]:
+    """`LIMITS` of a dtype named as the records name it."""
     info = torch.finfo(getattr(torch, dtype))
     return info.max, info.tiny, info.eps
 
@@ -98,8 +102,9 @@ def headroom_readings(data: ReportData) -> pd.DataFrame:
     rec = rec.astype({c: str for c in rec.select_dtypes("category").columns})
     run_dtype = rec["key"].map(data.summary.set_index("key")["dtype"])
     dtype = rec["dtype"].where(rec["dtype"] != "", run_dtype)
+    table = {d: _limits(d) for d in dtype.unique()}
     limits = pd.DataFrame(
-        [_limits(d) for d in dtype], columns=["max", "tiny", "eps"], index=rec.index
+        {name: dtype.map({d: v[i] for d, v in table.items()}) for i, name in enumerate(LIMITS)}
     )
     value = rec["value"].astype(float)
     metric = rec["metric"]
@@ -222,7 +227,7 @@ def headroom_heatmap(data: ReportData) -> Section:
                 "args": [{"visible": [j == i for j in range(len(shown))]}],
             }
         )
-    layers = max(t["z"].__len__() for t in traces)
+    layers = max(len(t["y"]) for t in traces)
     layout = {
         "template": "plotly_white",
         "margin": {"l": 80, "r": 20, "t": 90, "b": 50},
