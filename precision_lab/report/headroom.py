@@ -27,8 +27,9 @@ A cell is the smallest of these over the layer's tensors (a parameter's ``weight
 ``grad``, ``update`` and ``momentum`` count for the layer that owns it) at one recorded
 step; hovering names the tensor and the reading. ``precision="auto"`` escalates a factor
 at 4 binades of range headroom and at ``kappa eps > 1/8`` (3 powers of two of condition
-headroom), so cells at or below 4 are where it would act; cells below 0 are past the
-dtype's limit. Runs are offered worst first (smallest headroom anywhere, then the
+headroom), so cells at or below 4 are about where it acts (its range bounds read a
+factor's largest entry and smallest diagonal entry, not its smallest entry); cells below
+0 are past the dtype's limit. Runs are offered worst first (smallest headroom anywhere, then the
 earliest step where it was reached) in a dropdown, at most `MAX_RUNS` of them.
 """
 
