@@ -229,9 +229,11 @@ def headroom_heatmap(data: ReportData) -> Section:
             }
         )
     layers = max(len(t["y"]) for t in traces)
+    longest = max(len(name) for t in traces for name in t["y"])
     layout = {
         "template": "plotly_white",
-        "margin": {"l": 80, "r": 20, "t": 90, "b": 50},
+        # Room for the longest layer name (about 7 px a character at the axis' font size).
+        "margin": {"l": 40 + 7 * longest, "r": 20, "t": 90, "b": 50},
         "height": max(320, 160 + 28 * layers),
         "xaxis": {"title": {"text": "step"}, "type": "category"},
         "yaxis": {"title": {"text": "layer"}, "type": "category", "autorange": "reversed"},
