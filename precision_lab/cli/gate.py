@@ -1,4 +1,5 @@
-"""``precision-lab baseline`` and ``precision-lab gate``: CI gates on memory and stability.
+"""``precision-lab baseline`` and ``precision-lab gate``: CI gates on memory, stability and
+frontiers' breaking points.
 
 The commands parse, build library objects (``precision_lab.gate.baseline``,
 ``precision_lab.gate.checks``) and call them. Exit codes: 0 pass, 1 regression, 2 usage or input
@@ -69,7 +70,7 @@ def _table(result: GateResult) -> Table:
     table.add_column("note", overflow="fold")
     for verdict in result.verdicts:
         figure = verdict.check.split(".", 1)[-1]
-        show = verdict.status not in ("new",) and verdict.check != "coverage.run"
+        show = verdict.status not in ("new",) and not verdict.check.startswith("coverage.")
         cells = (
             verdict.status,
             verdict.check,
@@ -186,7 +187,8 @@ class _GateCommand(click.Command):
     default="0.01",
     show_default=True,
     help="With several seeds per configuration: the significance level at which breaking "
-    "in more seeds than the baseline fails (one-sided Fisher exact test).",
+    "in more seeds than the baseline (one-sided Fisher exact test), or breaking points "
+    "milder than the baseline's (one-sided permutation test), fail.",
 )
 @click.option(
     "--against",
@@ -228,9 +230,10 @@ def gate_command(
     """Gate RUN_DIR against a baseline: exit 0 pass, 1 regression, 2 input error.
 
     Runs are matched by (model, scenario, optimizer, dtype, mode, seed); memory, stability,
-    learning and coverage are checked; improvements are reported, never failures. With
-    several seeds per configuration, breaking is judged across them (--alpha). With
-    --bisect, exit 125 instead of 2, for 'git bisect run'.
+    learning and coverage are checked, and each frontier's breaking points (a breaking
+    point that moved milder on its ladder fails); improvements are reported, never
+    failures. With several seeds per configuration, breaking and breaking points are
+    judged across them (--alpha). With --bisect, exit 125 instead of 2, for 'git bisect run'.
     """
     tolerances = Tolerances(
         memory=memory_tolerance,

@@ -39,6 +39,7 @@ from precision_lab.dtypes import dtype_name
 from precision_lab.errors import EXIT_REGRESSION, UsageError, fail, user_errors
 from precision_lab.report.write import write_report
 from precision_lab.run.directory import REPORT_FILE, RunDirectory
+from precision_lab.run.frontiers import ENTRY_KEY, frontier_entries, median_cost
 from precision_lab.run.runner import Outcome, RankFailedError, train
 from precision_lab.run.suite import BUILTIN_SUITES, load_suite
 from precision_lab.specs import OptimizerSpec
@@ -159,6 +160,76 @@ def _escalated(run: dict[str, Any]) -> str:
     return f"{run['precision_events']} ({run['promoted_fraction']:.0%})"
 
 
+RUNG_MARKS = {"held": ".", "broke": "[red]x[/red]", "no_learning": "[yellow]n[/yellow]"}
+"""How `frontier_table` draws each rung's status (anything else, missing: ``?``)."""
+
+
+def _rungs(statuses: list[str]) -> str:
+    return "".join(RUNG_MARKS.get(status, "?") for status in statuses)
+
+
+def _verdict(entry: dict[str, Any]) -> str:
+    text = escape(entry["verdict"])
+    cost = entry["precision_cost"]
+    return f"[red]{text}[/red]" if cost is not None and cost > 0 else text
+
+
+def frontier_table(entries: list[dict[str, Any]]) -> Table:
+    """One line per frontier entry (optimizer x dtype x seed on each model's knob): the
+    breaking point (mildest rung that broke) beside float32's, the cost in rungs and the
+    verdict; the rungs drawn mildest first (``.`` held, ``x`` broke, ``n`` did not learn,
+    ``?`` missing). With several seeds, a ``median`` line follows each configuration's.
+    """
+    table = Table(
+        title="frontiers: where each optimizer breaks, in the dtype and in float32",
+        header_style="bold",
+    )
+    headers = ["model", "knob", "optimizer", "dtype", "mode", "seed", "ladder (mild -> harsh)"]
+    headers += ["rungs", "float32 rungs", "breaks at", "float32 breaks at", "cost", "verdict"]
+    for header in headers:
+        table.add_column(header, overflow="ellipsis", no_wrap=True)
+    medians = median_cost(entries)
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for entry in entries:
+        groups.setdefault(tuple(entry[k] for k in ENTRY_KEY[:-1]), []).append(entry)
+    for key, group in groups.items():
+        for entry in sorted(group, key=lambda e: e["seed"]):
+            ladder = entry["ladder"]
+            table.add_row(
+                *key[:2],
+                entry["optimizer"],
+                entry["dtype"],
+                entry["mode"],
+                str(entry["seed"]),
+                f"{format(ladder[0], 'g')} -> {format(ladder[-1], 'g')} ({len(ladder)})",
+                _rungs([r["status"] for r in entry["rungs"]]),
+                _rungs([r["control_status"] for r in entry["rungs"]]),
+                "held" if entry["breaking_point"] is None else format(entry["breaking_point"], "g"),
+                "held"
+                if entry["control_breaking_point"] is None
+                else format(entry["control_breaking_point"], "g"),
+                _fmt(entry["precision_cost"]) + ("+" if entry["cost_lower_bound"] else ""),
+                _verdict(entry),
+            )
+        if len(group) > 1:
+            median = medians[key]
+            table.add_row(
+                *key[:2],
+                key[2],
+                key[3],
+                key[4],
+                "median",
+                "",
+                "",
+                "",
+                "",
+                "",
+                _fmt(median),
+                "",
+            )
+    return table
+
+
 def summary_table(runs: list[dict[str, Any]], seeds: bool) -> Table:
     """One line per run with summary.json's headline figures.
 
@@ -264,7 +335,13 @@ def summary_table(runs: list[dict[str, Any]], seeds: bool) -> Table:
     help="Comma-separated optimizer specs, e.g. singd:diagonal,kfac:eigh.",
 )
 @click.option("--models", type=NAMES, help="Comma-separated models: mlp, cnn, transformer.")
-@click.option("--scenarios", type=NAMES, help="Comma-separated scenarios (see docs/suites.md).")
+@click.option(
+    "--scenarios",
+    type=NAMES,
+    help="Comma-separated: knobs selecting the suite's frontiers (damping, input_scale, "
+    "loss_scale, lr_cov) and/or scenarios (baseline, a rung such as damping=1e-08); "
+    "see docs/suites.md.",
+)
 @click.option("--steps", type=click.IntRange(min=1), help="Training steps per run.")
 @click.option("--seeds", type=SEEDS, help="Comma-separated seeds, e.g. 0,1,2.")
 @click.option("--every", type=click.IntRange(min=1), help="Cadence of the expensive probes, steps.")
@@ -338,6 +415,11 @@ def _stress(
         "optimizers": sorted({p.optimizer for p in plans}),
         "models": sorted({p.model for p in plans}),
         "scenarios": sorted({p.scenario for p in plans}),
+        "frontiers": [
+            {"models": list(f.models), "knob": f.knob, "ladder": list(f.ladder)}
+            | {"optimizers": list(f.optimizers)}
+            for f in suite.frontiers
+        ],
         "dtypes": [dtype_name(d) for d in suite.dtypes],
         "modes": list(suite.modes),
         "seeds": list(suite.seeds),
@@ -383,7 +465,11 @@ def _stress(
     if not lab.console.is_terminal:
         # Piped output would get rich's 80 columns: too few for this table to stay readable.
         lab.console.width = max(lab.console.width, 240)
-    lab.console.print(summary_table(run_dir.summary(), seeds=len(suite.seeds) > 1))
+    runs = run_dir.summary()
+    entries = frontier_entries(runs)
+    if entries:
+        lab.console.print(frontier_table(entries))
+    lab.console.print(summary_table(runs, seeds=len(suite.seeds) > 1))
     lab.console.print(f"Run directory: {run_dir.path}", soft_wrap=True)
     if report_skipped:
         lab.progress_console.print(

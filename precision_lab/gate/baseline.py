@@ -33,7 +33,16 @@ from typing import Any
 
 from precision_lab import __version__
 from precision_lab.errors import UsageError
+from precision_lab.gate.frontiers import (
+    Frontier,
+    FrontierKey,
+    frontier_document,
+    frontier_from_entry,
+    index_frontiers,
+    read_frontier,
+)
 from precision_lab.run.directory import SUMMARY_FILE, read_run
+from precision_lab.run.frontiers import frontier_entries
 from precision_lab.run.summary import FIGURES, KEY_FIELDS, broke, check_run
 
 BASELINE_FORMAT = "precision-lab-baseline"
@@ -103,6 +112,8 @@ class RunSet:
             world size), which must agree for runs to be compared.
         environment: where the figures were measured (versions, device, host).
         source: the run directory or baseline file the runs came from, for messages.
+        frontiers: the breaking points of its frontiers, by key (none for a suite without
+            frontiers, or a baseline written before they existed).
     """
 
     suite: str
@@ -110,6 +121,7 @@ class RunSet:
     settings: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    frontiers: dict[FrontierKey, Frontier] = field(default_factory=dict)
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -189,7 +201,8 @@ def read_run_dir(path: str | Path) -> RunSet:
         path: a directory written by ``precision-lab stress``.
 
     Returns:
-        Its runs by key, the suite's name, and the environment from config.json.
+        Its runs by key, the suite's name, the environment from config.json, and its
+        frontiers recomputed from the runs (``precision_lab.run.frontiers``).
 
     Raises:
         UsageError: the directory, or its summary or config, is missing or corrupt.
@@ -203,12 +216,17 @@ def read_run_dir(path: str | Path) -> RunSet:
         "device": config.get("device"),
         "command": config.get("command"),
     }
+    try:
+        entries = frontier_entries(run.runs)
+    except ValueError as error:  # a knob no version of the suite declares
+        raise UsageError(f"{run.path / SUMMARY_FILE}: {error}") from None
     return RunSet(
         suite=suite_name(config.get("suite")),
         runs=index_runs(run.runs, str(run.path / SUMMARY_FILE)),
         settings={name: config.get(name) for name in SETTINGS},
         environment=environment,
         source=str(run.path),
+        frontiers=index_frontiers(map(frontier_from_entry, entries), str(run.path)),
     )
 
 
@@ -239,8 +257,9 @@ def make_baseline(run_set: RunSet) -> dict[str, Any]:
 
     Returns:
         ``{"format", "schema", "suite", "settings", "created", "environment", "source",
-        "runs"}``, each run a ``{"key": {...}, "run": id, "figures": {...}}`` object, in the
-        summary's order.
+        "runs", "frontiers"}``, each run a ``{"key": {...}, "run": id, "figures": {...}}``
+        object, in the summary's order; each frontier its key, ladder, rung statuses and
+        breaking points (`precision_lab.gate.frontiers.frontier_document`).
 
     Raises:
         UsageError: a run stopped without a result (interrupted, not raised: a run that
@@ -269,6 +288,7 @@ def make_baseline(run_set: RunSet) -> dict[str, Any]:
             }
             for key, run in run_set.runs.items()
         ],
+        "frontiers": [frontier_document(frontier) for frontier in run_set.frontiers.values()],
     }
 
 
@@ -310,8 +330,12 @@ def _check_seed_counts(runs: dict[RunKey, dict[str, Any]], where: str) -> None:
 def read_baseline(path: str | Path) -> RunSet:
     """Read a baseline file written by ``write_baseline``.
 
+    A baseline written before frontiers existed has no ``frontiers``: it is read with
+    none, and gates no breaking point.
+
     Raises:
-        UsageError: the file is missing, not JSON, not a baseline, or of another schema.
+        UsageError: the file is missing, not JSON, not a baseline, or of another schema, or
+            a run or frontier in it is corrupt.
     """
     target = Path(path)
     document = _read_json(target, "Baseline")
@@ -340,6 +364,10 @@ def read_baseline(path: str | Path) -> RunSet:
             f"Baseline {target} is corrupt ({error.__class__.__name__}: {error}): refresh it."
         ) from None
     _check_seed_counts(runs, where)
+    stored = document.get("frontiers", [])
+    if not isinstance(stored, list):
+        raise UsageError(f"{where}: its frontiers must be a list; refresh it.")
+    frontiers = index_frontiers((read_frontier(entry, where) for entry in stored), str(target))
     settings = document.get("settings") or {}
     if not isinstance(settings, dict) or not isinstance(document.get("environment") or {}, dict):
         raise UsageError(f"{where}: its settings and environment must be objects; refresh it.")
@@ -349,4 +377,5 @@ def read_baseline(path: str | Path) -> RunSet:
         settings=settings,
         environment=document.get("environment") or {},
         source=str(target),
+        frontiers=frontiers,
     )

@@ -56,6 +56,13 @@ stability.seeds_broken        with several seeds per configuration in the baseli
 coverage.run                  fails when a baseline run is missing from the run directory, or
                               stopped without a result (interrupted: its figures are then not
                               compared). A run that raised is a result: it broke.
+frontier.breaking_point,      a frontier's breaking point, as its position on the ladder: fails
+frontier.control_breaking_    when it moved milder (earlier) than the baseline's, is ``better``
+point                         when harsher; with several seeds, by an exact one-sided permutation
+                              test of the seeds' positions at level ``alpha`` (Fisher's test of
+                              ``seeds_broken`` on a one-rung ladder). ``precision_lab.gate.
+                              frontiers`` says how; ``coverage.frontier`` fails a baseline
+                              frontier the run directory lacks.
 ===========================  ================================================================
 
 The tolerances are well above the noise measured (1 against 2 threads on this 2-core
@@ -96,11 +103,9 @@ from typing import Any
 
 from precision_lab.errors import UsageError
 from precision_lab.gate.baseline import RunKey, RunSet, configurations
+from precision_lab.gate.frontiers import judge_frontiers
+from precision_lab.gate.verdicts import BETTER, FAIL, NEW, OK, SKIP, STATUS_ORDER, Verdict
 from precision_lab.run.summary import broke
-
-FAIL, BETTER, OK, NEW, SKIP = "fail", "better", "ok", "new", "skip"
-# Failures first, then what a reviewer should notice, then the unremarkable.
-STATUS_ORDER = {FAIL: 0, BETTER: 1, NEW: 2, OK: 3, SKIP: 4}
 
 MIB = 2**20
 
@@ -571,32 +576,6 @@ class Tolerances:
         ]
 
 
-@dataclass(frozen=True)
-class Verdict:
-    """One check on one run (or one configuration): what was compared and concluded.
-
-    Attributes:
-        check: ``category.figure``.
-        run: the run's key label (``seed*`` for a configuration); ``key`` the key itself.
-        status: ``fail``, ``better``, ``ok``, ``new`` (no baseline) or ``skip``.
-        baseline, current: the figure's values (null where non-finite or absent); for
-            ``stability.seeds_broken``, ``"broken/seeds"``.
-        change: the change, as the check measures it (relative, factor or absolute).
-        message: for a failure, the run and the figure and by how much; else a note.
-        p_value: for ``stability.seeds_broken``, the one-sided Fisher exact test's.
-    """
-
-    check: str
-    run: str
-    key: dict[str, Any] | None
-    status: str
-    baseline: Any = None
-    current: Any = None
-    change: str = ""
-    message: str = ""
-    p_value: float | None = None
-
-
 @dataclass
 class GateResult:
     """Every verdict of one gate, and the step-time comparison if one was asked for."""
@@ -844,6 +823,7 @@ def gate(
                 )
     for key in current.runs.keys() - baseline.runs.keys():
         verdicts.append(_coverage(key, NEW, "not in the baseline: refresh it to gate this run"))
+    verdicts.extend(judge_frontiers(current, baseline, tolerances.alpha))
     timing = None
     if against is not None:
         time_verdicts, timing = compare_step_times(current, against, tolerances.max_slowdown)

@@ -193,6 +193,78 @@ def _grid(n: int, cols: int = 2) -> tuple[int, int]:
     return math.ceil(n / cols), cols
 
 
+class ViewSelector:
+    """Traces of a per-step figure grouped into views, one per (model, scenario) (a
+    frontier rung is a scenario, ``damping=1e-06``), of which the reader sees one at a
+    time, picked from a dropdown menu (Plotly ``updatemenus``); traces added with
+    `always` (a dtype's 1/eps level) show in every view.
+
+    Views are listed in the order the summary first names them (the suite's order: a
+    frontier's rungs mildest first); the first view with traces is shown on load.
+    """
+
+    def __init__(self, data: ReportData) -> None:
+        pairs = zip(data.summary["model"], data.summary["scenario"], strict=True)
+        self.order = list(dict.fromkeys(pairs))
+        self.traces: dict[tuple[str, str], list[dict]] = {}
+        self.fixed: list[dict] = []
+        self._legends: dict[tuple[str, str], set[str]] = {}
+
+    def add(self, view: tuple[str, str], legend: str, trace: dict) -> None:
+        """Add a trace to ``view``; the first of each legend entry in a view shows it."""
+        shown = self._legends.setdefault(view, set())
+        trace["showlegend"] = legend not in shown
+        shown.add(legend)
+        self.traces.setdefault(view, []).append(trace)
+
+    def always(self, trace: dict) -> None:
+        """Add a trace shown in every view."""
+        self.fixed.append(trace)
+
+    def views(self) -> list[tuple[str, str]]:
+        """The views with traces, in order."""
+        return [view for view in self.order if view in self.traces]
+
+    def figure(self, fig: go.Figure) -> dict:
+        """``fig`` with every view's traces (the first view visible), the fixed ones, and
+        a dropdown menu that shows one view at a time."""
+        views = self.views()
+        traces = []
+        for index, view in enumerate(views):
+            for trace in self.traces[view]:
+                trace["visible"] = index == 0
+                traces.append(trace)
+        traces += self.fixed
+        spec = _spec(fig, traces)
+        if len(views) > 1:
+            buttons = []
+            for view in views:
+                visible = [v == view for v in views for _ in self.traces[v]]
+                visible += [True] * len(self.fixed)
+                buttons.append(
+                    {
+                        "label": f"{view[0]} · {view[1]}",
+                        "method": "restyle",
+                        "args": [{"visible": visible}],
+                    }
+                )
+            spec["layout"]["updatemenus"] = [
+                {
+                    "buttons": buttons,
+                    "active": 0,
+                    "direction": "down",
+                    "showactive": True,
+                    "x": 0,
+                    "xanchor": "left",
+                    "y": 1.0,
+                    "yanchor": "bottom",
+                    "pad": {"b": 30},
+                }
+            ]
+            spec["layout"]["margin"] = {**LAYOUT["margin"], "t": 90}
+        return spec
+
+
 # --------------------------------------------------------------------------------------
 # Stability
 # --------------------------------------------------------------------------------------
@@ -228,7 +300,8 @@ def stability_heatmap(data: ReportData) -> Section:
         .reset_index()
     )
     rows = sorted(cells["optimizer"].unique())
-    cols = sorted(cells["column"].unique())
+    # The suite's order (a frontier's rungs mildest first), not the alphabet's.
+    cols = list(dict.fromkeys(s["column"]))
     z_broke = np.full((len(rows), len(cols)), np.nan)
     z_status = np.full((len(rows), len(cols)), np.nan)  # 0 stable, 1 diverged (loss)
     text = np.full((len(rows), len(cols)), "", dtype=object)
@@ -311,13 +384,14 @@ def event_counts(data: ReportData) -> Section:
 
 def condition_numbers(data: ReportData) -> Section:
     """Per optimizer, the condition number of each factor over steps: the largest over
-    the model's layers and the seeds, one line per (model, scenario, dtype, factor)."""
+    the model's layers and the seeds, one line per (dtype, factor), for the model and
+    scenario (or frontier rung) the reader picks (`ViewSelector`)."""
     sec = Section(
         "condition",
         "Condition numbers of the preconditioner factors",
         "Largest condition number over layers at each step (log scale), one panel per "
-        "optimizer; a line above its dtype's dotted 1/eps level has lost its smallest "
-        "directions to rounding.",
+        "optimizer, for the model and scenario or frontier rung picked in the menu; a line "
+        "above its dtype's dotted 1/eps level has lost its smallest directions to rounding.",
     )
     rec = _records(data, "condition", ("condition_number",))
     rec = rec[rec["tensor"].isin(FACTOR_DASH)]
@@ -335,13 +409,14 @@ def condition_numbers(data: ReportData) -> Section:
     )
     groups = list(worst.groupby(["optimizer", *keys]))
     thin = Thinning(len(groups))
-    shown: set[str] = set()
-    traces = []
+    views = ViewSelector(data)
     for (opt, source, model, scenario, dtype, tensor), g in groups:
         i = optimizers.index(opt)
         x, y = _xy(g, thin)
         legend = f"{dtype_short(dtype)} {tensor}{_source_tag(data, source)}"
-        traces.append(
+        views.add(
+            (model, scenario),
+            legend,
             {
                 "type": "scatter",
                 "x": x,
@@ -349,22 +424,21 @@ def condition_numbers(data: ReportData) -> Section:
                 "mode": "lines",
                 "name": legend,
                 "legendgroup": legend,
-                "showlegend": legend not in shown,
                 "line": {"color": _color(data, dtype, source), "dash": FACTOR_DASH[tensor]},
                 "hovertemplate": f"{model} · {scenario} · {legend}"
                 "<br>step %{x}: %{y:.3g}<extra></extra>",
                 **_axes(i, ncols),
-            }
+            },
         )
-        shown.add(legend)
-    # Drawn as traces, not shapes: shapes on a log axis take log10 coordinates.
+    # Drawn as traces, not shapes: shapes on a log axis take log10 coordinates. Shown in
+    # every view: the levels are the dtype's, whichever run is picked.
     span = [int(worst["step"].min()), int(worst["step"].max())]
     for dtype in sorted(worst["run_dtype"].unique()):
         level = inverse_eps(dtype)
         label = f"1/eps {dtype_short(dtype)}"
         color = DTYPE_COLORS.get(dtype, "#555")
         for i in range(len(optimizers)):
-            traces.append(
+            views.always(
                 {
                     "type": "scatter",
                     "x": span,
@@ -383,8 +457,8 @@ def condition_numbers(data: ReportData) -> Section:
             )
     fig.update_yaxes(type="log", exponentformat="power")
     fig.update_xaxes(title_text="step")
-    fig.update_layout(**LAYOUT, height=120 + 300 * nrows)
-    sec.figure = _spec(fig, traces)
+    fig.update_layout(**LAYOUT, height=160 + 300 * nrows)
+    sec.figure = views.figure(fig)
     sec.notes = thin.notes()
     return sec
 
@@ -494,14 +568,20 @@ def range_fractions(data: ReportData) -> Section:
 # --------------------------------------------------------------------------------------
 
 
+OPTIMIZER_DASH = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
+"""Line styles that tell optimizers apart where colour tells the dtypes apart."""
+
+
 def training_curves(data: ReportData) -> Section:
-    """Loss (log scale) and, where recorded, test accuracy over steps, one line per run."""
+    """Loss (log scale) and, where recorded, test accuracy over steps, one line per run,
+    for the model and scenario (or frontier rung) the reader picks (`ViewSelector`)."""
     sec = Section(
         "training",
         "Loss and test accuracy",
-        "Training loss per run (left, log scale) and test accuracy on the digits (right); "
-        "colour is the dtype (and run directory, when comparing), hover shows the run; a "
-        "line that stops has diverged.",
+        "Training loss per run (left, log scale) and test accuracy on the digits (right) for "
+        "the model and scenario or frontier rung picked in the menu; colour is the dtype (and "
+        "run directory, when comparing), the line style the optimizer, hover shows the run; "
+        "a line that stops has diverged.",
     )
     rec = _records(data, "train", ("loss", "test_accuracy"))
     if rec.empty:
@@ -514,13 +594,17 @@ def training_curves(data: ReportData) -> Section:
     groups = list(rec.groupby(["metric", "key"]))
     thin = Thinning(len(groups))
     runs = data.summary.set_index("key")
-    shown: set[str] = set()
-    traces = []
+    optimizers = sorted(data.summary["optimizer"].unique())
+    views = ViewSelector(data)
     for (metric, key), g in groups:
         run = runs.loc[key]
         x, y = _xy(g, thin)
-        legend = dtype_short(run["dtype"]) + _source_tag(data, run["source"])
-        traces.append(
+        legend = f"{run['optimizer']} {dtype_short(run['dtype'])}"
+        legend += _source_tag(data, run["source"])
+        dash = OPTIMIZER_DASH[optimizers.index(run["optimizer"]) % len(OPTIMIZER_DASH)]
+        views.add(
+            (run["model"], run["scenario"]),
+            legend,
             {
                 "type": "scatter",
                 "x": x,
@@ -528,19 +612,21 @@ def training_curves(data: ReportData) -> Section:
                 "mode": "lines" if metric == "loss" else "lines+markers",
                 "name": legend,
                 "legendgroup": legend,
-                "showlegend": legend not in shown,
-                "line": {"color": _color(data, run["dtype"], run["source"]), "width": 1},
-                "opacity": 0.7,
+                "line": {
+                    "color": _color(data, run["dtype"], run["source"]),
+                    "width": 1.5,
+                    "dash": dash,
+                },
+                "opacity": 0.8,
                 "hovertemplate": f"{key}<br>{run['optimizer']} · {run['model']} · "
                 f"{run['scenario']}<br>step %{{x}}: %{{y:.4g}}<extra></extra>",
                 **_axes(0 if metric == "loss" else 1, 2),
-            }
+            },
         )
-        shown.add(legend)
     fig.update_yaxes(type="log", exponentformat="power", row=1, col=1)
     fig.update_xaxes(title_text="step")
-    fig.update_layout(**LAYOUT, height=420)
-    sec.figure = _spec(fig, traces)
+    fig.update_layout(**LAYOUT, height=460)
+    sec.figure = views.figure(fig)
     sec.notes = thin.notes()
     return sec
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from precision_lab.errors import UsageError
 from precision_lab.report.data import ReportData, load_report_data
 from precision_lab.report.figures import FIGURE_BUILDERS
+from precision_lab.report.frontiers import frontier_sections
 from precision_lab.report.headroom import headroom_heatmap
 from precision_lab.report.page import Section, render_page, sources_html
 from precision_lab.report.scaling import scaling_section
@@ -35,24 +36,29 @@ from precision_lab.report.tables import (
 from precision_lab.report.whatif import whatif_table
 
 
-def _guarded(builder: Callable[[ReportData], Section], data: ReportData) -> Section:
-    """One section, or, if its builder fails on unexpected data, a section that says so:
-    the rest of the page (and the stress run that writes it) still comes out."""
+def _guarded(
+    builder: Callable[[ReportData], Section | list[Section]], data: ReportData
+) -> list[Section]:
+    """A builder's section (or sections), or, if it fails on unexpected data, a section
+    that says so: the rest of the page (and the stress run that writes it) still comes out."""
     try:
-        return builder(data)
+        made = builder(data)
+        return made if isinstance(made, list) else [made]
     except Exception as err:  # a bug in one figure must not cost the whole report
         name = builder.__name__.replace("_", " ")
         message = f"This section ({name}) could not be built: {type(err).__name__}: {err}."
         warnings.warn(message, stacklevel=2)
         key = builder.__name__.replace("_", "-")
-        return Section(key, name.capitalize(), "Not drawn: see below.", empty=message)
+        return [Section(key, name.capitalize(), "Not drawn: see below.", empty=message)]
 
 
 def build_sections(data: ReportData) -> list[Section]:
-    """The page's sections in reading order: the run directories side by side (when
-    comparing), the overview, the figures, the distance to failure, the precision
-    escalations and the what-if dtypes, the environment."""
+    """The page's sections in reading order: the frontiers (one per knob, each with what
+    the suite found), the run directories side by side (when comparing), the overview,
+    the figures, the distance to failure, the precision escalations and the what-if
+    dtypes, the environment."""
     builders = [
+        frontier_sections,
         *([sources_table] if len(data.sources) > 1 else []),
         overview_table,
         *FIGURE_BUILDERS,
@@ -62,7 +68,7 @@ def build_sections(data: ReportData) -> list[Section]:
         scaling_section,
         environment_table,
     ]
-    return [_guarded(builder, data) for builder in builders]
+    return [section for builder in builders for section in _guarded(builder, data)]
 
 
 def write_report(

@@ -5,8 +5,8 @@
     RUN_DIR/
       config.json      the suite (its TOML text), optimizers, dtypes, modes, seeds,
                        versions, device and command line
-      summary.json     {"schema": 1, "runs": [one object per run], "records": [files]},
-                       rewritten after every run
+      summary.json     {"schema": 1, "runs": [one object per run], "records": [files],
+                       "frontiers": [breaking points]}, rewritten after every run
       records/         while the suite runs: one Parquet file per recorded run
       records.parquet  once the suite has closed: those files as one long table (every
                        probe row plus ``train`` rows)
@@ -51,6 +51,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from precision_lab.errors import UsageError
+from precision_lab.run.frontiers import frontier_entries
 from precision_lab.run.suite import RunPlan
 from precision_lab.run.summary import (
     CONTROL_FIELDS,
@@ -237,11 +238,15 @@ class RunDirectory:
         return out
 
     def write_summary(self) -> None:
+        """summary.json with every run so far and the frontiers computed from them
+        (`precision_lab.run.frontiers.frontier_entries`: rungs not run yet are missing)."""
+        runs = self.summary()
         summary = {
             "schema": SUMMARY_SCHEMA,
             "fields": FIELDS,
             "records": self.records,
-            "runs": self.summary(),
+            "runs": runs,
+            "frontiers": frontier_entries(runs),
         }
         _write_json(self.path / SUMMARY_FILE, summary)
 
@@ -318,6 +323,8 @@ def read_summary(root: Path) -> dict[str, Any]:
         )
     path = root / SUMMARY_FILE
     check_runs(data["runs"], str(path))
+    if not isinstance(data.get("frontiers", []), list):
+        raise UsageError(f"{path} has frontiers that are not a list of entries.")
     records = data.get("records", [RECORDS_FILE])
     if not isinstance(records, list) or not all(
         isinstance(n, str) and (n == RECORDS_FILE or _PART.fullmatch(n)) for n in records

@@ -31,9 +31,8 @@ import probes
 from precision_lab.dtypes import dtype_name
 from precision_lab.run.suite import FILE_LOCATIONS, RunPlan
 from precision_lab.run.summary import learned
-from precision_lab.workloads.data import Dataset
+from precision_lab.workloads.data import Dataset, digits
 from precision_lab.workloads.models import NUM_CLASSES, build_model
-from precision_lab.workloads.scenarios import get_scenario
 from probes.memory import optimizer_state_bytes
 from probes.records import Recorder, frame_from_rows
 from singd.curvature import KFAC_ROLES, SINGD_ROLES
@@ -249,9 +248,12 @@ def _train(
     store: dist.Store | None,
 ) -> Outcome:
     rank, world = _world()
-    scenario = get_scenario(plan.scenario)
+    condition = plan.condition  # its hyperparameters are already in plan.hyperparameters
     spec = plan.spec
-    data = scenario.dataset()
+    data = digits()
+    factor = condition.input_factor(float(data.train_x.abs().max()))
+    if factor != 1.0:
+        data = data.map_features(lambda x: condition.scale_inputs(x, factor))
     dtype, mode = plan.dtype, plan.mode
     input_dtype = dtype if mode == "pure" else torch.float32
 
@@ -303,7 +305,7 @@ def _train(
                     loss_nonfinite_step = step
                 break
             optimizer.zero_grad(set_to_none=True)
-            scaled = loss * scenario.loss_scale
+            scaled = loss * condition.loss_multiplier
             if scaler is None:
                 scaled.backward()
                 optimizer.step()

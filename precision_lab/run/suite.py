@@ -25,8 +25,9 @@ import torch
 from precision_lab.dtypes import dtype_name, parse_dtype
 from precision_lab.errors import UsageError
 from precision_lab.specs import OptimizerSpec, parse_spec
+from precision_lab.workloads.knobs import KNOBS, Condition, get_knob
 from precision_lab.workloads.models import MODELS, build_model
-from precision_lab.workloads.scenarios import get_scenario
+from precision_lab.workloads.scenarios import get_scenario, rung
 
 BUILTIN_SUITES = ("quick", "default", "full")
 MODES = ("pure", "mixed")
@@ -44,8 +45,10 @@ TOP_KEYS = {
     "batch_size",
     "every",
     "hyperparameters",
+    "frontier",
 }
 MATRIX_KEYS = {"models", "scenarios", "optimizers"}
+FRONTIER_KEYS = {"models", "knob", "ladder", "optimizers"}
 MAX_SEED = 2**32 - 1
 """Largest seed accepted (the common 32-bit range; torch's generators stop at 2**64 - 1)."""
 FILE_LOCATIONS = {"failure_dir"}
@@ -62,6 +65,8 @@ class RunPlan:
         hyperparameters: The overrides passed to ``OptimizerSpec.build``: the suite's
             family table, then its spec table, then the scenario's, later ones winning.
         control_for: For a float32 control, the dtype and mode of the run it controls.
+        frontier: For a frontier rung (or a scenario naming one), the knob; else None.
+        knob_value: The rung's value (exact; ``scenario`` shows it rounded); else None.
     """
 
     model: str
@@ -74,6 +79,16 @@ class RunPlan:
     batch_size: int
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     control_for: tuple[torch.dtype, str] | None = None
+    frontier: str | None = None
+    knob_value: float | None = None
+
+    @property
+    def condition(self) -> Condition:
+        """What this run changes (`precision_lab.workloads.knobs.Condition`): its input
+        scale, loss multiplier and overrides (already merged into ``hyperparameters``)."""
+        if self.frontier is None:
+            return get_scenario(self.scenario)
+        return get_knob(self.frontier).condition(self.knob_value)
 
     @property
     def optimizer(self) -> str:
@@ -113,6 +128,8 @@ class RunPlan:
             "run": self.run_id,
             "model": self.model,
             "scenario": self.scenario,
+            "frontier": self.frontier,
+            "knob_value": self.knob_value,
             "optimizer": self.optimizer,
             "structure": self.spec.structure,
             "dtype": dtype_name(self.dtype),
@@ -140,6 +157,22 @@ class Matrix:
 
 
 @dataclass(frozen=True)
+class Frontier:
+    """A knob swept along a ladder, mildest rung first, for every model x optimizer listed
+    (the optimizers the knob does not apply to are skipped)."""
+
+    models: tuple[str, ...]
+    knob: str
+    ladder: tuple[float, ...]
+    optimizers: tuple[str, ...]
+
+    def applicable(self) -> tuple[str, ...]:
+        """The optimizers listed that the knob applies to."""
+        knob = get_knob(self.knob)
+        return tuple(o for o in self.optimizers if knob.applies_to(_parse_spec(o).family))
+
+
+@dataclass(frozen=True)
 class Suite:
     """A validated suite. ``source`` is the built-in name or the TOML file's path."""
 
@@ -155,6 +188,7 @@ class Suite:
     batch_size: int
     every: int
     hyperparameters: dict[str, dict[str, Any]]
+    frontiers: tuple[Frontier, ...] = ()
 
     def choose(
         self,
@@ -168,18 +202,39 @@ class Suite:
         steps: int | None = None,
         every: int | None = None,
     ) -> Suite:
-        """This suite with the command line's choices replacing the suite's own lists."""
+        """This suite with the command line's choices replacing the suite's own lists.
+
+        ``models`` and ``optimizers`` replace those of every matrix and frontier (a
+        frontier left with no optimizer its knob applies to is dropped). ``scenarios``
+        selects: a knob's name keeps that knob's frontiers (naming none drops them); other
+        names (``baseline``, a rung ``damping=1e-08``) become the scenarios of every matrix
+        and of every frontier's models and optimizers (naming none drops the matrices).
+        """
+        knobs = [s for s in scenarios or () if s in KNOBS]
+        points = tuple(s for s in scenarios or () if s not in KNOBS)
+        groups = (*self.matrices, *self.frontiers) if points else self.matrices
         matrices = tuple(
             Matrix(
                 tuple(models) if models else m.models,
-                tuple(scenarios) if scenarios else m.scenarios,
+                points or m.scenarios,
                 tuple(optimizers) if optimizers else m.optimizers,
             )
-            for m in self.matrices
+            for m in groups
+            if points or not scenarios
+        )
+        frontiers = tuple(
+            replace(
+                f,
+                models=tuple(models) if models else f.models,
+                optimizers=tuple(optimizers) if optimizers else f.optimizers,
+            )
+            for f in self.frontiers
+            if not scenarios or f.knob in knobs
         )
         chosen = replace(
             self,
             matrices=matrices,
+            frontiers=tuple(f for f in frontiers if f.applicable()),
             dtypes=tuple(dtypes) if dtypes else self.dtypes,
             modes=tuple(modes) if modes else self.modes,
             seeds=tuple(seeds) if seeds else self.seeds,
@@ -187,21 +242,27 @@ class Suite:
             every=self.every if every is None else every,
         )
         chosen.validate()
+        if not chosen.matrices and not chosen.frontiers:
+            raise UsageError(
+                f"Suite {self.name!r} has nothing left to run with the models, scenarios and "
+                "optimizers chosen (a knob's frontier needs an optimizer the knob applies to)."
+            )
         return chosen
 
     def validate(self) -> None:
         """Check every name and number; `UsageError` (one sentence) on the first bad one."""
-        for matrix in self.matrices:
-            for model in matrix.models:
+        for group in (*self.matrices, *self.frontiers):
+            for model in group.models:
                 if model not in MODELS:
                     raise UsageError(
                         f"Suite {self.name!r} names unknown model {model!r}; "
                         f"expected one of {', '.join(MODELS)}."
                     )
+            for spec in group.optimizers:
+                _parse_spec(spec)
+        for matrix in self.matrices:
             for scenario in matrix.scenarios:
                 _wrap(get_scenario, scenario)
-            for spec in matrix.optimizers:
-                _parse_spec(spec)
         for mode in self.modes:
             if mode not in MODES:
                 raise UsageError(f"Unknown mode {mode!r}; expected one of {', '.join(MODES)}.")
@@ -216,48 +277,68 @@ class Suite:
             if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
                 raise UsageError(f"Seeds must be integers from 0 to {MAX_SEED}, got {seed!r}.")
 
+    def _points(self):
+        """(model, spec, condition, knob, value) of every run configuration: the matrices'
+        scenarios (knob and value set for a rung's name), then every frontier's rungs."""
+        for matrix in self.matrices:
+            for model in matrix.models:
+                for scenario in matrix.scenarios:
+                    condition = get_scenario(scenario)
+                    knob, value = rung(scenario) or (None, None)
+                    for spec_text in matrix.optimizers:
+                        yield model, spec_text, condition, knob, value
+        for frontier in self.frontiers:
+            knob = get_knob(frontier.knob)
+            for model in frontier.models:
+                for spec_text in frontier.optimizers:
+                    for value in frontier.ladder:
+                        yield model, spec_text, knob.condition(value), knob.name, value
+
     def plan(self) -> list[RunPlan]:
         """The runs in order: for each configuration, a float32 control before each run.
 
-        Scenarios that do not apply to an optimizer family (``Scenario.overrides`` returns
-        None) are skipped; a run listed by two matrices runs once.
+        Configurations whose condition does not apply to the optimizer's family
+        (`Condition.overrides` is None) are skipped; a run listed twice runs once.
+        A condition's learning-rate factor (``loss_scale``) multiplies the learning rate
+        the suite (or the family's default) sets.
         """
         low = [d for d in self.dtypes if d != torch.float32]
         runs: dict[str, RunPlan] = {}
-        for matrix in self.matrices:
-            for model in matrix.models:
-                for scenario_name in matrix.scenarios:
-                    scenario = get_scenario(scenario_name)
-                    for spec_text in matrix.optimizers:
-                        spec = _parse_spec(spec_text)
-                        extra = scenario.overrides(spec.family)
-                        if extra is None:
-                            continue
-                        hyper = {
-                            **self.hyperparameters.get(spec.family, {}),
-                            **self.hyperparameters.get(spec_text, {}),
-                            **extra,
-                        }
-                        for seed in self.seeds:
-                            base = RunPlan(
-                                model,
-                                scenario_name,
-                                spec,
-                                torch.float32,
-                                "pure",
-                                seed,
-                                self.steps,
-                                self.batch_size,
-                                hyper,
-                            )
-                            if torch.float32 in self.dtypes:
-                                runs.setdefault(base.run_id, base)
-                            for dtype in low:
-                                for mode in self.modes:
-                                    run = replace(base, dtype=dtype, mode=mode)
-                                    control = replace(base, control_for=(dtype, mode))
-                                    runs.setdefault(control.run_id, control)
-                                    runs.setdefault(run.run_id, run)
+        for model, spec_text, condition, knob, value in self._points():
+            spec = _parse_spec(spec_text)
+            extra = condition.overrides(spec.family)
+            if extra is None:
+                continue
+            hyper = {
+                **self.hyperparameters.get(spec.family, {}),
+                **self.hyperparameters.get(spec_text, {}),
+                **extra,
+            }
+            factor = condition.lr_multiplier.get(spec.family, 1.0)
+            if factor != 1.0:
+                hyper["lr"] = spec.hyperparameters(hyper)["lr"] * factor
+            for seed in self.seeds:
+                base = RunPlan(
+                    model,
+                    condition.name,
+                    spec,
+                    torch.float32,
+                    "pure",
+                    seed,
+                    self.steps,
+                    self.batch_size,
+                    hyper,
+                    frontier=knob,
+                    knob_value=value,
+                )
+                if torch.float32 in self.dtypes:
+                    runs.setdefault(base.run_id, base)
+                for dtype in low:
+                    for mode in self.modes:
+                        run = replace(base, dtype=dtype, mode=mode)
+                        control = replace(base, control_for=(dtype, mode))
+                        runs.setdefault(control.run_id, control)
+                        runs.setdefault(run.run_id, run)
         plans = list(runs.values())
         _check_hyperparameters(plans)
         return plans
@@ -315,6 +396,51 @@ def _text(data: dict, key: str, source: str, default: str) -> str:
     return value
 
 
+def _frontier(table: Any, where: str) -> Frontier:
+    """A [[frontier]] table, checked: its keys, a known knob, a ladder of valid values
+    from mildest to harshest, and an optimizer listed that the knob applies to."""
+    if not isinstance(table, dict) or set(table) != FRONTIER_KEYS:
+        found = sorted(table) if isinstance(table, dict) else table
+        raise UsageError(
+            f"{where} must have exactly the keys models, knob, ladder and optimizers "
+            f"(found {found})."
+        )
+    knob_name = table["knob"]
+    if not isinstance(knob_name, str) or knob_name not in KNOBS:
+        raise UsageError(
+            f"{where}: unknown knob {knob_name!r}; expected one of {', '.join(KNOBS)}."
+        )
+    knob = KNOBS[knob_name]
+    ladder = table["ladder"]
+    if not isinstance(ladder, list) or not ladder:
+        raise UsageError(f"{where}: ladder must be a non-empty list of numbers, got {ladder!r}.")
+    for value in ladder:
+        try:
+            knob.condition(value)  # a positive finite number
+        except ValueError as err:
+            raise UsageError(f"{where}: {err}") from None
+    values = [float(v) for v in ladder]
+    if values != knob.mildest_first(values) or len(set(values)) != len(values):
+        direction = "decreasing" if knob.harsher == "down" else "increasing"
+        raise UsageError(
+            f"{where}: the {knob.name} ladder {ladder} must go from the mildest rung to the "
+            f"harshest without repeats ({direction} for {knob.name})."
+        )
+    frontier = Frontier(
+        _strings(table, "models", where),
+        knob.name,
+        tuple(values),
+        _strings(table, "optimizers", where),
+    )
+    if not frontier.applicable():
+        raise UsageError(
+            f"{where}: knob {knob.name} applies to none of the optimizers listed "
+            f"({', '.join(frontier.optimizers)}); it applies to the families "
+            f"{', '.join(knob.families)}."
+        )
+    return frontier
+
+
 def parse_suite(text: str, source: str) -> Suite:
     """Validate a suite's TOML text; ``source`` names it in error messages.
 
@@ -334,10 +460,13 @@ def parse_suite(text: str, source: str) -> Suite:
     tables = data.get("matrix", [])
     if MATRIX_KEYS & set(data):
         tables = [{k: data[k] for k in MATRIX_KEYS if k in data}, *tables]
-    if not isinstance(tables, list) or not tables:
+    frontier_tables = data.get("frontier", [])
+    if not isinstance(tables, list) or not isinstance(frontier_tables, list):
+        raise UsageError(f"Suite {source}: matrix and frontier must be arrays of tables.")
+    if not tables and not frontier_tables:
         raise UsageError(
             f"Suite {source} lists no runs: give models, scenarios and optimizers, "
-            "at the top level or in [[matrix]] tables."
+            "at the top level or in [[matrix]] tables, or [[frontier]] tables."
         )
     matrices = []
     for i, table in enumerate(tables):
@@ -349,6 +478,10 @@ def parse_suite(text: str, source: str) -> Suite:
                 f"(found {found})."
             )
         matrices.append(Matrix(*(_strings(table, k, where) for k in Matrix.__dataclass_fields__)))
+    frontiers = tuple(
+        _frontier(table, f"Suite {source}, frontier {i + 1}")
+        for i, table in enumerate(frontier_tables)
+    )
     hyper = data.get("hyperparameters", {})
     if not isinstance(hyper, dict) or not all(isinstance(v, dict) for v in hyper.values()):
         raise UsageError(
@@ -387,6 +520,7 @@ def parse_suite(text: str, source: str) -> Suite:
         batch_size=data.get("batch_size", 64),
         every=data.get("every", 10),
         hyperparameters=hyper,
+        frontiers=frontiers,
     )
     suite.validate()
     return suite

@@ -17,7 +17,10 @@ from precision_lab.errors import UsageError
 FIELDS: dict[str, str] = {
     "run": "the run's id: model/scenario/optimizer/dtype/mode/s<seed>[/control-<dtype>-<mode>]",
     "model": "mlp, cnn or transformer",
-    "scenario": "the scenario's name (docs/suites.md)",
+    "scenario": "the scenario's name: baseline, or a rung <knob>=<value> (docs/suites.md)",
+    "frontier": "for a frontier rung, the knob's name (damping, input_scale, loss_scale, "
+    "lr_cov); null for baseline",
+    "knob_value": "for a frontier rung, the knob's value; null for baseline",
     "optimizer": "the optimizer's canonical spec string",
     "structure": "SINGD's structure, K or K/C; dense for KFAC; null for AdamW and SGD",
     "dtype": "the run's dtype, torch name",
@@ -90,6 +93,8 @@ FIGURES = tuple(
     not in (
         "run",
         *KEY_FIELDS,
+        "frontier",
+        "knob_value",
         "control_of",
         "warnings",
         "learned",
@@ -103,7 +108,8 @@ FIGURES = tuple(
 """What a run measured or how it was set up, apart from its id and key: what a baseline
 keeps for each run. ``learned`` is not among them: it is a verdict on ``final_loss`` and
 ``accuracy``, which the gate checks, and baselines written before it existed stay
-readable. Nor are ``preconditioned_fraction`` and ``coverage``: how the optimizer split the
+readable. Nor are ``frontier`` and ``knob_value``: the scenario, in the key, names them.
+Nor are ``preconditioned_fraction`` and ``coverage``: how the optimizer split the
 parameters is set by the model and the optimizer, both in the key, and baselines written
 before they existed stay readable. Nor are the escalation figures (``precision_events``,
 ``promoted_fraction``, ``promoted_bytes``): baselines written before them stay readable."""
@@ -245,7 +251,8 @@ _OBJECT: Rule = (lambda v: isinstance(v, dict), "an object")
 
 FIGURE_RULES: dict[str, Rule] = {
     **dict.fromkeys(("model", "scenario", "optimizer", "structure", "dtype", "mode"), _TEXT),
-    **dict.fromkeys(("control_of", "error", "fallback_optimizer", "role"), _TEXT),
+    **dict.fromkeys(("control_of", "error", "fallback_optimizer", "role", "frontier"), _TEXT),
+    "knob_value": (lambda v: _number(v) and v > 0, "a positive number"),
     **dict.fromkeys(
         ("finished", "diverged", "learned"), (lambda v: isinstance(v, bool), "true or false")
     ),

@@ -15,9 +15,9 @@ from click.testing import CliRunner
 
 from precision_lab import load_run
 from precision_lab.cli import cli
+from precision_lab.run import runner
 from precision_lab.run.summary import SUMMARY_FIELDS
 from precision_lab.workloads.data import digits
-from precision_lab.workloads.scenarios import get_scenario
 
 TYPES = {
     "run": str,
@@ -44,6 +44,8 @@ TYPES = {
     "hyperparameters": dict,
 }
 NULLABLE = {
+    "frontier": str,
+    "knob_value": float,
     "structure": str,
     "control_of": str,
     "first_nonfinite_step": int,
@@ -76,7 +78,7 @@ def test_quick_suite_writes_a_valid_run_directory(quick_run):
         "failures",
     }
     runs = json.loads((out / "summary.json").read_text())["runs"]
-    assert len(runs) == 12
+    assert len(runs) == 18  # 3 rungs x 3 optimizers x (control + run)
     for run in runs:
         assert list(run) == list(SUMMARY_FIELDS)
         for field, kind in TYPES.items():
@@ -101,7 +103,7 @@ def test_quick_suite_writes_a_valid_run_directory(quick_run):
 def test_quick_suite_records_load_back(quick_run):
     out = quick_run
     summary, records = load_run(out)
-    assert len(summary) == 12
+    assert len(summary) == 18
     assert set(records["run"]) == set(summary["run"])
     loss = records.query("probe == 'train' and metric == 'loss'")
     finished = summary[~summary["diverged"]]
@@ -154,8 +156,51 @@ def test_no_run_is_charged_to_precision_unless_its_control_learned(quick_run):
 
 def test_the_table_names_every_run(quick_run):
     output = quick_run.with_name("output.txt").read_text()
-    for name in ("singd:diagonal", "kfac:cholesky", "adamw", "near_fp16_max", "float32 ctl"):
+    for name in ("singd:diagonal", "kfac:cholesky", "adamw", "input_scale=16384", "float32 ctl"):
         assert name in output
+
+
+def test_frontiers_in_summary_json_are_the_breaking_points_of_its_runs(quick_run):
+    """The real quick suite: each entry of summary.json's frontiers, recomputed by hand
+    from the run objects it names (the mildest rung whose run diverged or raised; the
+    cost as the distance between the float32 control's and the run's), is what was
+    written; the terminal prints the frontier table before the run table."""
+    summary = json.loads((quick_run / "summary.json").read_text())
+    by_id = {run["run"]: run for run in summary["runs"]}
+    entries = summary["frontiers"]
+    assert {(e["knob"], e["optimizer"], e["dtype"]) for e in entries} == {
+        ("input_scale", o, "bfloat16") for o in ("singd:diagonal", "kfac:cholesky", "adamw")
+    }
+
+    def first_broken(ids):
+        broken = [i for i, run in enumerate(ids) if by_id[run]["diverged"] or by_id[run]["error"]]
+        return broken[0] if broken else None
+
+    for entry in entries:
+        assert entry["ladder"] == [16.0, 256.0, 16384.0]
+        runs = [rung["run"] for rung in entry["rungs"]]
+        controls = [rung["control"] for rung in entry["rungs"]]
+        assert [by_id[r]["knob_value"] for r in runs + controls] == entry["ladder"] * 2
+        assert all(by_id[c]["control_of"] == r for r, c in zip(runs, controls, strict=True))
+        mine, theirs = first_broken(runs), first_broken(controls)
+        assert entry["breaking_point"] == (None if mine is None else entry["ladder"][mine])
+        assert entry["control_breaking_point"] == (
+            None if theirs is None else entry["ladder"][theirs]
+        )
+        assert entry["precision_cost"] == (3 if theirs is None else theirs) - (
+            3 if mine is None else mine
+        )
+    output = quick_run.with_name("output.txt").read_text()
+    assert output.index("frontier") < output.index("precision-lab stress")
+    config = json.loads((quick_run / "config.json").read_text())
+    assert config["frontiers"] == [
+        {
+            "models": ["mlp"],
+            "knob": "input_scale",
+            "ladder": [16.0, 256.0, 16384.0],
+            "optimizers": ["singd:diagonal", "kfac:cholesky", "adamw"],
+        }
+    ]
 
 
 def test_default_out_is_a_timestamped_folder_under_reports_runs(tmp_path, monkeypatch):
@@ -196,8 +241,7 @@ def test_a_divergence_is_recorded_and_the_suite_goes_on(tmp_path):
 
 
 def test_ctrl_c_mid_suite_keeps_earlier_runs_and_exits_130(tmp_path, monkeypatch):
-    """KeyboardInterrupt raised inside the third run, via the scenario's data."""
-    scenario = get_scenario("baseline")
+    """KeyboardInterrupt raised inside the third run, via the runner's data."""
     calls = []
 
     class Interrupting:
@@ -211,7 +255,7 @@ def test_ctrl_c_mid_suite_keeps_earlier_runs_and_exits_130(tmp_path, monkeypatch
                     raise KeyboardInterrupt
                 yield batch
 
-    monkeypatch.setattr(scenario, "dataset", lambda: Interrupting())
+    monkeypatch.setattr(runner, "digits", lambda: Interrupting())
     out = tmp_path / "run"
     result = stress(
         "--suite", "quick", "--scenarios", "baseline", "--steps", "4", "--out", str(out)
@@ -241,13 +285,14 @@ def test_seeds_are_counted_per_configuration(tmp_path):
 
 
 def test_kfac_failures_land_in_the_runs_own_folder(tmp_path):
-    """near_fp16_max in float16: KFAC's A overflows, its inversion fails, a reproducer is
+    """input_scale=16384 in float16: KFAC's A overflows, its inversion fails, a reproducer is
     saved under failures/<run id>/."""
     out = tmp_path / "run"
-    args = ("--dtype", "fp16", "--suite", "quick", "--scenarios", "near_fp16_max")
+    args = ("--dtype", "fp16", "--suite", "quick", "--scenarios", "input_scale=16384")
     result = stress(*args, "--optimizers", "kfac:cholesky", "--steps", "2", "--out", str(out))
     assert result.exit_code == 0, result.output
-    run = out / "failures" / "mlp" / "near_fp16_max" / "kfac:cholesky" / "float16" / "pure" / "s0"
+    run = out / "failures" / "mlp" / "input_scale=16384" / "kfac:cholesky" / "float16" / "pure"
+    run = run / "s0"
     files = list(run.iterdir())
     assert files and all(p.suffix == ".pt" for p in files)
 

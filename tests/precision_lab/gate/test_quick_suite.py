@@ -64,8 +64,22 @@ def test_a_run_passes_its_own_baseline(quick_run, quick_baseline):
     code, data = gate_json(quick_run, quick_baseline)
     assert code == 0, data["failures"]
     runs = read_run_dir(quick_run).runs
-    checked = {check["run"] for check in data["checks"] if check["status"] in ("ok", "skip")}
+    per_run = [check for check in data["checks"] if not check["check"].startswith("frontier.")]
+    checked = {check["run"] for check in per_run if check["status"] in ("ok", "skip")}
     assert checked == {key.label for key in runs}
+    # Every frontier's breaking points are compared, and unchanged.
+    frontiers = read_run_dir(quick_run).frontiers
+    assert frontiers, "the quick suite declares frontiers"
+    judged = {
+        (check["check"], check["run"])
+        for check in data["checks"]
+        if check["check"].startswith("frontier.") and check["status"] == "ok"
+    }
+    assert judged == {
+        (f"frontier.{side}", key.label)
+        for key in frontiers
+        for side in ("breaking_point", "control_breaking_point")
+    }
     # The suite really ran: every run finished with its optimizer state accounted for.
     assert all(run["finished"] and run["optimizer_state_bytes"] > 0 for run in runs.values())
 
@@ -136,6 +150,42 @@ def test_injected_regressions_fail(quick_run, quick_baseline, tmp_path, edit, fi
     ), data["failures"]
 
 
+def test_a_breaking_point_moved_milder_fails(quick_run, quick_baseline, tmp_path):
+    """The rung just milder than a real frontier's breaking point (or its harshest rung,
+    where it held everywhere) now diverges, as a change that costs precision would make it:
+    the gate names the frontier and how far its breaking point moved."""
+    frontier = next(
+        f for f in read_run_dir(quick_run).frontiers.values() if f.position("breaking_point") > 0
+    )
+    position = frontier.position("breaking_point")
+    rung = frontier.ladder[position - 1]
+
+    def inject(runs):
+        run = next(
+            run
+            for run in runs
+            if run.get("frontier") == frontier.key.knob
+            and run.get("knob_value") == rung
+            and run["control_of"] is None
+            and (run["model"], run["optimizer"], run["dtype"], run["mode"], run["seed"])
+            == (
+                frontier.key.model,
+                frontier.key.optimizer,
+                frontier.key.dtype,
+                frontier.key.mode,
+                frontier.key.seed,
+            )
+        )
+        _earlier(run)
+
+    code, data = gate_json(edited_copy(quick_run, tmp_path, inject), quick_baseline)
+    assert code == 1
+    assert any(
+        message.startswith(f"{frontier.key.label}: breaking point moved 1 rung milder")
+        for message in data["failures"]
+    ), data["failures"]
+
+
 def test_a_missing_real_run_fails_coverage(quick_run, quick_baseline, tmp_path):
     removed: list[dict] = []
 
@@ -169,9 +219,15 @@ def gate_failures(run_dir: Path, baseline: Path) -> list[str]:
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize(("threads", "baseline_threads"), [(1, 2), (2, 1)])
 def test_verdicts_hold_across_thread_counts(quick_runs, dtype, threads, baseline_threads):
-    """A run on one thread count passes a baseline made on the other, both ways."""
+    """A run on one thread count passes a baseline made on the other, both ways, and its
+    frontiers' breaking points are the same."""
     baseline = baseline_of(quick_runs(dtype, baseline_threads))
     assert gate_failures(quick_runs(dtype, threads), baseline) == []
+    now, was = (read_run_dir(quick_runs(dtype, t)).frontiers for t in (threads, baseline_threads))
+    sides = ("breaking_point", "control_breaking_point")
+    assert now and now.keys() == was.keys()
+    for key, frontier in now.items():
+        assert [frontier.position(s) for s in sides] == [was[key].position(s) for s in sides]
 
 
 @pytest.mark.parametrize(
@@ -205,11 +261,11 @@ def test_a_real_regression_fails_the_committed_baseline(tmp_path):
     suite.write_text(text.replace("singd]\nlr = 0.03", "singd]\nlr = 0.01"), encoding="utf-8")
     out = tmp_path / "run"
     args = ["stress", "--suite", str(suite), "--dtype", "fp32", "--device", "cpu"]
-    args += ["--optimizers", "singd:diagonal", "--scenarios", "baseline"]
+    args += ["--optimizers", "singd:diagonal", "--scenarios", "input_scale=16"]
     result = CliRunner().invoke(cli, [*args, "--out", str(out)])
     assert result.exit_code == 0, result.output
     failures = gate_failures(out, BASELINES / "quick-suite-fp32.json")
-    singd = "mlp/baseline/singd:diagonal/float32/pure/seed0: "
+    singd = "mlp/input_scale=16/singd:diagonal/float32/pure/seed0: "
     assert {message.split(" ")[1] for message in failures if message.startswith(singd)} == {
         "final_loss",
         "accuracy",

@@ -3,10 +3,13 @@ comparison page holds both runs, a screenshot is kept in test-artifacts/."""
 
 from __future__ import annotations
 
+import html
 import re
 
 import pytest
 
+from precision_lab.report.data import load_report_data
+from precision_lab.report.frontiers import frontier_sections
 from precision_lab.report.write import write_report
 from tests.precision_lab import browser
 from tests.precision_lab.synthetic_runs import make_run_dir
@@ -105,3 +108,36 @@ def test_overview_sorts_on_a_header_click(comparison_page, tmp_path):
     values = [re.findall(r"<td[^>]*>(.*?)</td>", r)[column] for r in rows]
     assert values[:2] == ["23", "7"] and set(values[2:]) == {"–"}
     assert 'data-dir="desc"' in run.dom
+
+
+def test_the_quick_suites_report_opens_with_its_frontiers(quick_run):
+    """The report ``precision-lab stress --suite quick`` wrote (real training, real
+    frontiers), opened in chromium: it opens with a drawn frontier figure per knob, each
+    under the sentence saying what the suite found, with no script error."""
+    page = quick_run / "report.html"
+    loaded = browser.load(page)
+    assert loaded.errors == [], loaded.errors
+    sections = re.findall(r'<section id="([^"]+)"', loaded.dom)
+    knobs = [key for key in sections if key.startswith("frontier-")]
+    assert knobs and sections[: len(knobs)] == knobs, sections
+    expected = [
+        html.unescape(sentence)
+        for section in frontier_sections(load_report_data([quick_run]))
+        for sentence in re.findall(r"<b>Found:</b> (.*?)</p>", section.html)
+    ]
+    found = [html.unescape(s) for s in re.findall(r"<b>Found:</b> (.*?)</p>", loaded.dom)]
+    assert found == expected and len(found) == len(knobs)
+    for key, sentence in zip(knobs, found, strict=True):
+        knob = key.removeprefix("frontier-").replace("-", "_")
+        assert sentence.startswith(f"On the {knob} ladder (")
+        drawn = re.search(rf'<div id="fig-{key}" class="figure[^"]*".*?</svg>', loaded.dom, re.S)
+        assert drawn and "js-plotly-plot" in drawn.group(0) and 'class="main-svg"' in drawn.group(0)
+        # the rows name the float32 controls, the legend the statuses
+        figure = re.search(
+            rf'<div id="fig-{key}".*?(?=<script type="application/json")', loaded.dom, re.S
+        )
+        assert "fp32 control" in figure.group(0) and ">held<" in figure.group(0)
+    png = browser.screenshot(
+        page, browser.artifacts_dir() / "report-quick-frontiers.png", (1400, 2000)
+    )
+    assert png.stat().st_size > 50_000

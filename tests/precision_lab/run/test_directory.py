@@ -123,3 +123,40 @@ def test_load_run_errors_are_one_sentence(tmp_path):
     pd.DataFrame({"x": [1]}).to_parquet(tmp_path / "records.parquet")
     with pytest.raises(ValueError, match="not a precision-lab records file"):
         load_run(tmp_path)
+
+
+FRONTIER_SUITE = """
+dtypes = ["bf16"]
+steps = 3
+[[frontier]]
+models = ["mlp"]
+knob = "damping"
+ladder = [1e-2, 1e-4, 1e-6]
+optimizers = ["kfac:cholesky"]
+"""
+
+
+def test_an_interrupted_frontier_keeps_entries_with_its_unrun_rungs_missing(tmp_path):
+    """summary.json is rewritten after every run, frontiers included: a suite stopped after
+    the first rung (control and run) says what it found there and what it did not run."""
+    plans = parse_suite(FRONTIER_SUITE, "t.toml").plan()
+    rd = RunDirectory(tmp_path / "run", {"suite": "t"}, plans)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["frontiers"][0][
+        "verdict"
+    ] == ("unknown (3 rungs missing)")  # nothing ran yet
+    for plan in plans[:2]:
+        rd.add(
+            {"run": plan.run_id, **done(diverged=plan.dtype != torch.float32)}, frame_from_rows([])
+        )
+    rd.release()  # killed before close: no records merge, the lock goes with the process
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    (entry,) = summary["frontiers"]
+    assert entry["ladder"] == [1e-2, 1e-4, 1e-6]
+    assert [r["status"] for r in entry["rungs"]] == ["broke", "missing", "missing"]
+    assert [r["control_status"] for r in entry["rungs"]] == ["held", "missing", "missing"]
+    assert entry["breaking_point"] == 1e-2 and entry["control_breaking_point"] is None
+    assert entry["precision_cost"] is None  # the control's breaking point is unknown
+    by_id = {run["run"]: run for run in summary["runs"]}
+    assert by_id[entry["rungs"][0]["run"]]["frontier"] == "damping"
+    assert by_id[entry["rungs"][0]["run"]]["knob_value"] == 1e-2
+    assert read_run(tmp_path / "run").runs  # still a readable run directory

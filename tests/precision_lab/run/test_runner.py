@@ -12,7 +12,6 @@ from precision_lab.run import runner
 from precision_lab.run.suite import RunPlan
 from precision_lab.specs import parse_spec
 from precision_lab.workloads.data import digits
-from precision_lab.workloads.scenarios import get_scenario
 
 CPU = torch.device("cpu")
 
@@ -136,7 +135,7 @@ def test_pure_mode_keeps_adamw_state_in_the_dtype(dtype):
 
 
 def test_mixed_float16_uses_a_grad_scaler_and_keeps_float32_state():
-    p = plan(dtype=torch.float16, mode="mixed", steps=4, scenario="gradient_underflow")
+    p = plan(dtype=torch.float16, mode="mixed", steps=4, scenario="loss_scale=6.10352e-05")
     out = runner.train(p, device=CPU, every=10)
     scale = out.records.query("metric == 'grad_scale'")["value"]
     assert len(scale) == 4 and (scale > 1).all()
@@ -167,8 +166,7 @@ class _Interrupting:
     [(KeyboardInterrupt(), False, True), (RuntimeError("disk on fire"), False, False)],
 )
 def test_interruption_and_crash_keep_what_was_recorded(monkeypatch, exc, finished, interrupted):
-    baseline = get_scenario("baseline")
-    monkeypatch.setattr(baseline, "dataset", lambda: _Interrupting(digits(), 3, exc))
+    monkeypatch.setattr(runner, "digits", lambda: _Interrupting(digits(), 3, exc))
     out = runner.train(plan(steps=10), device=CPU, every=10)
     assert out.interrupted is interrupted
     assert out.summary["finished"] is finished
@@ -229,14 +227,14 @@ def test_an_unreachable_store_leaves_each_rank_its_own_error():
 
 def test_reproducers_land_where_the_caller_says_never_where_the_plan_says(tmp_path):
     """A plan whose hyperparameters name a failure_dir (a suite file's, say) cannot send
-    KFAC's reproducers there: near_fp16_max in float16 makes A overflow and its Cholesky
+    KFAC's reproducers there: input_scale=16384 in float16 makes A overflow and its Cholesky
     fail, and the reproducer is written under the caller's failure_dir only."""
     elsewhere = tmp_path / "elsewhere"
     bad = plan(
         "kfac:cholesky",
         dtype=torch.float16,
         steps=2,
-        scenario="near_fp16_max",
+        scenario="input_scale=16384",
         hyperparameters={"failure_dir": str(elsewhere)},
     )
     runner.train(bad, device=CPU, every=1, failure_dir=tmp_path / "failures")

@@ -8,7 +8,7 @@ from precision_lab.run.suite import BUILTIN_SUITES, load_suite, parse_suite
 
 MINIMAL = """
 models = ["mlp"]
-scenarios = ["baseline", "tiny_damping"]
+scenarios = ["baseline", "damping=1e-08"]
 optimizers = ["singd:diagonal", "adamw"]
 dtypes = ["bf16", "fp16"]
 modes = ["pure", "mixed"]
@@ -26,28 +26,43 @@ def test_builtin_suites_load_and_plan_unique_runs(name):
     assert suite.name == name
 
 
-def test_default_suite_has_the_seven_default_optimizers_and_every_scenario():
+DEFAULT_OPTIMIZERS = {
+    "singd:dense",
+    "singd:hierarchical15_15",
+    "singd:diagonal",
+    "ikfac",
+    "kfac:cholesky",
+    "kfac:newton-schulz",
+    "adamw",
+}
+
+
+def test_default_suite_sweeps_damping_and_input_scale_for_every_default_optimizer():
     suite = load_suite("default")
-    optimizers = {o for m in suite.matrices for o in m.optimizers}
-    assert optimizers == {
-        "singd:dense",
-        "singd:hierarchical15_15",
-        "singd:diagonal",
-        "ikfac",
-        "kfac:cholesky",
-        "kfac:newton-schulz",
-        "adamw",
+    frontiers = {(f.models, f.knob): f for f in suite.frontiers}
+    assert set(frontiers) == {
+        (("mlp",), "damping"),
+        (("mlp",), "input_scale"),
+        (("cnn",), "damping"),
     }
-    scenarios = {s for m in suite.matrices for s in m.scenarios}
-    assert len(scenarios) == 6
-    assert {m for x in suite.matrices for m in x.models} == {"mlp", "cnn", "transformer"}
+    auto = {"kfac:cholesky+auto", "singd:dense+auto"}
+    assert set(frontiers[("mlp",), "input_scale"].optimizers) == DEFAULT_OPTIMIZERS | auto
+    assert set(frontiers[("mlp",), "damping"].optimizers) == DEFAULT_OPTIMIZERS - {"adamw"} | auto
+    assert set(frontiers[("cnn",), "damping"].optimizers) == DEFAULT_OPTIMIZERS - {"adamw"}
+    assert not suite.matrices  # the transformer's baseline did not fit the budget
+    plans = suite.plan()
+    rungs = {p.scenario for p in plans if p.frontier == "damping"}
+    assert "damping=1e-08" in rungs and len(rungs) == 7  # the former tiny_damping
+    assert "input_scale=16384" in {p.scenario for p in plans}  # the former near_fp16_max
+    assert not any(p.frontier == "damping" and p.family == "adamw" for p in plans)
 
 
-def test_full_is_the_whole_cross_product():
+def test_full_sweeps_every_knob_on_every_model_in_both_modes():
     suite = load_suite("full")
+    assert {f.knob for f in suite.frontiers} == {"damping", "input_scale", "loss_scale", "lr_cov"}
+    assert all(set(f.models) == {"mlp", "cnn", "transformer"} for f in suite.frontiers)
     (matrix,) = suite.matrices
-    assert set(matrix.models) == {"mlp", "cnn", "transformer"}
-    assert len(matrix.scenarios) == 6
+    assert matrix.scenarios == ("baseline",) and len(matrix.optimizers) == 10
     assert set(suite.modes) == {"pure", "mixed"}
 
 
@@ -55,7 +70,7 @@ def test_every_low_precision_run_follows_its_float32_control():
     plans = parse_suite(MINIMAL, "t.toml").plan()
     by_id = {p.run_id: p for p in plans}
     low = [p for p in plans if p.dtype != torch.float32]
-    # 2 scenarios x 2 optimizers - (tiny_damping, adamw) = 3 configurations,
+    # 2 scenarios x 2 optimizers - (damping=1e-08, adamw) = 3 configurations,
     # x 2 dtypes x 2 modes x 2 seeds.
     assert len(low) == 3 * 2 * 2 * 2
     assert len(plans) == 2 * len(low)
@@ -66,7 +81,7 @@ def test_every_low_precision_run_follows_its_float32_control():
             assert plan.dtype == torch.float32 and plan.mode == "pure"
             same = ("model", "scenario", "optimizer", "seed", "hyperparameters", "steps")
             assert all(getattr(plan, f) == getattr(run, f) for f in same)
-    assert not any(p.scenario == "tiny_damping" and p.family == "adamw" for p in plans)
+    assert not any(p.scenario == "damping=1e-08" and p.family == "adamw" for p in plans)
 
 
 def test_run_ids_are_readable():
@@ -91,9 +106,97 @@ def test_hyperparameters_merge_family_then_spec_then_scenario():
     )
     plans = parse_suite(text, "t.toml").plan()
     base = next(p for p in plans if p.scenario == "baseline" and p.family == "singd")
-    tiny = next(p for p in plans if p.scenario == "tiny_damping" and p.family == "singd")
+    tiny = next(p for p in plans if p.scenario == "damping=1e-08" and p.family == "singd")
     assert base.hyperparameters == {"lr": 0.2, "damping": 0.5}
     assert tiny.hyperparameters == {"lr": 0.2, "damping": 1e-8}
+    assert (tiny.frontier, tiny.knob_value) == ("damping", 1e-8)  # a one-rung frontier
+    assert tiny.coordinates["frontier"] == "damping" and base.coordinates["frontier"] is None
+
+
+FRONTIER = """
+dtypes = ["bf16"]
+steps = 5
+[[frontier]]
+models = ["mlp"]
+knob = "damping"
+ladder = [1e-2, 1e-4, 1e-6]
+optimizers = ["kfac:cholesky", "singd:diagonal", "adamw"]
+"""
+
+
+def test_every_rung_is_an_ordinary_run_beside_its_float32_control():
+    plans = parse_suite(FRONTIER, "t.toml").plan()
+    # adamw has no damping: skipped. 2 optimizers x 3 rungs x (control + run).
+    assert len(plans) == 12 and {p.family for p in plans} == {"kfac", "singd"}
+    ids = [p.run_id for p in plans]
+    assert ids[:2] == [
+        "mlp/damping=0.01/kfac:cholesky/float32/pure/s0/control-bfloat16-pure",
+        "mlp/damping=0.01/kfac:cholesky/bfloat16/pure/s0",
+    ]
+    assert [p.knob_value for p in plans[::2]] == [1e-2, 1e-4, 1e-6] * 2
+    assert all(p.hyperparameters["damping"] == p.knob_value for p in plans)
+    assert all(p.condition.name == p.scenario for p in plans)
+    assert plans[1].coordinates["knob_value"] == 1e-2
+
+
+def test_loss_scale_rungs_divide_the_learning_rate_the_suite_sets():
+    text = FRONTIER.replace('"damping"', '"loss_scale"').replace(
+        "[1e-2, 1e-4, 1e-6]", "[1.0, 0.25]"
+    )
+    text += "[hyperparameters.singd]\nlr = 0.03\n"
+    plans = parse_suite(text, "t.toml").plan()
+    lr = {(p.optimizer, p.knob_value): p.hyperparameters.get("lr") for p in plans}
+    assert lr[("singd:diagonal", 0.25)] == pytest.approx(0.12)
+    assert lr[("kfac:cholesky", 0.25)] == pytest.approx(4e-3)  # the family default 1e-3 x 4
+    assert lr[("adamw", 0.25)] is None  # AdamW's step does not follow the gradient's scale
+    assert lr[("singd:diagonal", 1.0)] == 0.03
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ('"damping"', '"warmth"', "unknown knob 'warmth'; expected one of damping"),
+        ("[1e-2, 1e-4, 1e-6]", "[]", "ladder must be a non-empty list"),
+        (
+            "[1e-2, 1e-4, 1e-6]",
+            "[1e-6, 1e-4]",
+            r"from the mildest rung .* \(decreasing for damping\)",
+        ),
+        ("[1e-2, 1e-4, 1e-6]", "[1e-2, 1e-2]", "without repeats"),
+        ("[1e-2, 1e-4, 1e-6]", "[1e-2, 0.0]", "damping must be a positive finite number"),
+        ("[1e-2, 1e-4, 1e-6]", '["big"]', "damping must be a number"),
+        ('"kfac:cholesky", "singd:diagonal", "adamw"', '"adamw", "sgd"', "applies to none"),
+        ('knob = "damping"\n', "", "must have exactly the keys models, knob, ladder"),
+    ],
+)
+def test_bad_frontiers_get_one_sentence(old, new, message):
+    assert old in FRONTIER
+    with pytest.raises(UsageError, match=message) as info:
+        parse_suite(FRONTIER.replace(old, new), "user.toml")
+    assert "\n" not in str(info.value) and "frontier 1" in str(info.value)
+
+
+def test_input_scale_ladders_go_up():
+    text = FRONTIER.replace('"damping"', '"input_scale"')
+    with pytest.raises(UsageError, match=r"\(increasing for input_scale\)"):
+        parse_suite(text, "user.toml")
+
+
+def test_choose_applies_to_frontiers_and_scenarios_select_knobs():
+    suite = load_suite("default")
+    chosen = suite.choose(models=["mlp"], optimizers=["adamw"], seeds=[1, 2])
+    plans = chosen.plan()
+    # adamw has no damping: the input_scale frontier is left, on the MLP.
+    assert {(p.frontier, p.model, p.optimizer) for p in plans} == {("input_scale", "mlp", "adamw")}
+    assert {p.seed for p in plans} == {1, 2}
+    only_damping = suite.choose(scenarios=["damping"]).plan()
+    assert {p.frontier for p in only_damping} == {"damping"}
+    baseline = suite.choose(scenarios=["baseline"], models=["mlp"]).plan()
+    assert {p.scenario for p in baseline} == {"baseline"} and len(baseline) == 2 * 9
+    with pytest.raises(UsageError, match="is now the rung input_scale=16384"):
+        suite.choose(scenarios=["near_fp16_max"])
+    with pytest.raises(UsageError, match="nothing left to run"):
+        suite.choose(scenarios=["lr_cov"])
 
 
 def test_choose_replaces_the_suites_lists():
