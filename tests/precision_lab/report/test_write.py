@@ -119,7 +119,8 @@ def test_a_run_directory_without_runs_still_gets_a_page(tmp_path):
     assert result.exit_code == 0, result.output
     sections = build_sections(load_report_data([run]))
     assert all(s.figure is None for s in sections)
-    assert sum(bool(s.empty) for s in sections) == 13  # the nine figures, the frontiers, headroom, events, what-if
+    # The nine figures, the frontiers, the headroom, the escalations and the what-if table.
+    assert sum(bool(s.empty) for s in sections) == 13
 
 
 def test_a_failing_figure_costs_only_its_own_section(bf16_run, tmp_path, monkeypatch):
