@@ -23,6 +23,10 @@ as tensor. Rows: probe ``whatif``, phase ``step``, ``dtype`` the dtype considere
 - ``bytes_saved`` (B): ``numel * (itemsize(current) - itemsize(dtype))``, negative
   where the dtype is wider than the tensor's.
 
+and one row per tensor with ``dtype`` the tensor's own (stored) dtype: ``stored_bytes``
+(B), its ``numel * itemsize`` now, so that readers know what each saving is measured
+against (a ``precision="auto"`` factor changes its stored dtype during a run).
+
 Also `precision_rows`: a ``precision="auto"`` optimizer's `precision_events`, one row
 each (probe ``precision``, module the layer, tensor the factor, dtype the new dtype,
 metric the reading that crossed its bound, value the reading).
@@ -44,32 +48,43 @@ STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq")
 
 def whatif(x: Tensor, dtype: torch.dtype) -> dict[str, float]:
     """The four what-if figures of storing ``x`` in ``dtype`` (see the module doc)."""
-    info = torch.finfo(dtype)
+    return whatif_many(x, (dtype,))[dtype]
+
+
+def whatif_many(x: Tensor, dtypes: tuple[torch.dtype, ...]) -> dict[torch.dtype, dict]:
+    """`whatif` of ``x`` for each of ``dtypes``, sharing the float64 copy of its finite
+    nonzero entries and reading the host once. Overflowing entries are masked out of the
+    error and the norm (``where``) rather than indexed away: their cast (inf, or NaN in
+    e4m3fn) never enters a sum."""
     wide = x.detach().flatten().to(torch.float64)
     values = wide[torch.isfinite(wide) & (wide != 0)]
     magnitude = values.abs()
     count = values.numel()
-    over = magnitude > info.max
-    kept = values[~over]
-    error = kept.to(dtype).to(torch.float64) - kept
-    norm = torch.linalg.vector_norm(kept)
-    stats = torch.stack(
-        [
+    zero = values.new_zeros(())
+    stats = []
+    for dtype in dtypes:
+        info = torch.finfo(dtype)
+        over = magnitude > info.max
+        error = torch.where(over, zero, values.to(dtype).to(torch.float64) - values)
+        stats += [
             (magnitude < info.tiny).sum().to(torch.float64),
             over.sum().to(torch.float64),
-            torch.linalg.vector_norm(error) / norm if kept.numel() else norm.new_tensor(0.0),
-            norm,
+            torch.linalg.vector_norm(error),
+            torch.linalg.vector_norm(torch.where(over, zero, values)),
         ]
-    ).tolist()
-    under, overflow, rounding, kept_norm = stats
-    return {
-        "underflow_fraction": under / count if count else 0.0,
-        "overflow_fraction": overflow / count if count else 0.0,
-        "rounding_error": rounding if kept_norm > 0 else float("nan"),
-        "bytes_saved": float(
-            x.numel() * (x.element_size() - torch.empty((), dtype=dtype).element_size())
-        ),
-    }
+    host = torch.stack(stats).tolist() if stats else []
+    found = {}
+    for i, dtype in enumerate(dtypes):
+        under, overflow, error_norm, kept_norm = host[4 * i : 4 * i + 4]
+        found[dtype] = {
+            "underflow_fraction": under / count if count else 0.0,
+            "overflow_fraction": overflow / count if count else 0.0,
+            "rounding_error": error_norm / kept_norm if kept_norm > 0 else float("nan"),
+            "bytes_saved": float(
+                x.numel() * (x.element_size() - torch.empty((), dtype=dtype).element_size())
+            ),
+        }
+    return found
 
 
 UNITS = {
@@ -77,6 +92,7 @@ UNITS = {
     "overflow_fraction": "fraction",
     "rounding_error": "relative",
     "bytes_saved": "B",
+    "stored_bytes": "B",
 }
 
 
@@ -115,10 +131,21 @@ class WhatIfProbe:
         self.names = names
 
     def record(self, step: int, layers: list) -> None:
-        """One row per tensor, dtype and metric."""
+        """One row per tensor, dtype and metric, and its ``stored_bytes``."""
         for module, tensor, x in state_tensors(self.optimizer, layers, self.names):
-            for dtype in WHATIF_DTYPES:
-                for metric, value in whatif(x, dtype).items():
+            self.recorder.add(
+                step,
+                "whatif",
+                "stored_bytes",
+                float(x.numel() * x.element_size()),
+                module=module,
+                tensor=tensor,
+                phase="step",
+                dtype=dtype_name(x.dtype),
+                unit=UNITS["stored_bytes"],
+            )
+            for dtype, figures in whatif_many(x, WHATIF_DTYPES).items():
+                for metric, value in figures.items():
                     self.recorder.add(
                         step,
                         "whatif",

@@ -152,6 +152,14 @@ def _percent(fraction: float | None) -> str:
     return f"[yellow]{shown}[/yellow]" if fraction == 0.0 else shown
 
 
+def _escalated(run: dict[str, Any]) -> str:
+    """A ``+auto`` run's dtype changes and the share of its factors they widened; "-"
+    for any other run."""
+    if run.get("precision_events") is None:
+        return "-"
+    return f"{run['precision_events']} ({run['promoted_fraction']:.0%})"
+
+
 RUNG_MARKS = {"held": ".", "broke": "[red]x[/red]", "no_learning": "[yellow]n[/yellow]"}
 """How `frontier_table` draws each rung's status (anything else, missing: ``?``)."""
 
@@ -236,7 +244,8 @@ def summary_table(runs: list[dict[str, Any]], seeds: bool) -> Table:
     """One line per run with summary.json's headline figures.
 
     ``ctl`` marks a float32 control; events are counts of steps with NaN / Inf / a skipped
-    step / an overflow; memory in binary units; step time in ms.
+    step / an overflow; memory in binary units; step time in ms; ``escalated``: a ``+auto``
+    run's dtype changes and the share of its factors they widened.
     """
     table = Table(title="precision-lab stress", show_lines=False, header_style="bold")
     headers = [
@@ -256,6 +265,7 @@ def summary_table(runs: list[dict[str, Any]], seeds: bool) -> Table:
         _metric_header(runs),
         "learned",
         "precond",
+        "escalated",
         "step ms",
         "cause",
     ]
@@ -294,6 +304,7 @@ def summary_table(runs: list[dict[str, Any]], seeds: bool) -> Table:
             _fmt(run["accuracy"]),
             _yes_no(run.get("learned")),
             _percent(run.get("preconditioned_fraction")),
+            _escalated(run),
             _fmt(run["step_time_ms"]),
             f"[red]{cause}[/red]" if cause == "precision" else _fmt(cause),
         ]

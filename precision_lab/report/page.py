@@ -63,7 +63,8 @@ table.data th{background:#f6f8fa;position:sticky;top:0}
 table.sortable th{cursor:pointer;user-select:none}
 table.sortable th[data-dir=asc]::after{content:" \\25B2"}
 table.sortable th[data-dir=desc]::after{content:" \\25BC"}
-tr.broken td{background:#ffebe9}td.num{text-align:right;font-variant-numeric:tabular-nums}
+tr.broken td{background:#ffebe9}td.whatif-yes{background:#d8f3dc}
+td.whatif-underflow{background:#fff3bf}td.whatif-no{background:#ffebe9}td.num{text-align:right;font-variant-numeric:tabular-nums}
 div.scroll{max-height:520px;overflow:auto;border:1px solid #d0d7de}
 code{background:#f6f8fa;padding:1px 4px}pre{white-space:pre-wrap;font-size:.85em;margin:4px 0}
 """

@@ -46,6 +46,9 @@ OVERVIEW_HEADERS: dict[str, tuple[str, float]] = {
     "step_time_ms": ("step time (ms)", 1.0),
     "failure_cause": ("failure cause", 1.0),
     "preconditioned_fraction": ("preconditioned fraction", 1.0),
+    "precision_events": ("precision events", 1.0),
+    "promoted_fraction": ("promoted fraction", 1.0),
+    "promoted_bytes": ("promoted extra (kB)", 1e-3),
 }
 """The summary fields the overview shows (in `SUMMARY_FIELDS`' order), each with its
 header (unit included) and the scale applied for display."""
@@ -142,6 +145,46 @@ def sources_table(data: ReportData) -> Section:
         + "".join(f"<th>{h}</th>" for h in head)
         + f"</tr></thead><tbody>{''.join(rows)}</tbody></table>"
     )
+    return sec
+
+
+MAX_EVENT_ROWS = 500
+"""Precision events listed at most (the records keep them all)."""
+
+
+def precision_events_table(data: ReportData) -> Section:
+    """Every dtype change of a ``precision="auto"`` optimizer (the ``precision`` records):
+    run, step, layer, factor, the new dtype and the reading that crossed its bound."""
+    sec = Section(
+        "precision-events",
+        "Precision escalations",
+        'Each row is one factor widened by precision="auto" before its dtype failed: '
+        "the reading that crossed its bound (condition: kappa x eps; amax, min_diagonal: "
+        "the value; nonfinite, failed: 1) and the dtype it moved to (docs/precision.md).",
+    )
+    rec = data.records
+    rec = rec[rec["probe"] == "precision"]
+    if rec.empty:
+        sec.empty = "No factor changed dtype (no +auto optimizer, or none needed to)."
+        return sec
+    rec = rec.astype({c: str for c in rec.select_dtypes("category").columns})
+    rec = rec.sort_values(["key", "step"], kind="stable")
+    multi = len(data.sources) > 1
+    head = ["run", "step", "layer", "factor", "to dtype", "reading", "value"]
+    rows = []
+    for r in rec.head(MAX_EVENT_ROWS).itertuples():
+        run = r.key if multi else r.run
+        cells = [html.escape(str(v)) for v in (run, r.step, r.module, r.tensor, r.dtype, r.metric)]
+        rows.append(
+            "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + _cell(r.value, 1.0) + "</tr>"
+        )
+    sec.html = (
+        '<div class="scroll"><table class="data sortable" id="precision-events-table"><thead><tr>'
+        + "".join(f"<th>{h}</th>" for h in head)
+        + f"</tr></thead><tbody>{''.join(rows)}</tbody></table></div>"
+    )
+    if len(rec) > MAX_EVENT_ROWS:
+        sec.notes = [f"The first {MAX_EVENT_ROWS} of {len(rec)} events; records.parquet has all."]
     return sec
 
 

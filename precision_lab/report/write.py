@@ -24,9 +24,16 @@ from precision_lab.errors import UsageError
 from precision_lab.report.data import ReportData, load_report_data
 from precision_lab.report.figures import FIGURE_BUILDERS
 from precision_lab.report.frontiers import frontier_sections
+from precision_lab.report.headroom import headroom_heatmap
 from precision_lab.report.page import Section, render_page, sources_html
 from precision_lab.report.scaling import scaling_section
-from precision_lab.report.tables import environment_table, overview_table, sources_table
+from precision_lab.report.tables import (
+    environment_table,
+    overview_table,
+    precision_events_table,
+    sources_table,
+)
+from precision_lab.report.whatif import whatif_table
 
 
 def _guarded(
@@ -48,12 +55,16 @@ def _guarded(
 def build_sections(data: ReportData) -> list[Section]:
     """The page's sections in reading order: the frontiers (one per knob, each with what
     the suite found), the run directories side by side (when comparing), the overview,
-    the figures, the environment."""
+    the figures, the distance to failure, the precision escalations and the what-if
+    dtypes, the environment."""
     builders = [
         frontier_sections,
         *([sources_table] if len(data.sources) > 1 else []),
         overview_table,
         *FIGURE_BUILDERS,
+        headroom_heatmap,
+        precision_events_table,
+        whatif_table,
         scaling_section,
         environment_table,
     ]

@@ -50,6 +50,7 @@ from precision_lab.workloads.workload import (
 )
 from probes.memory import optimizer_state_bytes
 from probes.records import Recorder, frame_from_rows
+from singd.curvature import KFAC_ROLES, SINGD_ROLES
 
 PROBE_FIGURES = (
     "nan_events",
@@ -163,6 +164,45 @@ def _coverage(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         return {"preconditioned_fraction": None, "coverage": None}
     cov = report()
     return {"preconditioned_fraction": cov.fraction, "coverage": cov.as_dict()}
+
+
+def _escalation(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``precision_events``, ``promoted_fraction`` and ``promoted_bytes`` of a
+    ``precision="auto"`` optimizer at the end of its run; all null for any other.
+
+    A factor counts as promoted when its dtype is no longer the one its side started in
+    (the ``from_dtype`` of that layer and side's first event: SINGD's momenta follow their
+    factor without an event of their own); its extra bytes are its elements times the
+    growth of its element size.
+    """
+    if getattr(optimizer, "precision", None) != "auto":
+        return dict.fromkeys(("precision_events", "promoted_fraction", "promoted_bytes"))
+    events = optimizer.precision_events
+    # Sides by the factors' names: a factor an event names may be absent from the view
+    # now (KFAC drops a statistic that went non-finite until its next update).
+    roles = SINGD_ROLES | KFAC_ROLES
+    start: dict[tuple[str, str], torch.dtype] = {}
+    for event in events:
+        side = roles[event.factor].side
+        start.setdefault((event.layer, side), getattr(torch, event.from_dtype))
+    layers = optimizer.curvature_state()
+    total = promoted = extra = 0
+    for layer in layers:
+        for name, factor in layer.factors.items():
+            stored = (
+                [factor] if isinstance(factor, torch.Tensor) else list(factor.tensors().values())
+            )
+            total += 1
+            began = start.get((layer.name, layer.roles[name].side), stored[0].dtype)
+            if stored[0].dtype != began:
+                promoted += 1
+                growth = stored[0].element_size() - torch.empty((), dtype=began).element_size()
+                extra += growth * sum(t.numel() for t in stored)
+    return {
+        "precision_events": len(events),
+        "promoted_fraction": promoted / total if total else 0.0,
+        "promoted_bytes": extra,
+    }
 
 
 def score(
@@ -302,6 +342,7 @@ def _train(
     train_rows = Recorder(run=plan.run_id, rank=rank)
     # Only SINGD and KFAC have factors whose condition numbers the condition probe reads.
     names = [p for p in probes.PROBES if p != "condition" or hasattr(optimizer, "curvature_state")]
+    names.append("whatif")  # at the costly readings' cadence: what the state would lose
     session = probes.attach(
         model, optimizer, probes=names, every=every, run=plan.run_id, dtype=dtype
     )
@@ -391,6 +432,7 @@ def _train(
         ),
         "fallback_optimizer": _fallback_name(optimizer),
         **_coverage(optimizer),
+        **_escalation(optimizer),
         "error": error,
         "hyperparameters": spec.hyperparameters(plan.hyperparameters),
     }

@@ -67,6 +67,12 @@ FIELDS: dict[str, str] = {
     "coverage": "where the parameters go, by layer type: preconditioned / fallback / untrained "
     "tensor and element counts and the preconditioned fraction "
     "(`singd.optim.coverage.Coverage.as_dict`); null for AdamW and SGD",
+    "precision_events": 'precision="auto" (a +auto spec): how many factors changed dtype '
+    "(`singd.optim.precision`); null for any other optimizer",
+    "promoted_fraction": 'precision="auto": fraction of the optimizer\'s factors held in a '
+    "wider dtype than they started in, at the end; null otherwise",
+    "promoted_bytes": 'precision="auto": bytes the promoted factors hold beyond their '
+    "starting dtype's, at the end (B); null otherwise",
     "control": "the float32 control's figures beside this run's; null for a float32 run",
     "seeds_broken": "over the seeds of this configuration, how many broke",
     "seeds_total": "how many seeds of this configuration the suite plans",
@@ -99,6 +105,9 @@ FIGURES = tuple(
         "preconditioned_fraction",
         "coverage",
         "metric_name",
+        "precision_events",
+        "promoted_fraction",
+        "promoted_bytes",
     )
 )
 """What a run measured or how it was set up, apart from its id and key: what a baseline
@@ -107,8 +116,9 @@ keeps for each run. ``learned`` is not among them: it is a verdict on ``final_lo
 readable. Nor are ``frontier`` and ``knob_value``: the scenario, in the key, names them.
 Nor are ``preconditioned_fraction`` and ``coverage``: how the optimizer split the
 parameters is set by the model and the optimizer, both in the key, and baselines written
-before they existed stay readable. Nor is ``metric_name``: the model, in the key, sets
-it."""
+before they existed stay readable. Nor are ``metric_name`` (the model, in the key, sets
+it) and the escalation figures (``precision_events``, ``promoted_fraction``,
+``promoted_bytes``): baselines written before them stay readable."""
 
 CONTROL_FIELDS = (
     "run",
@@ -258,10 +268,15 @@ FIGURE_RULES: dict[str, Rule] = {
             "overflow_events",
             "seeds_broken",
             "seeds_total",
+            "precision_events",
+            "promoted_bytes",
         ),
         _COUNT,
     ),
-    **dict.fromkeys(("underflow_fraction", "accuracy", "preconditioned_fraction"), _FRACTION),
+    **dict.fromkeys(
+        ("underflow_fraction", "accuracy", "preconditioned_fraction", "promoted_fraction"),
+        _FRACTION,
+    ),
     **dict.fromkeys(("optimizer_state_bytes", "peak_memory_bytes", "step_time_ms"), _SIZE),
     "max_condition": (lambda v: _number(v) and v >= 1, "a number >= 1"),
     "final_loss": (_number, "a number"),

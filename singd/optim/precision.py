@@ -120,6 +120,10 @@ def readings(
 ) -> Tensor:
     """A factor's readings as one float64 vector on its device (see `READINGS`).
 
+    ``amax`` is the largest magnitude, NaN when an entry is not finite (``nonfinite``
+    then decides). Every reading costs one or two passes over the factor in its stored
+    dtype (``aminmax``; absolute column sums for the condition), never a float64 copy.
+
     Args:
         matrix: The stored factor (a tensor; a structured matrix's stored tensors
             concatenated do as well for range and finiteness).
@@ -129,23 +133,33 @@ def readings(
         diagonal: The diagonal whose smallest magnitude is judged; None: no reading.
     """
     nan = torch.full((), float("nan"), dtype=torch.float64, device=matrix.device)
-    wide = matrix.to(torch.float64)
-    finite = torch.isfinite(wide)
-    amax = torch.where(finite, wide.abs(), 0.0).amax() if wide.numel() else nan
-    if inverse is not None:
-        inv = inverse.to(torch.float64)
-        kappa = wide.abs().sum(0).amax() * inv.abs().sum(0).amax()
+    zero = torch.zeros((), dtype=torch.float64, device=matrix.device)
+    if matrix.numel():
+        # One pass in the stored dtype, no float64 copy: aminmax propagates a NaN, and an
+        # infinity is an extreme, so the largest magnitude is finite iff every entry is.
+        low, high = torch.aminmax(matrix)
+        extreme = torch.maximum(-low, high).to(torch.float64)
+        finite = torch.isfinite(extreme)
+        nonfinite = (~finite).to(torch.float64)
+        amax = torch.where(finite, extreme, nan)  # the nonfinite reading decides then
     else:
-        kappa = nan
+        nonfinite, amax = zero, nan
+    # |x| is exact in any dtype; the column sums accumulate in float64.
+    kappa = nan if inverse is None else _norm_1(matrix) * _norm_1(inverse)
     return torch.stack(
         [
-            (~finite).any().to(torch.float64),
+            nonfinite,
             nan if failed is None else failed.to(torch.float64),
             amax,
             nan if diagonal is None else diagonal.to(torch.float64).abs().amin(),
             kappa * torch.finfo(matrix.dtype).eps,
         ]
     )
+
+
+def _norm_1(matrix: Tensor) -> Tensor:
+    """``||M||_1``, the largest absolute column sum, as a float64 0-d tensor."""
+    return matrix.abs().sum(0, dtype=torch.float64).amax()
 
 
 def verdict(values: list[float], dtype: torch.dtype) -> tuple[str, float, float] | None:

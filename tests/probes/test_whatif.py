@@ -82,8 +82,20 @@ def test_session_records_whatif_and_precision_rows():
     rows = session.to_frame()
     whatif_rows = rows[rows.probe == "whatif"]
     assert set(whatif_rows.step) == {0, 2}
-    assert set(whatif_rows.dtype) == {"float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"}
+    considered = whatif_rows[whatif_rows.metric != "stored_bytes"]
+    assert set(considered.dtype) == {"float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"}
     assert {"A", "G", "A_inv", "G_inv", "momentum_buffer"} <= set(whatif_rows.tensor)
+    # stored_bytes: each tensor's own dtype and size, as the last step left it.
+    stored_rows = whatif_rows[whatif_rows.metric == "stored_bytes"]
+    # Step 0 promoted the factors from float16: the rows of step 0 show them wider.
+    first = stored_rows[stored_rows.step == 0].set_index(["module", "tensor"])["dtype"]
+    assert {first[e.layer, e.factor] for e in optimizer.precision_events} == {"float32"}
+    stored = stored_rows[stored_rows.step == 2]
+    factors = {layer.name: layer.factors for layer in optimizer.curvature_state()}
+    for row in stored[stored.tensor.isin(["A", "G", "A_inv", "G_inv"])].itertuples():
+        factor = factors[row.module][row.tensor]
+        assert row.dtype == str(factor.dtype).removeprefix("torch.")
+        assert row.value == factor.numel() * factor.element_size()
     events = optimizer.precision_events
     precision = rows[rows.probe == "precision"]
     assert len(precision) == len(events) > 0

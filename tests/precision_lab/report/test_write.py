@@ -86,6 +86,9 @@ def test_every_section_has_a_caption_and_a_figure_or_a_reason(bf16_run):
         "training",
         "memory",
         "peak-memory",
+        "headroom",
+        "precision-events",
+        "whatif",
         "scaling",
         "environment",
     ]
@@ -116,7 +119,8 @@ def test_a_run_directory_without_runs_still_gets_a_page(tmp_path):
     assert result.exit_code == 0, result.output
     sections = build_sections(load_report_data([run]))
     assert all(s.figure is None for s in sections)
-    assert sum(bool(s.empty) for s in sections) == 10  # the nine figures and the frontiers
+    # The nine figures, the frontiers, the headroom, the escalations and the what-if table.
+    assert sum(bool(s.empty) for s in sections) == 13
 
 
 def test_a_failing_figure_costs_only_its_own_section(bf16_run, tmp_path, monkeypatch):
@@ -129,7 +133,7 @@ def test_a_failing_figure_costs_only_its_own_section(bf16_run, tmp_path, monkeyp
     with pytest.warns(UserWarning, match="broken figure"):
         html = write_report([bf16_run], tmp_path / "r.html").read_text()
     assert "could not be built: KeyError" in html
-    assert html.count('class="figure-spec"') == 9  # every other figure is still there
+    assert html.count('class="figure-spec"') == 10  # every other figure is still there
 
 
 def test_broken_runs_are_highlighted_and_counted(bf16_run, tmp_path):

@@ -150,11 +150,16 @@ def _file_size_limit(limit):
     return apply
 
 
+FULL_DISK_SEEDS = 9
+"""Runs of the full-disk suite: enough that its whole summary outgrows one run's records
+file (about 12 kB with the what-if rows), which must still fit under the limit."""
+
+
 def _summary_size_of_a_whole_run(tmp_path) -> int:
     """Bytes of summary.json after the tiny suite ran without a limit (about 120 B per
     finished run above the first summary, which lists every run planned)."""
     out = tmp_path / "unlimited"
-    process = start(tiny_suite(tmp_path), out)
+    process = start(tiny_suite(tmp_path, seeds=FULL_DISK_SEEDS), out)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr[-3000:]
     return (out / "summary.json").stat().st_size
@@ -169,7 +174,8 @@ def test_a_full_disk_is_one_sentence_and_keeps_what_was_recorded(tmp_path, where
     64 kB only the 5 MB report fails."""
     limit = _summary_size_of_a_whole_run(tmp_path) - 300 if where != "report" else 64 * 1024
     out = tmp_path / "run"
-    process = start(tiny_suite(tmp_path), out, preexec_fn=_file_size_limit(limit))
+    suite = tiny_suite(tmp_path, seeds=FULL_DISK_SEEDS)
+    process = start(suite, out, preexec_fn=_file_size_limit(limit))
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 2, stderr[-3000:]
     line = one_error_line(stderr)
