@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 from torch.optim import Optimizer
 
-from singd.optim import accounting, checkpoint, coverage, distributed
+from singd.optim import accounting, checkpoint, coverage, distributed, fsdp
 from singd.optim.coverage import DEFAULT_FALLBACK, NO_LAYER, FallbackFactory
 from singd.optim.functional import heavy_ball_
 from singd.optim.hooks import register_hooks, reset_passes
@@ -134,6 +134,8 @@ class KroneckerOptimizer(Optimizer):
         super().__init__(params, defaults)
         for index, group in enumerate(self.param_groups):
             self._validate_group(group, index)
+        # FSDP2: DTensor shards whose gradients FSDP has averaged (`singd.optim.fsdp`).
+        self._sharded = fsdp.check_sharding(module, self.param_groups)
 
         self.steps = 0
         # Scales by step (`singd.optim.scaling`): Python floats, or 0-d tensors on the
@@ -155,6 +157,9 @@ class KroneckerOptimizer(Optimizer):
         self.fallback: Optimizer | None = coverage.build_fallback(
             self._fallback_factory, self.param_groups, self._fallback_params
         )
+        # The optimized weights: under FSDP2 the module holds another (unsharded, perhaps
+        # in a mixed-precision policy's dtype) tensor while its forward and backward run.
+        self._weights = {layer.name: layer.module.weight for layer in self._layers}
         self._handles = register_hooks(self, self._layers)
         for layer in self._layers:
             self._factors[layer.name] = {}
@@ -220,8 +225,12 @@ class KroneckerOptimizer(Optimizer):
     def _configured_dtypes(self, layer: KroneckerLayer) -> tuple[torch.dtype, torch.dtype]:
         """The dtypes asked for on the two sides: ``preconditioner_dtype`` or the weight's."""
         dtypes = self.param_groups[layer.group_index].get("preconditioner_dtype", (None, None))
-        weight_dtype = layer.module.weight.dtype
+        weight_dtype = self._weight_dtype(layer)
         return dtypes[0] or weight_dtype, dtypes[1] or weight_dtype
+
+    def _weight_dtype(self, layer: KroneckerLayer) -> torch.dtype:
+        """The dtype of the optimized weight (not of what FSDP2 computes with)."""
+        return self._weights[layer.name].dtype
 
     def _curvature_dtypes(self, layer: KroneckerLayer) -> tuple[torch.dtype, torch.dtype]:
         """dtypes of the rows ``a`` and ``g``: the configured ones, as promoted (if at all)
@@ -371,7 +380,7 @@ class KroneckerOptimizer(Optimizer):
                     self.param_groups,
                     self._gradient_divisor(),
                     distributed.world_size(),
-                    self._ddp,
+                    self._ddp or self._sharded,
                 )
         self.steps += 1
         for t in [t for t in self._grad_scales if t < self.steps - 1]:
@@ -412,15 +421,19 @@ class KroneckerOptimizer(Optimizer):
         for layer in self._layers:
             if layer not in due:
                 self._clear_accumulators(layer)
-        steps = self._batched_directions(active, divisor) if world == 1 else None
+        reduced = self._ddp or self._sharded  # gradients averaged over ranks already
+        steps = None if world > 1 or self._sharded else self._batched_directions(active, divisor)
         if steps is None:
             directions = []
+            directions_of = (
+                fsdp.sharded_directions if self._sharded else type(self)._layer_directions
+            )
             for layer in active:
-                # Inside DDP, a summed loss: DDP averaged the gradients, undo it.
-                summed = self._ddp and not self._loss_averaged(layer)
-                directions.append(self._layer_directions(layer, divisor, world if summed else 1.0))
+                # Inside DDP or FSDP, a summed loss: the gradients were averaged, undo it.
+                summed = reduced and not self._loss_averaged(layer)
+                directions.append(directions_of(self, layer, divisor, world if summed else 1.0))
             steps = [t for layer_steps in directions for t in layer_steps]
-            if world > 1 and not self._ddp:
+            if world > 1 and not reduced:
                 distributed.all_reduce_split(
                     steps,
                     [

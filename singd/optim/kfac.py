@@ -192,7 +192,7 @@ class KFAC(KroneckerOptimizer):
 
     def _configured_dtypes(self, layer: KroneckerLayer) -> tuple[torch.dtype, torch.dtype]:
         """Rows ``a`` and ``g`` in ``factor_dtype``, so the Gram matrices are formed there."""
-        dtype = self.param_groups[layer.group_index]["factor_dtype"] or layer.module.weight.dtype
+        dtype = self.param_groups[layer.group_index]["factor_dtype"] or self._weight_dtype(layer)
         return dtype, dtype
 
     def _inverse_of(self, layer: KroneckerLayer, key: str) -> torch.dtype:

@@ -1,0 +1,145 @@
+"""Kronecker optimizers on models sharded with FSDP2 (``torch.distributed.fsdp.fully_shard``).
+
+Under FSDP2 every parameter is a DTensor holding one shard (by default rows, ``Shard(0)``,
+on a one-dimensional mesh), but the forward and backward passes run on the unsharded
+parameters, each rank on its own slice of the batch. So, as under DDP:
+
+- the layer hooks see this rank's inputs and output gradients; the curvature terms are
+  all-reduced once per update (`singd.optim.distributed.all_reduce_accumulators`);
+- FSDP has already averaged the gradients over ranks (reduce-scatter): they are not
+  reduced again; a summed loss (``loss_average=None``) multiplies them by the world
+  size, as inside DDP.
+
+What differs is the gradient: each rank holds a shard of ``[dW | db]``, and the output
+side of the preconditioner (``C`` of SINGD, ``G^-1`` of KFAC) mixes its rows, the input
+side its columns. `sharded_directions` therefore gathers each Kronecker layer's full
+gradient (``DTensor.full_tensor``: one all-gather), preconditions it on every rank with
+the layer's factors (which every rank holds, all-reduced), and keeps the parameter's own
+shard of the result (a local slice, no communication). Any placement the mesh can
+express (rows, columns with ``shard_placement_fn``, HSDP's replicate-and-shard) is
+handled the same way, since the full gradient is the same whatever the placement.
+
+Communication per step and per rank, for ``P`` ranks and ``b`` bytes per element
+(docs/distributed.md has the figures for a transformer):
+
+- the gradient all-gather: ``(P - 1)/P * d_C * d_K * b`` received per layer, exactly a
+  plain all-gather of each layer's gradient (this design adds nothing to it);
+- the curvature all-reduce (every ``T`` steps): ``2 (P - 1)/P`` times the accumulators'
+  bytes (``H_K``, ``H_C`` in the factors' structures for SINGD; dense ``A``, ``G`` for
+  KFAC), the same as under DDP.
+
+What cannot be preconditioned is refused at construction (`check_sharding`): a layer
+whose weight stays sharded in its own forward (tensor parallelism: the hooks would see
+a shard of the activations), and plain (unsharded) parameters of an FSDP model, whose
+gradients FSDP does not average.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from singd.optim.layers import KroneckerLayer
+from singd.optim.scaling import Scale
+
+if TYPE_CHECKING:
+    from singd.optim.base import KroneckerOptimizer
+
+
+def is_sharded(param_groups: list[dict[str, Any]]) -> bool:
+    """Whether any optimized parameter is a DTensor (a model sharded with FSDP2)."""
+    return any(isinstance(p, DTensor) for g in param_groups for p in g["params"])
+
+
+def _fsdp_managed(module: nn.Module) -> set[int]:
+    """ids of the parameters of ``module`` that some ``fully_shard`` call shards: those
+    of every FSDPModule in it (nested ones included)."""
+    return {
+        id(p)
+        for sub in module.modules()
+        if isinstance(sub, FSDPModule)
+        for p in sub.parameters()
+        if isinstance(p, DTensor)
+    }
+
+
+def check_sharding(module: nn.Module, param_groups: list[dict[str, Any]]) -> bool:
+    """Whether the optimized parameters are FSDP2 shards; raise where they cannot be
+    trained correctly.
+
+    Returns:
+        True for a sharded model (every optimized parameter a DTensor that
+        ``fully_shard`` manages), False for a model without DTensor parameters.
+
+    Raises:
+        ValueError: One sentence naming the first parameter that is a DTensor not
+            managed by ``fully_shard`` (its forward would run on a shard), that is
+            sharded over more than one mesh dimension (tensor parallelism inside FSDP),
+            or that is a plain tensor in an otherwise sharded model (FSDP would not
+            average its gradient across ranks).
+    """
+    if not is_sharded(param_groups):
+        return False
+    names = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
+    managed = _fsdp_managed(module)
+    for group in param_groups:
+        for p in group["params"]:
+            name = names.get(id(p), "<a parameter outside the model>")
+            if not isinstance(p, DTensor):
+                raise ValueError(
+                    f"Parameter {name!r} is a plain tensor in a model sharded with "
+                    "fully_shard, so nothing averages its gradient across ranks; shard "
+                    "it with fully_shard (on its module or an ancestor) or leave it out "
+                    "of the optimized parameters."
+                )
+            shards = [pl for pl in p.placements if isinstance(pl, Shard)]
+            others = [pl for pl in p.placements if not isinstance(pl, (Shard, Replicate))]
+            if id(p) not in managed or len(shards) > 1 or others:
+                raise ValueError(
+                    f"Parameter {name!r} is a DTensor with placements {p.placements} that "
+                    "fully_shard does not gather for the forward pass (tensor "
+                    "parallelism?), so its layer's hooks would see a shard of the "
+                    "activations; the Kronecker optimizers support FSDP2 sharding "
+                    "(one Shard placement, optionally beside Replicate) only."
+                )
+    return True
+
+
+def _full_view(layer: KroneckerLayer, grads: list[Tensor]) -> KroneckerLayer:
+    """A stand-in for ``layer`` whose parameters are the full gradients' holders: what
+    `singd.optim.layers.gradient_matrix` and the directions read (``.grad``, ``.shape``)."""
+    holders = [SimpleNamespace(grad=g, shape=g.shape) for g in grads]
+    view = KroneckerLayer(
+        name=layer.name,
+        module=SimpleNamespace(weight=holders[0], bias=holders[1] if layer.has_bias else None),
+        group_index=layer.group_index,
+        has_bias=layer.has_bias,
+        dim_K=layer.dim_K,
+        dim_C=layer.dim_C,
+    )
+    view.transposed = layer.transposed
+    return view
+
+
+def to_shard(full: Tensor, like: DTensor) -> DTensor:
+    """This rank's shard of ``full`` (the same on every rank), placed as ``like``: a local
+    slice, no communication."""
+    mesh = like.device_mesh
+    replicated = DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return replicated.redistribute(mesh, like.placements)
+
+
+def sharded_directions(
+    optimizer: KroneckerOptimizer, layer: KroneckerLayer, divisor: Scale, factor: float
+) -> list[DTensor]:
+    """The preconditioned gradient of each of the layer's (sharded) parameters, as the
+    parameter's own shard: the full gradient gathered, preconditioned as in one process
+    (`KroneckerOptimizer._layer_directions`), and sliced."""
+    params = layer.params
+    grads = [p.grad.full_tensor() for p in params]
+    full = optimizer._layer_directions(_full_view(layer, grads), divisor, factor)
+    return [to_shard(d, p) for d, p in zip(full, params, strict=True)]
