@@ -372,6 +372,7 @@ class KroneckerOptimizer(Optimizer):
                 layer.skipped_steps += 1
         else:
             if not self._silent_checked:
+                fsdp.check_weights_kept(self._layers, self._weights)
                 self._handle_silent_layers()
             self._step_layers()
             if self.fallback is not None:

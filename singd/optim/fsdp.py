@@ -31,7 +31,8 @@ Communication per step and per rank, for ``P`` ranks and ``b`` bytes per element
 What cannot be preconditioned is refused at construction (`check_sharding`): a layer
 whose weight stays sharded in its own forward (tensor parallelism: the hooks would see
 a shard of the activations), and plain (unsharded) parameters of an FSDP model, whose
-gradients FSDP does not average.
+gradients FSDP does not average; and at the first step (`check_weights_kept`), an
+optimizer built before ``fully_shard`` replaced the parameters it holds.
 """
 
 from __future__ import annotations
@@ -107,6 +108,23 @@ def check_sharding(module: nn.Module, param_groups: list[dict[str, Any]]) -> boo
                     "(one Shard placement, optionally beside Replicate) only."
                 )
     return True
+
+
+def check_weights_kept(layers: list[KroneckerLayer], weights: dict[str, Tensor]) -> None:
+    """Raise where a layer's weight is no longer the tensor the optimizer was built with
+    (checked at the first step): ``fully_shard`` called after building the optimizer
+    replaces every parameter, which the optimizer would then never update.
+
+    Raises:
+        ValueError: One sentence naming the first such layer.
+    """
+    for layer in layers:
+        if layer.module.weight is not weights[layer.name]:
+            raise ValueError(
+                f"The weight of layer {layer.name!r} was replaced after the optimizer was "
+                "built (fully_shard called after it?); build the optimizer after sharding "
+                "the model."
+            )
 
 
 def _full_view(layer: KroneckerLayer, grads: list[Tensor]) -> KroneckerLayer:
