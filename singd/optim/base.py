@@ -548,13 +548,14 @@ class KroneckerOptimizer(Optimizer):
             self.fallback.load_state_dict(saved["fallback"])
 
     # ----------------------------------------------------------- accounting
-    def state_bytes(self) -> dict[str, int]:
+    def state_bytes(self, total: bool = False) -> dict[str, int]:
         """Bytes of optimizer state by category (B), as `singd.optim.accounting` says:
         the factor categories of ``BYTE_CATEGORIES``, ``accumulators``,
         ``param_buffers`` (momentum buffers of the Kronecker-covered parameters) and
-        ``fallback`` (tensors of the fallback optimizer's state)."""
+        ``fallback`` (tensors of the fallback optimizer's state). Under FSDP2, this rank's
+        bytes; ``total=True``: the whole model's (the shards' global sizes)."""
         return accounting.state_bytes(
-            self._factors, self.BYTE_CATEGORIES, self.state, self.fallback
+            self._factors, self.BYTE_CATEGORIES, self.state, self.fallback, total
         )
 
     def remove_hooks(self) -> None:

@@ -17,12 +17,28 @@ Under ``precision="auto"`` a factor may be in any dtype its configured one widen
 The first mismatch is named in one sentence (a ValueError), so a checkpoint of a wider
 model, of the other optimizer, of another structure or no checkpoint at all never loads
 into a state that fails at the next step, or quietly changes the configuration.
+
+Distributed checkpoints (``torch.distributed.checkpoint``, DCP): `dcp_state_dict` gives
+the optimizer's ``state_dict`` as DCP saves it (every tensor in one flat table, the rest
+as one ``skeleton`` object), to save beside the model's::
+
+    dcp.save({"model": model.state_dict(), "optimizer": dcp_state_dict(optimizer)}, ...)
+
+and `load_dcp` loads it back into an optimizer at any world size: first the skeleton,
+then every tensor into a buffer shaped as this process holds it (the parameter's own
+DTensor shard for momentum buffers and the fallback's moments on a sharded model, a
+whole tensor otherwise), then through ``load_state_dict`` and its checks. Momentum
+buffers are written as shards by the ranks holding them; the factors, the same on every
+rank, are written once. The parameter state is matched by its index in the parameter
+groups, which ``fully_shard`` keeps, so a checkpoint of two ranks loads into one process
+and the other way round (tests/singd/test_fsdp_checkpoint.py).
 """
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -284,3 +300,90 @@ def _tensor_problem(
     if dtype is not None and value.dtype not in allowed:
         return f"{where} is {value.dtype} in the checkpoint but {dtype} here"
     return None
+
+
+class _Saved(NamedTuple):
+    """Where a tensor of the skeleton was: its key in the DCP table, shape and dtype."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def _split(value: Any, path: tuple[str, ...], tensors: dict[str, Tensor]) -> Any:
+    """``value`` with every tensor moved into ``tensors`` (keyed by its path) and replaced
+    by its `_Saved` entry."""
+    if isinstance(value, Tensor):
+        key = "/".join(path)
+        tensors[key] = value
+        return _Saved(key, tuple(value.shape), value.dtype)
+    if isinstance(value, Mapping):
+        return {k: _split(v, (*path, str(k)), tensors) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_split(v, (*path, str(i)), tensors) for i, v in enumerate(value))
+    return value
+
+
+def _join(value: Any, tensors: dict[str, Tensor]) -> Any:
+    """Inverse of `_split`: the skeleton with its tensors put back."""
+    if isinstance(value, _Saved):
+        return tensors[value.key]
+    if isinstance(value, Mapping):
+        return {k: _join(v, tensors) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_join(v, tensors) for v in value)
+    return value
+
+
+def dcp_state_dict(optimizer: KroneckerOptimizer) -> dict[str, Any]:
+    """The optimizer's ``state_dict`` as ``torch.distributed.checkpoint.save`` takes it:
+    ``{"skeleton": bytes, "tensors": {path: tensor}}`` (DTensors stay sharded)."""
+    tensors: dict[str, Tensor] = {}
+    skeleton = _split(optimizer.state_dict(), (), tensors)
+    return {"skeleton": pickle.dumps(skeleton), "tensors": tensors}
+
+
+def _saved_tensors(value: Any) -> list[_Saved]:
+    if isinstance(value, _Saved):
+        return [value]
+    items = value.values() if isinstance(value, Mapping) else value
+    if isinstance(value, Mapping | list | tuple):
+        return [s for v in items for s in _saved_tensors(v)]
+    return []
+
+
+def _buffer(saved: _Saved, optimizer: KroneckerOptimizer) -> Tensor:
+    """Where DCP reads one saved tensor into: for a parameter's state of the parameter's
+    shape, a tensor placed as the parameter (a DTensor shard under FSDP2), else whole."""
+    path = saved.key.split("/")
+    params: list[Tensor] = []
+    if path[0] == "state":
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+    elif path[:3] == ["kronecker", "fallback", "state"] and optimizer.fallback is not None:
+        params = [p for g in optimizer.fallback.param_groups for p in g["params"]]
+        path = path[2:]
+    index = int(path[1]) if len(path) > 2 and path[1].isdigit() else len(params)
+    param = params[index] if index < len(params) else None
+    if param is not None and saved.shape and saved.shape == tuple(param.shape):
+        return torch.empty_like(param, dtype=saved.dtype)
+    device = optimizer._layers[0].module.weight.device
+    return torch.empty(saved.shape, dtype=saved.dtype, device=device)
+
+
+def load_dcp(optimizer: KroneckerOptimizer, checkpoint_id: Any, key: str = "optimizer") -> None:
+    """Load the optimizer state that `dcp_state_dict` saved under ``key`` of a DCP
+    checkpoint (a directory, or what ``dcp.load``'s ``checkpoint_id`` takes).
+
+    Every rank calls it; the world size may differ from the saving run's.
+
+    Raises:
+        ValueError: As ``load_state_dict``, where the checkpoint does not fit.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    head: dict[str, Any] = {key: {"skeleton": b""}}
+    dcp.load(head, checkpoint_id=checkpoint_id)
+    skeleton = pickle.loads(head[key]["skeleton"])  # noqa: S301 (what dcp_state_dict wrote)
+    tensors = {saved.key: _buffer(saved, optimizer) for saved in _saved_tensors(skeleton)}
+    dcp.load({key: {"tensors": tensors}}, checkpoint_id=checkpoint_id)
+    optimizer.load_state_dict(_join(skeleton, tensors))

@@ -37,34 +37,44 @@ optimizer built before ``fully_shard`` replaced the parameters it holds.
 
 from __future__ import annotations
 
+import sys
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
-from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from singd.optim.layers import KroneckerLayer
 from singd.optim.scaling import Scale
 
 if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
+
     from singd.optim.base import KroneckerOptimizer
+
+
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a DTensor, without importing torch.distributed.tensor (a second
+    of start-up): where nobody imported it, no DTensor exists."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def is_sharded(param_groups: list[dict[str, Any]]) -> bool:
     """Whether any optimized parameter is a DTensor (a model sharded with FSDP2)."""
-    return any(isinstance(p, DTensor) for g in param_groups for p in g["params"])
+    return any(is_dtensor(p) for g in param_groups for p in g["params"])
 
 
 def _fsdp_managed(module: nn.Module) -> set[int]:
     """ids of the parameters of ``module`` that some ``fully_shard`` call shards: those
     of every FSDPModule in it (nested ones included)."""
+    from torch.distributed.fsdp import FSDPModule
+
     return {
         id(p)
         for sub in module.modules()
         if isinstance(sub, FSDPModule)
         for p in sub.parameters()
-        if isinstance(p, DTensor)
+        if is_dtensor(p)
     }
 
 
@@ -85,12 +95,14 @@ def check_sharding(module: nn.Module, param_groups: list[dict[str, Any]]) -> boo
     """
     if not is_sharded(param_groups):
         return False
+    from torch.distributed.tensor import Replicate, Shard
+
     names = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
     managed = _fsdp_managed(module)
     for group in param_groups:
         for p in group["params"]:
             name = names.get(id(p), "<a parameter outside the model>")
-            if not isinstance(p, DTensor):
+            if not is_dtensor(p):
                 raise ValueError(
                     f"Parameter {name!r} is a plain tensor in a model sharded with "
                     "fully_shard, so nothing averages its gradient across ranks; shard "
@@ -146,6 +158,8 @@ def _full_view(layer: KroneckerLayer, grads: list[Tensor]) -> KroneckerLayer:
 def to_shard(full: Tensor, like: DTensor) -> DTensor:
     """This rank's shard of ``full`` (the same on every rank), placed as ``like``: a local
     slice, no communication."""
+    from torch.distributed.tensor import DTensor, Replicate
+
     mesh = like.device_mesh
     replicated = DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim, run_check=False)
     return replicated.redistribute(mesh, like.placements)
