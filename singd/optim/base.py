@@ -462,6 +462,14 @@ class KroneckerOptimizer(Optimizer):
                 weight_decay=group["weight_decay"],
             )
 
+    def _gradient_matrix(self, layer: KroneckerLayer) -> Tensor | None:
+        """The layer's ``[dW | db]`` for `curvature_state`: None without a gradient, and on
+        a sharded model (gathering it is a collective, which a read-only view must not
+        start on one rank)."""
+        if self._sharded or layer.module.weight.grad is None:
+            return None
+        return gradient_matrix(layer)
+
     def _batched_directions(
         self, active: list[KroneckerLayer], divisor: Scale
     ) -> list[Tensor] | None:

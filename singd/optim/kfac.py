@@ -65,7 +65,7 @@ from singd.optim.inverses import (
     invert_or_keep,
     invert_or_keep_on_device,
 )
-from singd.optim.layers import KroneckerLayer, gradient_matrix
+from singd.optim.layers import KroneckerLayer
 from singd.optim.precision import readings
 from singd.optim.scaling import not_one
 from singd.optim.validation import check_number, group_location
@@ -346,7 +346,7 @@ class KFAC(KroneckerOptimizer):
                     for key in ("A", "G", "A_inv", "G_inv")
                     if key in state
                 }
-            grad = gradient_matrix(layer) if layer.module.weight.grad is not None else None
+            grad = self._gradient_matrix(layer)
             views.append(
                 LayerCurvature(
                     name=layer.name,
