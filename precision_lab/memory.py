@@ -22,8 +22,9 @@ Past one machine (``world_size`` ranks, docs/distributed.md), the figures are pe
   fallback's and AdamW's moments) is sharded with the parameters, ``ceil(entries /
   world_size)`` per rank (FSDP pads each tensor's shards to equal rows: at most one row
   more per tensor, not counted); AdamW's step counters are held whole on every rank;
-  the Kronecker factors are held whole on every rank (each rank preconditions the
-  gathered gradient with them).
+  each layer's Kronecker factors are held by one rank, the layers balanced by bytes
+  (`singd.optim.fsdp.balance`): the figure is the most loaded rank's, at most the
+  whole / ``world_size`` plus the largest layer's.
 
 Layer dimensions follow the paper: Linear ``d_K = d_in (+1 with bias)``, ``d_C = d_out``;
 Conv2d ``d_K = C_in / groups * k_1 * k_2 (+1)``, ``d_C = C_out``. Every figure is in bytes
@@ -43,6 +44,7 @@ from torch.overrides import TorchFunctionMode
 
 from precision_lab.errors import UsageError
 from precision_lab.specs import DEFAULT_HYPERPARAMETERS, OptimizerSpec, parse_spec
+from singd.optim.fsdp import balance
 from singd.structures import get_structure
 
 CATEGORIES = ("factors", "momenta", "inverses", "param_buffers", "fallback")
@@ -186,18 +188,27 @@ def state_bytes(
     if hyper.get("momentum"):
         out["param_buffers"] = sharded(sum(layer.params for layer in shape.layers)) * itemsize
     if spec.family == "kfac":
-        dense = sum(layer.dim_k**2 + layer.dim_c**2 for layer in shape.layers) * itemsize
-        out["factors"] = dense
-        out["inverses"] = dense
-        return out
-    s_K, s_C = (get_structure(name) for name in spec.structures)
-    factors = sum(
-        s_K.storage_entries(layer.dim_k) + s_C.storage_entries(layer.dim_c)
-        for layer in shape.layers
-    )
-    out["factors"] = factors * itemsize
-    riemannian_momentum = hyper.get("alpha1") and not spec.fixed.get("kfac_like")
-    out["momenta"] = out["factors"] if riemannian_momentum else 0
+        dense = [(layer.dim_k**2 + layer.dim_c**2) * itemsize for layer in shape.layers]
+        layers = [{"factors": d, "inverses": d} for d in dense]
+    else:
+        s_K, s_C = (get_structure(name) for name in spec.structures)
+        riemannian_momentum = hyper.get("alpha1") and not spec.fixed.get("kfac_like")
+        layers = []
+        for layer in shape.layers:
+            entries = s_K.storage_entries(layer.dim_k) + s_C.storage_entries(layer.dim_c)
+            layers.append(
+                {"factors": entries * itemsize, "momenta": entries * itemsize * riemannian_momentum}
+            )
+    if sharding == "fsdp" and world_size > 1:  # the most loaded rank's layers
+        owners = balance([sum(cats.values()) for cats in layers], world_size)
+        loads = [0] * world_size
+        for cats, owner in zip(layers, owners, strict=True):
+            loads[owner] += sum(cats.values())
+        busiest = loads.index(max(loads))
+        layers = [cats for cats, owner in zip(layers, owners, strict=True) if owner == busiest]
+    for cats in layers:
+        for category, nbytes in cats.items():
+            out[category] += int(nbytes)
     return out
 
 

@@ -86,7 +86,7 @@ MAX_WORLD_SIZE = 2**20
     default="fsdp",
     show_default=True,
     help="ddp: every rank holds the whole state; fsdp (FSDP2 fully_shard): the "
-    "parameters' state sharded, the Kronecker factors whole on every rank.",
+    "parameters' state sharded, each layer's factors on one rank (the most loaded shown).",
 )
 @click.option(
     "-o",

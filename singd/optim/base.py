@@ -161,9 +161,24 @@ class KroneckerOptimizer(Optimizer):
         # in a mixed-precision policy's dtype) tensor while its forward and backward run.
         self._weights = {layer.name: layer.module.weight for layer in self._layers}
         self._handles = register_hooks(self, self._layers)
+        # Sharded state (FSDP2, several ranks): layer name -> the rank holding its factors.
+        self._owners: dict[str, int] = {}
+        self._lent_at = -1  # the step whose forward pass the owners lent factors for
+        if self._sharded and distributed.world_size() > 1:
+            if precision is not None:
+                raise ValueError(
+                    "precision='auto' is not supported on a model sharded with fully_shard "
+                    "over several ranks (each rank holds only its layers' factors); pass "
+                    "precision=None."
+                )
+            self._owners = fsdp.assign_owners(self)
+            self._handles.append(
+                module.register_forward_pre_hook(lambda *_: fsdp.lend_factors(self))
+            )
         for layer in self._layers:
             self._factors[layer.name] = {}
-            self._init_layer(layer)
+            if self.owns(layer):
+                self._init_layer(layer)
 
     # ----------------------------------------------------------------- set-up
     def _validate_group(self, group: dict[str, Any], index: int) -> None:
@@ -173,6 +188,11 @@ class KroneckerOptimizer(Optimizer):
             ValueError: One sentence naming the bad value and what would be right.
         """
         check_common_group(group, group_location(index, len(self.param_groups)))
+
+    def owns(self, layer: KroneckerLayer) -> bool:
+        """Whether this rank holds the layer's second-order state: always, except on a
+        model sharded over several ranks (`singd.optim.fsdp.assign_owners`)."""
+        return not self._owners or self._owners[layer.name] == distributed.rank()
 
     def _move_to_fallback(self, names: list[str]) -> None:
         """Hand whole layers to the fallback optimizer (their forward never ran)."""
@@ -407,16 +427,22 @@ class KroneckerOptimizer(Optimizer):
         if world > 1:
             # Each rank's scaler has its own scale: un-scale the output-side terms locally
             # before they are mixed, so every rank ends with the same, un-scaled sum.
+            # With sharded state each layer's terms go to its owner only.
             distributed.all_reduce_accumulators(
                 [self._factors[layer.name] for layer in due],
                 self.ACCUMULATORS,
                 [self._loss_averaged(layer) for layer in due],
                 grad_unscaling,
+                [self._owners[layer.name] for layer in due] if self._owners else None,
             )
             grad_unscaling = 1.0
         for layer in due:
-            self._update_preconditioner(layer, grad_unscaling)
+            if self.owns(layer):
+                self._update_preconditioner(layer, grad_unscaling)
             reset_passes(layer)
+        for layer in self._layers:
+            if not self.owns(layer):  # the lent factors and the sent terms go
+                self._factors[layer.name] = {}
         if self._escalation is not None and due:
             self._escalation.check(self, due)
         for layer in self._layers:
@@ -427,7 +453,11 @@ class KroneckerOptimizer(Optimizer):
         if steps is None:
             directions = []
             directions_of = (
-                fsdp.sharded_directions if self._sharded else type(self)._layer_directions
+                fsdp.owned_directions
+                if self._owners
+                else fsdp.sharded_directions
+                if self._sharded
+                else type(self)._layer_directions
             )
             for layer in active:
                 # Inside DDP or FSDP, a summed loss: the gradients were averaged, undo it.
@@ -561,10 +591,17 @@ class KroneckerOptimizer(Optimizer):
         the factor categories of ``BYTE_CATEGORIES``, ``accumulators``,
         ``param_buffers`` (momentum buffers of the Kronecker-covered parameters) and
         ``fallback`` (tensors of the fallback optimizer's state). Under FSDP2, this rank's
-        bytes; ``total=True``: the whole model's (the shards' global sizes)."""
-        return accounting.state_bytes(
+        bytes (its layers' factors, its shards); ``total=True``: the whole model's (the
+        shards' global sizes, every rank's factors: a collective, call it on every rank)."""
+        counts = accounting.state_bytes(
             self._factors, self.BYTE_CATEGORIES, self.state, self.fallback, total
         )
+        if total and self._owners:
+            owned = [k for k in counts if k not in ("param_buffers", "fallback")]
+            summed = torch.tensor([counts[k] for k in owned], dtype=torch.int64)
+            distributed.all_reduce_flat([summed], average=False)
+            counts.update(zip(owned, summed.tolist(), strict=True))
+        return counts
 
     def remove_hooks(self) -> None:
         """Detach the optimizer's hooks from the model (calling it twice is harmless)."""

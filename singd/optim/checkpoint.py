@@ -73,9 +73,10 @@ INVERSES = {name for name, role in KFAC_ROLES.items() if role.kind == "inverse"}
 
 
 def saved_layers(optimizer: KroneckerOptimizer) -> dict[str, dict[str, Any]]:
-    """Each layer's factors (plain tensors) and counters, by layer name."""
+    """Each layer's factors (plain tensors) and counters, by layer name: of the layers this
+    rank owns (`KroneckerOptimizer.owns`: all but on a model sharded over ranks)."""
     layers = {}
-    for layer in optimizer._layers:
+    for layer in filter(optimizer.owns, optimizer._layers):
         factors = {}
         for key, value in optimizer._factors[layer.name].items():
             if isinstance(value, StructuredMatrix):
@@ -97,12 +98,13 @@ def saved_layers(optimizer: KroneckerOptimizer) -> dict[str, dict[str, Any]]:
 
 
 def restore_layers(optimizer: KroneckerOptimizer, layers: dict[str, dict[str, Any]]) -> None:
-    """Set each layer's factors and counters from `saved_layers`' output (checked before).
+    """Set each layer's factors and counters from `saved_layers`' output (checked before),
+    of the layers this rank owns.
 
     The factors are copies on the layer's device, so the loaded optimizer never shares
     storage with the source.
     """
-    for layer in optimizer._layers:
+    for layer in filter(optimizer.owns, optimizer._layers):
         entry = layers[layer.name]
         device = layer.module.weight.device
         factors = {}
@@ -155,9 +157,11 @@ def _first_problem(optimizer: KroneckerOptimizer, kind: str, state_dict: Any) ->
         or not isinstance(saved.get("fallback_layers"), list)
     ):
         return "its 'kronecker' entry has no 'layers' table or 'fallback_layers' list"
-    current = {layer.name for layer in optimizer._layers} | set(optimizer._fallback_layers)
+    fallback = set(optimizer._fallback_layers)
+    current = {layer.name for layer in optimizer._layers} | fallback
+    required = {layer.name for layer in optimizer._layers if optimizer.owns(layer)} | fallback
     known = set(saved["layers"]) | set(saved["fallback_layers"])
-    if current != known:
+    if not required <= known <= current:  # all but a sharded state's: required == current
         return (
             f"it covers layers {sorted(map(str, known))} but this optimizer covers "
             f"{sorted(current)}; "
@@ -170,7 +174,7 @@ def _first_problem(optimizer: KroneckerOptimizer, kind: str, state_dict: Any) ->
         return f"it has {found} parameter groups where this optimizer has {own_groups}"
     params = [p for group in optimizer.param_groups for p in group["params"]]
     problem = _param_state_problem("", state_dict["state"], params)
-    for layer in optimizer._layers:
+    for layer in filter(optimizer.owns, optimizer._layers):
         if problem is None and layer.name in saved["layers"]:
             problem = _layer_problem(optimizer, kind, layer, saved["layers"][layer.name])
     fallback = saved.get("fallback")
@@ -340,7 +344,21 @@ def dcp_state_dict(optimizer: KroneckerOptimizer) -> dict[str, Any]:
     ``{"skeleton": bytes, "tensors": {path: tensor}}`` (DTensors stay sharded)."""
     tensors: dict[str, Tensor] = {}
     skeleton = _split(optimizer.state_dict(), (), tensors)
+    if optimizer._owners:  # sharded state: each rank's layers, one skeleton of them all
+        import torch.distributed as dist
+
+        skeletons: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(skeletons, skeleton)
+        skeleton = _merge(skeletons)
     return {"skeleton": pickle.dumps(skeleton), "tensors": tensors}
+
+
+def _merge(values: list[Any]) -> Any:
+    """The union of the ranks' skeletons (tables merged key by key; else the first's)."""
+    if all(isinstance(v, Mapping) for v in values):
+        keys = dict.fromkeys(k for v in values for k in v)
+        return {k: _merge([v[k] for v in values if k in v]) for k in keys}
+    return values[0]
 
 
 def _saved_tensors(value: Any) -> list[_Saved]:
@@ -384,6 +402,9 @@ def load_dcp(optimizer: KroneckerOptimizer, checkpoint_id: Any, key: str = "opti
     head: dict[str, Any] = {key: {"skeleton": b""}}
     dcp.load(head, checkpoint_id=checkpoint_id)
     skeleton = pickle.loads(head[key]["skeleton"])  # noqa: S301 (what dcp_state_dict wrote)
+    for layer in optimizer._layers:  # sharded state: the other ranks' layers stay there
+        if not optimizer.owns(layer):
+            skeleton["kronecker"]["layers"].pop(layer.name, None)
     tensors = {saved.key: _buffer(saved, optimizer) for saved in _saved_tensors(skeleton)}
     dcp.load({key: {"tensors": tensors}}, checkpoint_id=checkpoint_id)
     optimizer.load_state_dict(_join(skeleton, tensors))

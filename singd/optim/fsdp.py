@@ -41,10 +41,13 @@ import sys
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
+import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from singd.optim.layers import KroneckerLayer
 from singd.optim.scaling import Scale
+from singd.structures import get_structure
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
@@ -174,4 +177,97 @@ def sharded_directions(
     params = layer.params
     grads = [p.grad.full_tensor() for p in params]
     full = optimizer._layer_directions(_full_view(layer, grads), divisor, factor)
+    return [to_shard(d, p) for d, p in zip(full, params, strict=True)]
+
+
+# ------------------------------------------------------------------ sharded state
+def balance(sizes: list[int], world: int) -> list[int]:
+    """The rank owning each item: the largest first (ties: the earlier item), each to the
+    rank holding the fewest bytes so far (ties: the lowest rank). Every rank then holds
+    at most ``sum(sizes) / world + max(sizes)`` (the greedy's bound)."""
+    loads = [0] * world
+    owners = [0] * len(sizes)
+    for index in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        rank = min(range(world), key=lambda r: loads[r])
+        owners[index] = rank
+        loads[rank] += sizes[index]
+    return owners
+
+
+def layer_state_bytes(optimizer: KroneckerOptimizer, layer: KroneckerLayer) -> int:
+    """Bytes of the layer's second-order state in one process (what its owner holds):
+    SINGD's ``K``, ``C`` (and ``m_K``, ``m_C`` with Riemannian momentum) in their
+    structures; KFAC's dense ``A``, ``G`` and their inverses."""
+    group = optimizer.param_groups[layer.group_index]
+    dtypes = optimizer._configured_dtypes(layer)
+    sizes = [torch.empty((), dtype=d, device="meta").element_size() for d in dtypes]
+    if "structures" not in group:  # KFAC
+        return 2 * (layer.dim_K**2 * sizes[0] + layer.dim_C**2 * sizes[1])
+    K, C = (get_structure(name) for name in group["structures"])
+    copies = 2 if group["alpha1"] != 0.0 else 1
+    return copies * (
+        K.storage_entries(layer.dim_K) * sizes[0] + C.storage_entries(layer.dim_C) * sizes[1]
+    )
+
+
+def assign_owners(optimizer: KroneckerOptimizer) -> dict[str, int]:
+    """Layer name -> the rank that holds its second-order state (`balance` by
+    `layer_state_bytes`); the same on every rank (shapes and settings only)."""
+    layers = optimizer._layers
+    sizes = [layer_state_bytes(optimizer, layer) for layer in layers]
+    owners = balance(sizes, dist.get_world_size())
+    return {layer.name: rank for layer, rank in zip(layers, owners, strict=True)}
+
+
+LENT_FACTORS = ("K", "C")
+"""The factors SINGD's hooks read: lent by each layer's owner for a curvature step."""
+
+
+def lend_factors(optimizer: KroneckerOptimizer) -> None:
+    """Before a curvature step's forward pass (a forward pre-hook on the model): every
+    layer's owner broadcasts the factors its hooks read (SINGD's ``K`` and ``C``, which
+    the curvature terms are taken in), so the other ranks can form their terms; they are
+    dropped at the step (`KroneckerOptimizer._step_layers`). KFAC's terms need none."""
+    if optimizer._lent_at == optimizer.steps:  # once per step (gradient accumulation)
+        return
+    optimizer._lent_at = optimizer.steps
+    rank = dist.get_rank()
+    for layer in optimizer._layers:
+        group = optimizer.param_groups[layer.group_index]
+        state = optimizer._factors[layer.name]
+        lent = LENT_FACTORS if "structures" in group else ()  # SINGD: K and C
+        if not lent or optimizer.steps % group["T"] != 0:
+            continue
+        owner = optimizer._owners[layer.name]
+        structures = [get_structure(name) for name in group["structures"]]
+        dtypes = optimizer._configured_dtypes(layer)
+        device = optimizer._weights[layer.name].device
+        for key, cls, dim, dtype in zip(
+            lent, structures, (layer.dim_K, layer.dim_C), dtypes, strict=True
+        ):
+            matrix = state[key] if rank == owner else cls.zeros(dim, dtype=dtype, device=device)
+            tensors = matrix.tensors()
+            for t in tensors.values():  # the receivers' zeros are contiguous
+                dist.broadcast(t if t.is_contiguous() else t.contiguous(), src=owner)
+            if rank != owner:
+                state[key] = cls.from_tensors(dim, dict(tensors))
+
+
+def owned_directions(
+    optimizer: KroneckerOptimizer, layer: KroneckerLayer, divisor: Scale, factor: float
+) -> list[DTensor]:
+    """As `sharded_directions` where each layer's state lives on its owner only: every
+    rank gathers the full gradient, the owner preconditions it and broadcasts the result,
+    each rank keeps its shard."""
+    params = layer.params
+    grads = [p.grad.full_tensor() for p in params]
+    owner = optimizer._owners[layer.name]
+    if dist.get_rank() == owner:
+        # Contiguous: a collective sends a tensor's storage (the bias is a column view).
+        directions = optimizer._layer_directions(_full_view(layer, grads), divisor, factor)
+        full = [d.contiguous() for d in directions]
+    else:
+        full = grads  # overwritten by the broadcast: the same shapes and dtypes
+    for d in full:
+        dist.broadcast(d, src=owner)
     return [to_shard(d, p) for d, p in zip(full, params, strict=True)]

@@ -336,7 +336,7 @@ class KFAC(KroneckerOptimizer):
         ``G_inv M A_inv`` in the matrix's dtype.
         """
         views = []
-        for layer in self._layers:
+        for layer in filter(self.owns, self._layers):  # sharded state: this rank's layers
             state = self._factors[layer.name]
             shift = self._damping_used.get(layer.name)
             factors: dict[str, Tensor] = {}

@@ -312,7 +312,7 @@ class SINGD(KroneckerOptimizer):
         maps a ``d_C x d_K`` matrix to ``C C^T G K K^T`` in the matrix's dtype.
         """
         views = []
-        for layer in self._layers:
+        for layer in filter(self.owns, self._layers):  # sharded state: this rank's layers
             state = self._factors[layer.name]
             damping = self.param_groups[layer.group_index]["damping"]
             factors = {k: state[k] for k in ("K", "C", "m_K", "m_C") if k in state}
