@@ -113,3 +113,23 @@ def test_the_table_is_per_rank(sharding):
 def test_bad_world_size_or_sharding_is_exit_2(args):
     result = _invoke(*args)
     assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+def test_readme_per_rank_table_is_the_planners():
+    """README's "Past one machine" table: the planner's figures, to three digits."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Past one machine", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(
+        r"^\| `([^`]+)` \| ([\d.]+) GB \| ([\d.]+) GB \| ([\d.]+) GB \|$", section, re.M
+    )
+    assert len(rows) == 6
+    meta = build_meta_model("transformer", 4096, 32)
+    specs = [spec for spec, *_ in rows]
+    plans = [
+        plan_memory(meta, torch.bfloat16, specs),
+        plan_memory(meta, torch.bfloat16, specs, 8, "fsdp"),
+        plan_memory(meta, torch.bfloat16, specs, 64, "fsdp"),
+    ]
+    for spec, *figures in rows:
+        for plan, figure in zip(plans, figures, strict=True):
+            assert f"{plan.total(spec) / 1e9:.3g}" == figure, (spec, plan.world_size)
