@@ -273,7 +273,7 @@ def scaling_section(data: ReportData) -> Section:
     fig.update_yaxes(title_text="bytes (B)", col=1)
     fig.update_xaxes(title_text="factor dimension d", col=1)
     fig.update_xaxes(title_text="model parameters", col=2)
-    fig.update_layout(template="plotly_white", height=760, margin={"t": 110, "b": 300})
+    fig.update_layout(template="plotly_white", height=800, margin={"t": 150, "b": 300})
     sec.figure = fig
     sec.notes = notes
     return sec
@@ -310,9 +310,13 @@ def _world_slider(formulas: list[tuple[int, int, str, str]], parsed, shapes) -> 
     return {
         "active": 0,
         "steps": steps,
-        "currentvalue": {"prefix": "ranks (FSDP2, state per rank, formula lines): "},
-        "y": -0.3,
-        "len": 1.0,
+        "currentvalue": {"prefix": "ranks (FSDP2, one rank's state, lines): "},
+        # Above the right panel: below the plots the width slider and its note take the room.
+        "x": 0.54,
+        "len": 0.46,
+        "y": 1.3,
+        "yanchor": "top",
+        "pad": {"t": 0, "b": 0},
     }
 
 
