@@ -57,6 +57,7 @@ def ranks(tmp_path_factory) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", SPECS)
 def test_fsdp_formula_equals_the_most_loaded_ranks_state(ranks, spec):
     """The parameters' state: each rank's equals the formula; the factors: each rank

@@ -12,6 +12,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -48,6 +49,7 @@ def _worker(rank: int, world: int, out: str) -> None:
         torch.save({"amax": amaxes}, Path(out) / "shards.pt")
 
 
+@pytest.mark.slow
 def test_probes_read_each_ranks_shards(tmp_path):
     spawn(_worker, str(tmp_path))
     import pandas as pd

@@ -13,7 +13,8 @@ One run of `STEPS` steps is cut in the middle (`CUT`) and saved with
   one-process run within 1e-6.
 
 The model has a LayerNorm: the fallback's (AdamW's) sharded moments travel too.
-Besides, `state_bytes` counts this rank's shards of the momentum buffers and this rank's
+Marked slow (one spawn of two ranks and DCP writes: about 20 s here). Besides,
+`state_bytes` counts this rank's shards of the momentum buffers and this rank's
 layers' factors and, with ``total=True``, the whole (the single process's figure).
 """
 
@@ -143,6 +144,7 @@ def runs(tmp_path_factory) -> dict:
     return {"out": out, "single": single, "ranks": ranks}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", SPECS)
 def test_two_ranks_resume_bit_for_bit(runs, spec):
     for rank in runs["ranks"]:
@@ -150,6 +152,7 @@ def test_two_ranks_resume_bit_for_bit(runs, spec):
             assert torch.equal(rank[spec, "resumed"][name], value), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", SPECS)
 def test_one_process_continues_a_two_rank_checkpoint(runs, spec):
     model, optimizer = build(spec, sharded=False)
@@ -162,6 +165,7 @@ def test_one_process_continues_a_two_rank_checkpoint(runs, spec):
     assert error <= TOLERANCE, f"{spec}: 2 -> 1 relative update error {error:.2e}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", SPECS)
 def test_two_ranks_continue_a_one_process_checkpoint(runs, spec):
     initial = runs["single"][spec, "initial"]
@@ -171,6 +175,7 @@ def test_two_ranks_continue_a_one_process_checkpoint(runs, spec):
         assert error <= TOLERANCE, f"{spec}: 1 -> 2 relative update error {error:.2e}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", SPECS)
 def test_state_bytes_count_this_ranks_shards_and_the_total(runs, spec):
     single = runs["single"][spec, "bytes"]
