@@ -9,8 +9,9 @@ memory model read them (docs/CONTRACTS.md).
 On a model sharded with FSDP2 the parameters' state (momentum buffers, the fallback's
 moments) is made of DTensors: by default only this rank's shards are counted (what this
 rank holds); ``total=True`` counts their whole (global) size, the bytes one process
-would hold for the whole model. The factors are held whole on every rank
-(docs/distributed.md), so both counts include them once.
+would hold for the whole model. Over several ranks each layer's factors live on one rank
+(docs/distributed.md): ``KroneckerOptimizer.state_bytes(total=True)`` sums them over the
+ranks.
 """
 
 from __future__ import annotations

@@ -4,29 +4,32 @@ Under FSDP2 every parameter is a DTensor holding one shard (by default rows, ``S
 on a one-dimensional mesh), but the forward and backward passes run on the unsharded
 parameters, each rank on its own slice of the batch. So, as under DDP:
 
-- the layer hooks see this rank's inputs and output gradients; the curvature terms are
-  all-reduced once per update (`singd.optim.distributed.all_reduce_accumulators`);
+- the layer hooks see this rank's inputs and output gradients;
 - FSDP has already averaged the gradients over ranks (reduce-scatter): they are not
   reduced again; a summed loss (``loss_average=None``) multiplies them by the world
   size, as inside DDP.
 
 What differs is the gradient: each rank holds a shard of ``[dW | db]``, and the output
 side of the preconditioner (``C`` of SINGD, ``G^-1`` of KFAC) mixes its rows, the input
-side its columns. `sharded_directions` therefore gathers each Kronecker layer's full
-gradient (``DTensor.full_tensor``: one all-gather), preconditions it on every rank with
-the layer's factors (which every rank holds, all-reduced), and keeps the parameter's own
-shard of the result (a local slice, no communication). Any placement the mesh can
-express (rows, columns with ``shard_placement_fn``, HSDP's replicate-and-shard) is
-handled the same way, since the full gradient is the same whatever the placement.
+side its columns; the full gradient is needed whatever the placement (rows, columns
+with ``shard_placement_fn``).
+
+- One rank (world size 1): `sharded_directions` gathers each Kronecker layer's full
+  gradient (``DTensor.full_tensor``), preconditions it and keeps the parameter's shard
+  of the result (`to_shard`, a local slice).
+- Several ranks: each layer's second-order state lives on one rank, its owner
+  (`assign_owners`: `balance` by `layer_state_bytes`). The curvature terms are reduced
+  to the owner (`singd.optim.distributed.all_reduce_accumulators` with ``owners``);
+  SINGD's owners lend ``K`` and ``C`` for a curvature step's passes (`lend_factors`),
+  since SINGD's terms are taken in them; `owned_directions` gathers the gradient on
+  every rank, the owner preconditions it and broadcasts the direction, and each rank
+  keeps its shard.
 
 Communication per step and per rank, for ``P`` ranks and ``b`` bytes per element
-(docs/distributed.md has the figures for a transformer):
-
-- the gradient all-gather: ``(P - 1)/P * d_C * d_K * b`` received per layer, exactly a
-  plain all-gather of each layer's gradient (this design adds nothing to it);
-- the curvature all-reduce (every ``T`` steps): ``2 (P - 1)/P`` times the accumulators'
-  bytes (``H_K``, ``H_C`` in the factors' structures for SINGD; dense ``A``, ``G`` for
-  KFAC), the same as under DDP.
+(docs/distributed.md has the figures for a transformer): the gradient all-gather,
+``(P - 1)/P * d_C * d_K * b`` per layer (a plain all-gather of each layer's gradient),
+and as much again for the owner's broadcast of the direction; every ``T`` steps, the
+curvature terms reduced to their owners and, for SINGD, the lent ``K`` and ``C``.
 
 What cannot be preconditioned is refused at construction (`check_sharding`): a layer
 whose weight stays sharded in its own forward (tensor parallelism: the hooks would see
