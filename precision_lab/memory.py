@@ -15,6 +15,17 @@ into `LayerShape`s, and each optimizer's state is counted from formulas:
 - Parameters of layers the Kronecker optimizers do not precondition (norms, embeddings,
   attention projections) are trained by the AdamW fallback: the same as AdamW.
 
+Past one machine (``world_size`` ranks, docs/distributed.md), the figures are per rank:
+
+- ``ddp``: every rank holds the whole state (DDP replicates it), whatever the world size;
+- ``fsdp`` (FSDP2, ``fully_shard``): the parameters' own state (heavy-ball buffers, the
+  fallback's and AdamW's moments) is sharded with the parameters, ``ceil(entries /
+  world_size)`` per rank (FSDP pads each tensor's shards to equal rows: at most one row
+  more per tensor, not counted); AdamW's step counters are held whole on every rank;
+  each layer's Kronecker factors are held by one rank, the layers balanced by bytes
+  (`singd.optim.fsdp.balance`): the figure is the most loaded rank's, at most the
+  whole / ``world_size`` plus the largest layer's.
+
 Layer dimensions follow the paper: Linear ``d_K = d_in (+1 with bias)``, ``d_C = d_out``;
 Conv2d ``d_K = C_in / groups * k_1 * k_2 (+1)``, ``d_C = C_out``. Every figure is in bytes
 (B): entries times the element size of the state's dtype.
@@ -33,6 +44,7 @@ from torch.overrides import TorchFunctionMode
 
 from precision_lab.errors import UsageError
 from precision_lab.specs import DEFAULT_HYPERPARAMETERS, OptimizerSpec, parse_spec
+from singd.optim.fsdp import balance
 from singd.structures import get_structure
 
 CATEGORIES = ("factors", "momenta", "inverses", "param_buffers", "fallback")
@@ -124,44 +136,79 @@ STEP_COUNTER_BYTES = 4
 """AdamW's per-tensor ``step``, a float32 scalar whatever the parameters' dtype."""
 
 
+SHARDINGS = ("ddp", "fsdp")
+"""How the state is laid out over ranks (module docstring)."""
+
+
+def _per_rank(entries: int, world_size: int, sharding: str) -> int:
+    """A parameter-shaped state's entries on one rank: sharded under FSDP."""
+    return -(-entries // world_size) if sharding == "fsdp" else entries
+
+
 def _adamw_bytes(params: int, tensors: int, itemsize: int) -> int:
     return 2 * params * itemsize + tensors * STEP_COUNTER_BYTES
 
 
-def state_bytes(spec: str | OptimizerSpec, shape: ModelShape, dtype: torch.dtype) -> dict[str, int]:
+def state_bytes(
+    spec: str | OptimizerSpec,
+    shape: ModelShape,
+    dtype: torch.dtype,
+    world_size: int = 1,
+    sharding: str = "ddp",
+) -> dict[str, int]:
     """Optimizer-state bytes (B) by category for one spec, all state held in ``dtype``,
     with the spec family's default hyperparameters (``m_K``, ``m_C`` only where
-    ``alpha1 != 0`` and not IKFAC; heavy-ball buffers only where ``momentum != 0``).
+    ``alpha1 != 0`` and not IKFAC; heavy-ball buffers only where ``momentum != 0``), on
+    one rank of ``world_size`` laid out as ``sharding`` says (module docstring).
 
     Raises:
-        UsageError: For an unknown spec or structure name (one sentence).
+        UsageError: For an unknown spec or structure name, a world size below 1 or an
+            unknown sharding (one sentence).
     """
+    if world_size < 1 or sharding not in SHARDINGS:
+        raise UsageError(
+            f"The world size must be at least 1 and the sharding one of "
+            f"{', '.join(SHARDINGS)}, got {world_size} and {sharding!r}."
+        )
     spec = parse_spec(spec) if isinstance(spec, str) else spec
     itemsize = torch.empty((), dtype=dtype, device="meta").element_size()
     hyper = DEFAULT_HYPERPARAMETERS[spec.family]
     out = dict.fromkeys(CATEGORIES, 0)
+
+    def sharded(entries: int) -> int:
+        return _per_rank(entries, world_size, sharding)
+
     if spec.family == "adamw":
-        out["param_buffers"] = _adamw_bytes(shape.params, shape.tensors, itemsize)
+        out["param_buffers"] = _adamw_bytes(sharded(shape.params), shape.tensors, itemsize)
         return out
     if spec.family == "sgd":
-        out["param_buffers"] = shape.params * itemsize if hyper.get("momentum") else 0
+        out["param_buffers"] = sharded(shape.params) * itemsize if hyper.get("momentum") else 0
         return out
-    out["fallback"] = _adamw_bytes(shape.fallback_params, shape.fallback_tensors, itemsize)
+    out["fallback"] = _adamw_bytes(sharded(shape.fallback_params), shape.fallback_tensors, itemsize)
     if hyper.get("momentum"):
-        out["param_buffers"] = sum(layer.params for layer in shape.layers) * itemsize
+        out["param_buffers"] = sharded(sum(layer.params for layer in shape.layers)) * itemsize
     if spec.family == "kfac":
-        dense = sum(layer.dim_k**2 + layer.dim_c**2 for layer in shape.layers) * itemsize
-        out["factors"] = dense
-        out["inverses"] = dense
-        return out
-    s_K, s_C = (get_structure(name) for name in spec.structures)
-    factors = sum(
-        s_K.storage_entries(layer.dim_k) + s_C.storage_entries(layer.dim_c)
-        for layer in shape.layers
-    )
-    out["factors"] = factors * itemsize
-    riemannian_momentum = hyper.get("alpha1") and not spec.fixed.get("kfac_like")
-    out["momenta"] = out["factors"] if riemannian_momentum else 0
+        dense = [(layer.dim_k**2 + layer.dim_c**2) * itemsize for layer in shape.layers]
+        layers = [{"factors": d, "inverses": d} for d in dense]
+    else:
+        s_K, s_C = (get_structure(name) for name in spec.structures)
+        riemannian_momentum = hyper.get("alpha1") and not spec.fixed.get("kfac_like")
+        layers = []
+        for layer in shape.layers:
+            entries = s_K.storage_entries(layer.dim_k) + s_C.storage_entries(layer.dim_c)
+            layers.append(
+                {"factors": entries * itemsize, "momenta": entries * itemsize * riemannian_momentum}
+            )
+    if sharding == "fsdp" and world_size > 1:  # the most loaded rank's layers
+        owners = balance([sum(cats.values()) for cats in layers], world_size)
+        loads = [0] * world_size
+        for cats, owner in zip(layers, owners, strict=True):
+            loads[owner] += sum(cats.values())
+        busiest = loads.index(max(loads))
+        layers = [cats for cats, owner in zip(layers, owners, strict=True) if owner == busiest]
+    for cats in layers:
+        for category, nbytes in cats.items():
+            out[category] += int(nbytes)
     return out
 
 
@@ -316,11 +363,14 @@ def widened_model(name: str, multiplier: int) -> nn.Module:
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """Optimizer-state bytes (B) of every spec for one model and dtype."""
+    """Optimizer-state bytes (B) of every spec for one model and dtype, on one rank of
+    ``world_size`` laid out as ``sharding`` says."""
 
     shape: ModelShape
     dtype: torch.dtype
     rows: dict[str, dict[str, int]]
+    world_size: int = 1
+    sharding: str = "ddp"
 
     def total(self, spec: str) -> int:
         """All state bytes (B) of ``spec``."""
@@ -328,9 +378,14 @@ class MemoryPlan:
 
 
 def plan_memory(
-    model: nn.Module, dtype: torch.dtype, specs: Sequence[str | OptimizerSpec] = DEFAULT_SPECS
+    model: nn.Module,
+    dtype: torch.dtype,
+    specs: Sequence[str | OptimizerSpec] = DEFAULT_SPECS,
+    world_size: int = 1,
+    sharding: str = "ddp",
 ) -> MemoryPlan:
-    """Optimizer-state bytes of each spec for ``model`` with all state in ``dtype``.
+    """Optimizer-state bytes of each spec for ``model`` with all state in ``dtype``, per
+    rank of ``world_size`` laid out as ``sharding`` says.
 
     Raises:
         UsageError: If the model has no Linear or Conv2d layer to precondition.
@@ -342,4 +397,5 @@ def plan_memory(
             "precondition."
         )
     parsed = [parse_spec(s) if isinstance(s, str) else s for s in specs]
-    return MemoryPlan(shape, dtype, {p.text: state_bytes(p, shape, dtype) for p in parsed})
+    rows = {p.text: state_bytes(p, shape, dtype, world_size, sharding) for p in parsed}
+    return MemoryPlan(shape, dtype, rows, world_size, sharding)

@@ -22,12 +22,20 @@ import torch
 from torch import Tensor
 
 from probes.limits import limits
+from singd.optim.fsdp import is_dtensor
 
 Label = tuple[str, str, str]
 """``(module, tensor, phase)`` of a watched tensor."""
 
 _CHUNK = 64
 WATCHED_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
+
+
+def local_shard(tensor: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (FSDP2 parameters, gradients, momenta), else the
+    tensor: probes read what a rank holds, tag it with the rank and gather rows to rank 0;
+    a reduction over a whole DTensor would be a collective hidden in a probe."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
 def watchable(tensor: Tensor) -> bool:
@@ -187,7 +195,9 @@ class StepFlags:
         return chunk
 
     def add(self, label: Label, tensor: Tensor) -> None:
-        """Queue the reading of one floating tensor (empty tensors are skipped)."""
+        """Queue the reading of one floating tensor (empty tensors are skipped; of a
+        DTensor, this rank's shard)."""
+        tensor = local_shard(tensor)
         dtype = tensor.dtype
         if dtype not in WATCHED_DTYPES or tensor.layout is not torch.strided:
             return

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from probes.device_memory import CudaAllocator, NvmlDevice
+from probes.flags import local_shard
 from probes.records import Recorder
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ _STATUS = Path("/proc/self/status")
 def tensor_bytes(value) -> int:
     """Bytes stored by a tensor or a structured matrix (``nbytes``); 0 for anything else."""
     if isinstance(value, Tensor):
+        value = local_shard(value)  # what this rank holds
         return value.numel() * value.element_size()
     nbytes = getattr(value, "nbytes", None)
     return int(nbytes) if isinstance(nbytes, int) else 0
@@ -83,7 +85,7 @@ def factor_bytes(layers: Iterable) -> Iterator[tuple[str, str, int]]:
 
 def adamw_state_bytes(params: Iterable[Tensor]) -> int:
     """Bytes torch's AdamW keeps for ``params``: two moments in their dtype, a float32 step."""
-    return sum(2 * p.numel() * p.element_size() + 4 for p in params)
+    return sum(2 * local_shard(p).numel() * p.element_size() + 4 for p in params)
 
 
 def _read_hwm() -> int | None:

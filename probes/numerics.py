@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-from probes.flags import Label, watchable
+from probes.flags import Label, local_shard, watchable
 from probes.limits import dtype_name
 from probes.records import Recorder
 from probes.stats import STAT_METRICS, STAT_UNITS, tensor_stats
@@ -33,6 +33,7 @@ class NumericsProbe:
 
     def measure(self, label: Label, tensor: Tensor) -> None:
         """Take the statistics of ``tensor`` (a reading, kept until `record`)."""
+        tensor = local_shard(tensor)
         if not watchable(tensor):
             return
         self._stats.append((label, dtype_name(tensor.dtype), tensor_stats(tensor, self.run_dtype)))

@@ -57,7 +57,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from probes.condition import ConditionProbe
-from probes.flags import Label, StepFlags, StepRecord, read_records, watchable
+from probes.flags import Label, StepFlags, StepRecord, local_shard, read_records, watchable
 from probes.limits import parse_dtype
 from probes.memory import MemoryProbe
 from probes.numerics import NumericsProbe
@@ -573,7 +573,7 @@ class ProbeSession:
         parameters exactly. Kept out of the step's readings: it only decides the path.
         """
         for group in self._param_groups:
-            sums = torch.stack([p.detach().sum() for p in group]).tolist()
+            sums = torch.stack([local_shard(p).detach().sum() for p in group]).tolist()
             if not all(-math.inf < v < math.inf for v in sums):
                 return False
         return True

@@ -9,7 +9,12 @@
 #      against SINGD (on its curvature-update steps and between them);
 #   4. the README's GPU column (Performance): the benchmark MLP's step times on the GPU
 #      (CUDA events, medians) and their ratios, and the probes' overhead with readings
-#      deferred (the GPU default) and read every step (the host reads the CPU counts).
+#      deferred (the GPU default) and read every step (the host reads the CPU counts);
+#   5. FSDP2 (docs/distributed.md): torchrun with one rank per GPU (two processes on one
+#      GPU are not FSDP's case: with one GPU it runs one rank, which still takes the
+#      DTensor paths with NCCL), SINGD and KFAC on a sharded MLP against one process on
+#      the whole batch, each rank's optimizer-state bytes and peak CUDA memory, and a
+#      DCP save and resume that must continue bit for bit.
 # Runs from the source tree (no install needed: torch, pandas, pyarrow, psutil, pytest
 # and nvidia-ml-py are what it imports; plotly is not). Both parts run even if the
 # first fails; exit code 1 if either failed or torch sees no GPU.
@@ -200,6 +205,119 @@ for structure in ("singd:diagonal", "singd:dense"):
     print(f"| probes on {structure}, deferred / read every step | "
           f"{100 * (deferred / bare - 1):+.1f}% / {100 * (every / bare - 1):+.1f}% | |")
 PY
+
+echo "gpu-check: FSDP2 (fully_shard) with SINGD and KFAC"
+fsdp_script="$(mktemp --suffix=.py)"
+cat > "$fsdp_script" <<'PY'
+import os
+import sys
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+sys.path.insert(0, os.getcwd())
+from singd import KFAC, SINGD  # noqa: E402
+from singd.optim.checkpoint import dcp_state_dict, load_dcp  # noqa: E402
+
+cuda = torch.cuda.is_available()
+dist.init_process_group("nccl" if cuda else "gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+device = torch.device("cuda", rank % max(torch.cuda.device_count(), 1)) if cuda else "cpu"
+if cuda:
+    torch.cuda.set_device(device)
+STEPS, BATCH = 10, 64
+generator = torch.Generator().manual_seed(1)
+# float64: the sharded and the single run differ only in the order of sums, which
+# float32 rounding and a preconditioner of 512 x 512 factors amplify past a tight bound.
+inputs = torch.randn(STEPS, BATCH, 256, generator=generator, dtype=torch.float64).to(device)
+targets = torch.randint(0, 10, (STEPS, BATCH), generator=generator).to(device)
+BUILD = {
+    "singd:dense": lambda m: SINGD(m, lr=0.05, lr_cov=0.05, T=1, structures=("dense", "dense")),
+    "singd:diagonal": lambda m: SINGD(
+        m, lr=0.05, lr_cov=0.05, T=1, structures=("diagonal", "diagonal")
+    ),
+    "kfac:cholesky": lambda m: KFAC(m, lr=0.05, damping=1e-2, T=1),
+}
+
+
+def model(sharded):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(256, 512), nn.LayerNorm(512), nn.ReLU(), nn.Linear(512, 10))
+    net = net.to(device, torch.float64)
+    if sharded:
+        fully_shard(net[0])
+        fully_shard(net[3])
+        fully_shard(net)
+    return net
+
+
+def train(net, optimizer, steps, rows):
+    for step in steps:
+        loss = nn.functional.cross_entropy(net(inputs[step][rows]), targets[step][rows])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def full(net):
+    return [(p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for p in net.parameters()]
+
+
+rows = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+failed = False
+for name, build in BUILD.items():
+    torch.manual_seed(0)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    net = model(True)
+    optimizer = build(net)
+    train(net, optimizer, range(STEPS // 2), rows)
+    path = tempfile.mkdtemp() if rank == 0 else None
+    path = [path]
+    dist.broadcast_object_list(path)
+    dcp.save({"model": net.state_dict(), "optimizer": dcp_state_dict(optimizer)}, checkpoint_id=path[0])
+    train(net, optimizer, range(STEPS // 2, STEPS), rows)
+    sharded = full(net)
+    mine, total = optimizer.state_bytes(), optimizer.state_bytes(total=True)
+    peak = torch.cuda.max_memory_allocated() if cuda else 0
+    resumed_net = model(True)
+    resumed = build(resumed_net)
+    state = {"model": resumed_net.state_dict()}
+    dcp.load(state, checkpoint_id=path[0])
+    resumed_net.load_state_dict(state["model"])
+    load_dcp(resumed, path[0])
+    train(resumed_net, resumed, range(STEPS // 2, STEPS), rows)
+    bitwise = all(torch.equal(a, b) for a, b in zip(full(resumed_net), sharded))
+    print(f"rank {rank}/{world} {name}: state {sum(mine.values()) / 2**20:.2f} MiB of "
+          f"{sum(total.values()) / 2**20:.2f} MiB, peak CUDA {peak / 2**20:.1f} MiB, "
+          f"DCP resume bit for bit: {bitwise}", flush=True)
+    failed |= not bitwise
+    # The reference: every rank trains an unsharded copy on the whole batch (its
+    # all-reductions then average identical values: one process's result, at 2 ranks).
+    single = model(False)
+    reference = build(single)
+    train(single, reference, range(STEPS), slice(None))
+    initial = full(model(False))
+    num = sum(float((a - b).double().square().sum()) for a, b in zip(sharded, full(single)))
+    den = sum(float((b - c).double().square().sum()) for b, c in zip(full(single), initial))
+    error = (num / den) ** 0.5
+    if rank == 0:
+        print(f"{name}: {world} rank(s) against one process, relative update error {error:.2e}")
+    failed |= not error <= 1e-9
+dist.barrier()
+dist.destroy_process_group()
+sys.exit(1 if failed else 0)
+PY
+gpus="$("$PY" -c 'import torch; print(min(max(torch.cuda.device_count(), 1), 2))')"
+echo "gpu-check: FSDP on $gpus rank(s), one per GPU"
+timeout 240 "$PY" -m torch.distributed.run --standalone --nproc-per-node "$gpus" "$fsdp_script" \
+    || { echo "gpu-check: FSDP FAILED"; status=1; }
+rm -f "$fsdp_script"
 
 if [ "$status" -eq 0 ]; then
     echo "gpu-check: OK"

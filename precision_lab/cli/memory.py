@@ -21,6 +21,7 @@ from precision_lab.errors import UsageError, user_errors
 from precision_lab.memory import (
     CATEGORIES,
     DEFAULT_SPECS,
+    SHARDINGS,
     build_meta_model,
     plan_memory,
     state_bytes,
@@ -33,6 +34,8 @@ UNITS = (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3), ("B", 1))
 """Decimal byte units (1 GB = 1e9 B), largest first."""
 
 SWEEP_FACTORS = (1 / 8, 1 / 4, 1 / 2, 1, 2, 4, 8)
+MAX_WORLD_SIZE = 2**20
+"""Most ranks --world-size takes (today's largest jobs are near 2**15 devices)."""
 """``--d-model`` multiples drawn in the memory command's HTML plot."""
 
 
@@ -71,6 +74,21 @@ SWEEP_FACTORS = (1 / 8, 1 / 4, 1 / 2, 1, 2, 4, 8)
     help="Comma-separated optimizer specs to compare.",
 )
 @click.option(
+    "--world-size",
+    type=click.IntRange(min=1, max=MAX_WORLD_SIZE),
+    default=1,
+    show_default=True,
+    help="Ranks the model is trained on: the table shows one rank's bytes.",
+)
+@click.option(
+    "--sharding",
+    type=click.Choice(SHARDINGS),
+    default="fsdp",
+    show_default=True,
+    help="ddp: every rank holds the whole state; fsdp (FSDP2 fully_shard): the "
+    "parameters' state sharded, each layer's factors on one rank (the most loaded shown).",
+)
+@click.option(
     "-o",
     "--output",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -86,18 +104,22 @@ def memory_command(
     heads: int | None,
     dtype: torch.dtype,
     optimizers: list[OptimizerSpec],
+    world_size: int,
+    sharding: str,
     output: Path | None,
 ) -> None:
     """Optimizer-state memory per optimizer and structure, from layer shapes and storage
     formulas, without allocating the model's weights."""
     specs = optimizers
-    plan = plan_memory(build_meta_model(model, d_model, layers, heads), dtype, specs)
+    meta = build_meta_model(model, d_model, layers, heads)
+    plan = plan_memory(meta, dtype, specs, world_size, sharding)
     shape = plan.shape
-    adamw = sum(state_bytes("adamw", shape, dtype).values())
+    adamw = sum(state_bytes("adamw", shape, dtype, world_size, sharding).values())
+    where = f", per rank of {world_size} ({sharding})" if world_size > 1 else ""
     table = Table(
         box=SIMPLE_HEAD,
         title=f"Optimizer state of {model} (d_model {d_model}): {shape.params:,} parameters, "
-        f"{len(shape.layers)} Kronecker-factored layers, state in {dtype_name(dtype)}",
+        f"{len(shape.layers)} Kronecker-factored layers, state in {dtype_name(dtype)}{where}",
         caption="Decimal units (1 GB = 1e9 B). fallback: AdamW state of the parameters "
         "SINGD and KFAC do not cover (norms, embeddings, attention).",
     )

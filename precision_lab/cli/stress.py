@@ -363,6 +363,11 @@ def summary_table(runs: list[dict[str, Any]], seeds: bool) -> Table:
     help="auto: CUDA when available, else CPU.",
 )
 @click.option(
+    "--fsdp",
+    is_flag=True,
+    help="Under torchrun, shard each model with FSDP2 (fully_shard) instead of DDP.",
+)
+@click.option(
     "--out",
     type=click.Path(path_type=Path, file_okay=False),
     help="Run directory to write. Default: reports/runs/<UTC timestamp> in the current directory.",
@@ -402,6 +407,7 @@ def _stress(
     seeds: list[int] | None,
     every: int | None,
     device: str,
+    fsdp: bool,
     out: Path | None,
 ) -> None:
     """The stress command's work once its signal handlers are in place."""
@@ -453,7 +459,14 @@ def _stress(
     failure: RankFailedError | None = None
     try:
         interrupted = _run_all(
-            plans, suite.every, torch_device, run_dir, lab.progress_console, store, stop
+            plans,
+            suite.every,
+            torch_device,
+            run_dir,
+            lab.progress_console,
+            store,
+            stop,
+            "fsdp" if fsdp else "ddp",
         )
         if dist.is_initialized() and not interrupted:
             # Leave together: a rank that destroys its process group while rank 0 still
@@ -525,6 +538,7 @@ def _run_all(
     console: Console,
     store: dist.Store | None,
     stop: StopSignals,
+    sharding: str = "ddp",
 ) -> bool:
     """Train every plan in order, recording each outcome; True if Ctrl-C stopped the suite.
 
@@ -550,6 +564,7 @@ def _run_all(
                     every=every,
                     failure_dir=None if run_dir is None else run_dir.failures,
                     store=store,
+                    sharding=sharding,
                 )
             except KeyboardInterrupt:
                 return True

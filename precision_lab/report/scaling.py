@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from precision_lab.report.data import ReportData
 
 WIDTH_MULTIPLIERS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+WORLD_SIZES = tuple(2**i for i in range(11))
+"""Ranks the whole-model formulas are drawn per rank for (FSDP2 sharding, 1 to 1024)."""
 DIMENSIONS = np.unique(np.geomspace(2, 65536, 49).astype(int))
 BASE_STRUCTURES = ("dense", "diagonal")
 # Element sizes of optimizer state: pure runs hold it in the run's dtype, mixed in fp32.
@@ -125,7 +127,8 @@ def scaling_section(data: ReportData) -> Section:
         "Lines are the storage formulas, markers the bytes this run measured (they sit on "
         "their line when the formula holds); left: one factor against its dimension d, "
         "right: a suite model widened 1x-256x; pick the model and state dtype above, drag the "
-        "slider to read off a wider model.",
+        "slider to read off a wider model, and the second to see one rank's state when the "
+        "model is sharded with FSDP2 over 1 to 1024 ranks.",
     )
     s = data.summary
     if s.empty:
@@ -159,6 +162,7 @@ def scaling_section(data: ReportData) -> Section:
     )
     # (itemsize, model or None for the per-factor panel) of each trace, for the selector
     groups: list[tuple[int, str | None]] = []
+    formulas: list[tuple[int, int, str, str]] = []  # (trace, itemsize, model, spec), right
     for size in itemsizes:
         for name in structures:
             entries = np.array([get_structure(name).storage_entries(int(d)) for d in DIMENSIONS])
@@ -193,6 +197,7 @@ def scaling_section(data: ReportData) -> Section:
                     row=1,
                     col=2,
                 )
+                formulas.append((len(fig.data) - 1, size, model, o))
                 groups.append((size, model))
     measured = _measured_factors(data)
     modes = s["mode"] if "mode" in s else ["pure"] * len(s)
@@ -258,14 +263,17 @@ def scaling_section(data: ReportData) -> Section:
                 ],
             }
         ],
-        sliders=[_width_slider(fig, models, specs, parsed, shapes)],
+        sliders=[
+            _width_slider(fig, models, specs, parsed, shapes),
+            _world_slider(formulas, parsed, shapes),
+        ],
     )
     fig.update_xaxes(type="log", exponentformat="power")
     fig.update_yaxes(type="log", exponentformat="power")
     fig.update_yaxes(title_text="bytes (B)", col=1)
     fig.update_xaxes(title_text="factor dimension d", col=1)
     fig.update_xaxes(title_text="model parameters", col=2)
-    fig.update_layout(template="plotly_white", height=760, margin={"t": 110, "b": 300})
+    fig.update_layout(template="plotly_white", height=800, margin={"t": 150, "b": 300})
     sec.figure = fig
     sec.notes = notes
     return sec
@@ -273,6 +281,43 @@ def scaling_section(data: ReportData) -> Section:
 
 def _dtype(itemsize: int) -> torch.dtype:
     return torch.float32 if itemsize == 4 else torch.bfloat16
+
+
+def _world_slider(formulas: list[tuple[int, int, str, str]], parsed, shapes) -> dict:
+    """A slider over `WORLD_SIZES`: each step redraws the right panel's formula lines as
+    one rank's optimizer state when the model is sharded with FSDP2 over that many ranks
+    (`precision_lab.memory.state_bytes`: the parameters' state sharded, each layer's
+    factors on one rank, the most loaded rank shown); 1 is one process."""
+    steps = []
+    for world in WORLD_SIZES:
+        ys = [
+            np.array(
+                [
+                    sum(state_bytes(parsed[o], sh, _dtype(size), world, "fsdp").values())
+                    for sh in shapes[model]
+                ],
+                dtype=np.float64,
+            )
+            for _, size, model, o in formulas
+        ]
+        steps.append(
+            {
+                "label": str(world),
+                "method": "restyle",
+                "args": [{"y": ys}, [index for index, *_ in formulas]],
+            }
+        )
+    return {
+        "active": 0,
+        "steps": steps,
+        "currentvalue": {"prefix": "ranks (FSDP2, one rank's state, lines): "},
+        # Above the right panel: below the plots the width slider and its note take the room.
+        "x": 0.54,
+        "len": 0.46,
+        "y": 1.3,
+        "yanchor": "top",
+        "pad": {"t": 0, "b": 0},
+    }
 
 
 def _width_slider(fig, models, specs, parsed, shapes) -> dict:

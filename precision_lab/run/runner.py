@@ -282,6 +282,7 @@ def train(
     every: int,
     failure_dir: Path | None = None,
     store: dist.Store | None = None,
+    sharding: str = "ddp",
 ) -> Outcome:
     """Run ``plan`` to the end, to divergence, or to Ctrl-C, and summarize it.
 
@@ -297,15 +298,38 @@ def train(
             ``<failure_dir>/<run id>/``.
         store: Under torch.distributed, the job's rendezvous store, where a rank whose
             run fails leaves its error for the others (see `RankFailedError`).
+        sharding: Under torch.distributed, ``ddp`` or ``fsdp`` (`distribute`).
 
     Returns:
         The run's summary fields (units: bytes, steps, ms, the loss's nats) and records.
     """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        outcome = _train(plan, device=device, every=every, failure_dir=failure_dir, store=store)
+        outcome = _train(
+            plan,
+            device=device,
+            every=every,
+            failure_dir=failure_dir,
+            store=store,
+            sharding=sharding,
+        )
     outcome.summary["warnings"] = list(dict.fromkeys(str(w.message) for w in caught))
     return outcome
+
+
+def distribute(model: nn.Module, sharding: str) -> nn.Module:
+    """The model as several ranks train it: inside DistributedDataParallel (``ddp``), or
+    sharded with FSDP2 (``fsdp``: ``fully_shard`` on each child with parameters, so a
+    block's attention is gathered whole for its forward, then on the root)."""
+    if sharding == "ddp":
+        return nn.parallel.DistributedDataParallel(model)
+    from torch.distributed.fsdp import fully_shard
+
+    for child in model.children():
+        if next(child.parameters(), None) is not None:
+            fully_shard(child)
+    fully_shard(model)
+    return model
 
 
 def _train(
@@ -315,6 +339,7 @@ def _train(
     every: int,
     failure_dir: Path | None,
     store: dist.Store | None,
+    sharding: str = "ddp",
 ) -> Outcome:
     rank, world = _world()
     condition = plan.condition  # its hyperparameters are already in plan.hyperparameters
@@ -327,7 +352,7 @@ def _train(
     if mode == "pure":
         model.to(dtype)
     if world > 1:
-        model = nn.parallel.DistributedDataParallel(model)
+        model = distribute(model, sharding)
     # A place to write comes from the caller alone, never from the plan's hyperparameters
     # (a suite file's): reproducers stay inside the run directory.
     overrides = {k: v for k, v in plan.hyperparameters.items() if k not in FILE_LOCATIONS}

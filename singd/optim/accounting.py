@@ -5,6 +5,13 @@ Categories: the subclass's factor categories (SINGD: ``factors``, ``momenta``; K
 last update), ``param_buffers`` (momentum buffers of the Kronecker-covered parameters)
 and ``fallback`` (tensors of the fallback optimizer's state). probes and precision_lab's
 memory model read them (docs/CONTRACTS.md).
+
+On a model sharded with FSDP2 the parameters' state (momentum buffers, the fallback's
+moments) is made of DTensors: by default only this rank's shards are counted (what this
+rank holds); ``total=True`` counts their whole (global) size, the bytes one process
+would hold for the whole model. Over several ranks each layer's factors live on one rank
+(docs/distributed.md): ``KroneckerOptimizer.state_bytes(total=True)`` sums them over the
+ranks.
 """
 
 from __future__ import annotations
@@ -15,14 +22,22 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from singd.curvature import Factor
+from singd.optim.fsdp import is_dtensor
 
 ACCUMULATORS = "accumulators"
 
 
-def tensor_bytes(state: dict[Any, dict[str, Any]]) -> int:
+def held_bytes(t: Tensor, total: bool = False) -> int:
+    """Bytes of ``t``: of this rank's shard for a DTensor, unless ``total`` (its global size)."""
+    if is_dtensor(t) and not total:
+        t = t.to_local()
+    return t.numel() * t.element_size()
+
+
+def tensor_bytes(state: dict[Any, dict[str, Any]], total: bool = False) -> int:
     """Bytes of the tensors in an optimizer's ``state`` (parameter -> entries)."""
     return sum(
-        t.numel() * t.element_size()
+        held_bytes(t, total)
         for entry in state.values()
         for t in entry.values()
         if isinstance(t, Tensor)
@@ -46,10 +61,12 @@ def state_bytes(
     categories: dict[str, str],
     param_state: dict[Any, dict[str, Any]],
     fallback: Optimizer | None,
+    total: bool = False,
 ) -> dict[str, int]:
-    """All categories: the factors', ``param_buffers`` and ``fallback``."""
+    """All categories: the factors', ``param_buffers`` and ``fallback`` (this rank's
+    shards of DTensor state, or their global size with ``total``)."""
     return {
         **factor_bytes(factors, categories),
-        "param_buffers": tensor_bytes(param_state),
-        "fallback": 0 if fallback is None else tensor_bytes(fallback.state),
+        "param_buffers": tensor_bytes(param_state, total),
+        "fallback": 0 if fallback is None else tensor_bytes(fallback.state, total),
     }

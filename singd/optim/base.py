@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 from torch.optim import Optimizer
 
-from singd.optim import accounting, checkpoint, coverage, distributed
+from singd.optim import accounting, checkpoint, coverage, distributed, fsdp
 from singd.optim.coverage import DEFAULT_FALLBACK, NO_LAYER, FallbackFactory
 from singd.optim.functional import heavy_ball_
 from singd.optim.hooks import register_hooks, reset_passes
@@ -134,6 +134,8 @@ class KroneckerOptimizer(Optimizer):
         super().__init__(params, defaults)
         for index, group in enumerate(self.param_groups):
             self._validate_group(group, index)
+        # FSDP2: DTensor shards whose gradients FSDP has averaged (`singd.optim.fsdp`).
+        self._sharded = fsdp.check_sharding(module, self.param_groups)
 
         self.steps = 0
         # Scales by step (`singd.optim.scaling`): Python floats, or 0-d tensors on the
@@ -155,10 +157,28 @@ class KroneckerOptimizer(Optimizer):
         self.fallback: Optimizer | None = coverage.build_fallback(
             self._fallback_factory, self.param_groups, self._fallback_params
         )
+        # The optimized weights: under FSDP2 the module holds another (unsharded, perhaps
+        # in a mixed-precision policy's dtype) tensor while its forward and backward run.
+        self._weights = {layer.name: layer.module.weight for layer in self._layers}
         self._handles = register_hooks(self, self._layers)
+        # Sharded state (FSDP2, several ranks): layer name -> the rank holding its factors.
+        self._owners: dict[str, int] = {}
+        self._lent_at = -1  # the step whose forward pass the owners lent factors for
+        if self._sharded and distributed.world_size() > 1:
+            if precision is not None:
+                raise ValueError(
+                    "precision='auto' is not supported on a model sharded with fully_shard "
+                    "over several ranks (each rank holds only its layers' factors); pass "
+                    "precision=None."
+                )
+            self._owners = fsdp.assign_owners(self)
+            self._handles.append(
+                module.register_forward_pre_hook(lambda *_: fsdp.lend_factors(self))
+            )
         for layer in self._layers:
             self._factors[layer.name] = {}
-            self._init_layer(layer)
+            if self.owns(layer):
+                self._init_layer(layer)
 
     # ----------------------------------------------------------------- set-up
     def _validate_group(self, group: dict[str, Any], index: int) -> None:
@@ -168,6 +188,11 @@ class KroneckerOptimizer(Optimizer):
             ValueError: One sentence naming the bad value and what would be right.
         """
         check_common_group(group, group_location(index, len(self.param_groups)))
+
+    def owns(self, layer: KroneckerLayer) -> bool:
+        """Whether this rank holds the layer's second-order state: always, except on a
+        model sharded over several ranks (`singd.optim.fsdp.assign_owners`)."""
+        return not self._owners or self._owners[layer.name] == distributed.rank()
 
     def _move_to_fallback(self, names: list[str]) -> None:
         """Hand whole layers to the fallback optimizer (their forward never ran)."""
@@ -220,8 +245,12 @@ class KroneckerOptimizer(Optimizer):
     def _configured_dtypes(self, layer: KroneckerLayer) -> tuple[torch.dtype, torch.dtype]:
         """The dtypes asked for on the two sides: ``preconditioner_dtype`` or the weight's."""
         dtypes = self.param_groups[layer.group_index].get("preconditioner_dtype", (None, None))
-        weight_dtype = layer.module.weight.dtype
+        weight_dtype = self._weight_dtype(layer)
         return dtypes[0] or weight_dtype, dtypes[1] or weight_dtype
+
+    def _weight_dtype(self, layer: KroneckerLayer) -> torch.dtype:
+        """The dtype of the optimized weight (not of what FSDP2 computes with)."""
+        return self._weights[layer.name].dtype
 
     def _curvature_dtypes(self, layer: KroneckerLayer) -> tuple[torch.dtype, torch.dtype]:
         """dtypes of the rows ``a`` and ``g``: the configured ones, as promoted (if at all)
@@ -363,6 +392,7 @@ class KroneckerOptimizer(Optimizer):
                 layer.skipped_steps += 1
         else:
             if not self._silent_checked:
+                fsdp.check_weights_kept(self._layers, self._weights)
                 self._handle_silent_layers()
             self._step_layers()
             if self.fallback is not None:
@@ -371,7 +401,7 @@ class KroneckerOptimizer(Optimizer):
                     self.param_groups,
                     self._gradient_divisor(),
                     distributed.world_size(),
-                    self._ddp,
+                    self._ddp or self._sharded,
                 )
         self.steps += 1
         for t in [t for t in self._grad_scales if t < self.steps - 1]:
@@ -397,30 +427,44 @@ class KroneckerOptimizer(Optimizer):
         if world > 1:
             # Each rank's scaler has its own scale: un-scale the output-side terms locally
             # before they are mixed, so every rank ends with the same, un-scaled sum.
+            # With sharded state each layer's terms go to its owner only.
             distributed.all_reduce_accumulators(
                 [self._factors[layer.name] for layer in due],
                 self.ACCUMULATORS,
                 [self._loss_averaged(layer) for layer in due],
                 grad_unscaling,
+                [self._owners[layer.name] for layer in due] if self._owners else None,
             )
             grad_unscaling = 1.0
         for layer in due:
-            self._update_preconditioner(layer, grad_unscaling)
+            if self.owns(layer):
+                self._update_preconditioner(layer, grad_unscaling)
             reset_passes(layer)
+        for layer in self._layers:
+            if not self.owns(layer):  # the lent factors and the sent terms go
+                self._factors[layer.name] = {}
         if self._escalation is not None and due:
             self._escalation.check(self, due)
         for layer in self._layers:
             if layer not in due:
                 self._clear_accumulators(layer)
-        steps = self._batched_directions(active, divisor) if world == 1 else None
+        reduced = self._ddp or self._sharded  # gradients averaged over ranks already
+        steps = None if world > 1 or self._sharded else self._batched_directions(active, divisor)
         if steps is None:
             directions = []
+            directions_of = (
+                fsdp.owned_directions
+                if self._owners
+                else fsdp.sharded_directions
+                if self._sharded
+                else type(self)._layer_directions
+            )
             for layer in active:
-                # Inside DDP, a summed loss: DDP averaged the gradients, undo it.
-                summed = self._ddp and not self._loss_averaged(layer)
-                directions.append(self._layer_directions(layer, divisor, world if summed else 1.0))
+                # Inside DDP or FSDP, a summed loss: the gradients were averaged, undo it.
+                summed = reduced and not self._loss_averaged(layer)
+                directions.append(directions_of(self, layer, divisor, world if summed else 1.0))
             steps = [t for layer_steps in directions for t in layer_steps]
-            if world > 1 and not self._ddp:
+            if world > 1 and not reduced:
                 distributed.all_reduce_split(
                     steps,
                     [
@@ -447,6 +491,14 @@ class KroneckerOptimizer(Optimizer):
                 momentum=group["momentum"],
                 weight_decay=group["weight_decay"],
             )
+
+    def _gradient_matrix(self, layer: KroneckerLayer) -> Tensor | None:
+        """The layer's ``[dW | db]`` for `curvature_state`: None without a gradient, and on
+        a sharded model (gathering it is a collective, which a read-only view must not
+        start on one rank)."""
+        if self._sharded or layer.module.weight.grad is None:
+            return None
+        return gradient_matrix(layer)
 
     def _batched_directions(
         self, active: list[KroneckerLayer], divisor: Scale
@@ -534,14 +586,22 @@ class KroneckerOptimizer(Optimizer):
             self.fallback.load_state_dict(saved["fallback"])
 
     # ----------------------------------------------------------- accounting
-    def state_bytes(self) -> dict[str, int]:
+    def state_bytes(self, total: bool = False) -> dict[str, int]:
         """Bytes of optimizer state by category (B), as `singd.optim.accounting` says:
         the factor categories of ``BYTE_CATEGORIES``, ``accumulators``,
         ``param_buffers`` (momentum buffers of the Kronecker-covered parameters) and
-        ``fallback`` (tensors of the fallback optimizer's state)."""
-        return accounting.state_bytes(
-            self._factors, self.BYTE_CATEGORIES, self.state, self.fallback
+        ``fallback`` (tensors of the fallback optimizer's state). Under FSDP2, this rank's
+        bytes (its layers' factors, its shards); ``total=True``: the whole model's (the
+        shards' global sizes, every rank's factors: a collective, call it on every rank)."""
+        counts = accounting.state_bytes(
+            self._factors, self.BYTE_CATEGORIES, self.state, self.fallback, total
         )
+        if total and self._owners:
+            owned = [k for k in counts if k not in ("param_buffers", "fallback")]
+            summed = torch.tensor([counts[k] for k in owned], dtype=torch.int64)
+            distributed.all_reduce_flat([summed], average=False)
+            counts.update(zip(owned, summed.tolist(), strict=True))
+        return counts
 
     def remove_hooks(self) -> None:
         """Detach the optimizer's hooks from the model (calling it twice is harmless)."""

@@ -17,12 +17,28 @@ Under ``precision="auto"`` a factor may be in any dtype its configured one widen
 The first mismatch is named in one sentence (a ValueError), so a checkpoint of a wider
 model, of the other optimizer, of another structure or no checkpoint at all never loads
 into a state that fails at the next step, or quietly changes the configuration.
+
+Distributed checkpoints (``torch.distributed.checkpoint``, DCP): `dcp_state_dict` gives
+the optimizer's ``state_dict`` as DCP saves it (every tensor in one flat table, the rest
+as one ``skeleton`` object), to save beside the model's::
+
+    dcp.save({"model": model.state_dict(), "optimizer": dcp_state_dict(optimizer)}, ...)
+
+and `load_dcp` loads it back into an optimizer at any world size: first the skeleton,
+then every tensor into a buffer shaped as this process holds it (the parameter's own
+DTensor shard for momentum buffers and the fallback's moments on a sharded model, a
+whole tensor otherwise), then through ``load_state_dict`` and its checks. Momentum
+buffers are written as shards by the ranks holding them; the factors, the same on every
+rank, are written once. The parameter state is matched by its index in the parameter
+groups, which ``fully_shard`` keeps, so a checkpoint of two ranks loads into one process
+and the other way round (tests/singd/test_fsdp_checkpoint.py).
 """
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -57,9 +73,10 @@ INVERSES = {name for name, role in KFAC_ROLES.items() if role.kind == "inverse"}
 
 
 def saved_layers(optimizer: KroneckerOptimizer) -> dict[str, dict[str, Any]]:
-    """Each layer's factors (plain tensors) and counters, by layer name."""
+    """Each layer's factors (plain tensors) and counters, by layer name: of the layers this
+    rank owns (`KroneckerOptimizer.owns`: all but on a model sharded over ranks)."""
     layers = {}
-    for layer in optimizer._layers:
+    for layer in filter(optimizer.owns, optimizer._layers):
         factors = {}
         for key, value in optimizer._factors[layer.name].items():
             if isinstance(value, StructuredMatrix):
@@ -81,12 +98,13 @@ def saved_layers(optimizer: KroneckerOptimizer) -> dict[str, dict[str, Any]]:
 
 
 def restore_layers(optimizer: KroneckerOptimizer, layers: dict[str, dict[str, Any]]) -> None:
-    """Set each layer's factors and counters from `saved_layers`' output (checked before).
+    """Set each layer's factors and counters from `saved_layers`' output (checked before),
+    of the layers this rank owns.
 
     The factors are copies on the layer's device, so the loaded optimizer never shares
     storage with the source.
     """
-    for layer in optimizer._layers:
+    for layer in filter(optimizer.owns, optimizer._layers):
         entry = layers[layer.name]
         device = layer.module.weight.device
         factors = {}
@@ -139,9 +157,11 @@ def _first_problem(optimizer: KroneckerOptimizer, kind: str, state_dict: Any) ->
         or not isinstance(saved.get("fallback_layers"), list)
     ):
         return "its 'kronecker' entry has no 'layers' table or 'fallback_layers' list"
-    current = {layer.name for layer in optimizer._layers} | set(optimizer._fallback_layers)
+    fallback = set(optimizer._fallback_layers)
+    current = {layer.name for layer in optimizer._layers} | fallback
+    required = {layer.name for layer in optimizer._layers if optimizer.owns(layer)} | fallback
     known = set(saved["layers"]) | set(saved["fallback_layers"])
-    if current != known:
+    if not required <= known <= current:  # all but a sharded state's: required == current
         return (
             f"it covers layers {sorted(map(str, known))} but this optimizer covers "
             f"{sorted(current)}; "
@@ -154,7 +174,7 @@ def _first_problem(optimizer: KroneckerOptimizer, kind: str, state_dict: Any) ->
         return f"it has {found} parameter groups where this optimizer has {own_groups}"
     params = [p for group in optimizer.param_groups for p in group["params"]]
     problem = _param_state_problem("", state_dict["state"], params)
-    for layer in optimizer._layers:
+    for layer in filter(optimizer.owns, optimizer._layers):
         if problem is None and layer.name in saved["layers"]:
             problem = _layer_problem(optimizer, kind, layer, saved["layers"][layer.name])
     fallback = saved.get("fallback")
@@ -284,3 +304,107 @@ def _tensor_problem(
     if dtype is not None and value.dtype not in allowed:
         return f"{where} is {value.dtype} in the checkpoint but {dtype} here"
     return None
+
+
+class _Saved(NamedTuple):
+    """Where a tensor of the skeleton was: its key in the DCP table, shape and dtype."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def _split(value: Any, path: tuple[str, ...], tensors: dict[str, Tensor]) -> Any:
+    """``value`` with every tensor moved into ``tensors`` (keyed by its path) and replaced
+    by its `_Saved` entry."""
+    if isinstance(value, Tensor):
+        key = "/".join(path)
+        tensors[key] = value
+        return _Saved(key, tuple(value.shape), value.dtype)
+    if isinstance(value, Mapping):
+        return {k: _split(v, (*path, str(k)), tensors) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_split(v, (*path, str(i)), tensors) for i, v in enumerate(value))
+    return value
+
+
+def _join(value: Any, tensors: dict[str, Tensor]) -> Any:
+    """Inverse of `_split`: the skeleton with its tensors put back."""
+    if isinstance(value, _Saved):
+        return tensors[value.key]
+    if isinstance(value, Mapping):
+        return {k: _join(v, tensors) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_join(v, tensors) for v in value)
+    return value
+
+
+def dcp_state_dict(optimizer: KroneckerOptimizer) -> dict[str, Any]:
+    """The optimizer's ``state_dict`` as ``torch.distributed.checkpoint.save`` takes it:
+    ``{"skeleton": bytes, "tensors": {path: tensor}}`` (DTensors stay sharded)."""
+    tensors: dict[str, Tensor] = {}
+    skeleton = _split(optimizer.state_dict(), (), tensors)
+    if optimizer._owners:  # sharded state: each rank's layers, one skeleton of them all
+        import torch.distributed as dist
+
+        skeletons: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(skeletons, skeleton)
+        skeleton = _merge(skeletons)
+    return {"skeleton": pickle.dumps(skeleton), "tensors": tensors}
+
+
+def _merge(values: list[Any]) -> Any:
+    """The union of the ranks' skeletons (tables merged key by key; else the first's)."""
+    if all(isinstance(v, Mapping) for v in values):
+        keys = dict.fromkeys(k for v in values for k in v)
+        return {k: _merge([v[k] for v in values if k in v]) for k in keys}
+    return values[0]
+
+
+def _saved_tensors(value: Any) -> list[_Saved]:
+    if isinstance(value, _Saved):
+        return [value]
+    items = value.values() if isinstance(value, Mapping) else value
+    if isinstance(value, Mapping | list | tuple):
+        return [s for v in items for s in _saved_tensors(v)]
+    return []
+
+
+def _buffer(saved: _Saved, optimizer: KroneckerOptimizer) -> Tensor:
+    """Where DCP reads one saved tensor into: for a parameter's state of the parameter's
+    shape, a tensor placed as the parameter (a DTensor shard under FSDP2), else whole."""
+    path = saved.key.split("/")
+    params: list[Tensor] = []
+    if path[0] == "state":
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+    elif path[:3] == ["kronecker", "fallback", "state"] and optimizer.fallback is not None:
+        params = [p for g in optimizer.fallback.param_groups for p in g["params"]]
+        path = path[2:]
+    index = int(path[1]) if len(path) > 2 and path[1].isdigit() else len(params)
+    param = params[index] if index < len(params) else None
+    if param is not None and saved.shape and saved.shape == tuple(param.shape):
+        return torch.empty_like(param, dtype=saved.dtype)
+    device = optimizer._layers[0].module.weight.device
+    return torch.empty(saved.shape, dtype=saved.dtype, device=device)
+
+
+def load_dcp(optimizer: KroneckerOptimizer, checkpoint_id: Any, key: str = "optimizer") -> None:
+    """Load the optimizer state that `dcp_state_dict` saved under ``key`` of a DCP
+    checkpoint (a directory, or what ``dcp.load``'s ``checkpoint_id`` takes).
+
+    Every rank calls it; the world size may differ from the saving run's.
+
+    Raises:
+        ValueError: As ``load_state_dict``, where the checkpoint does not fit.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    head: dict[str, Any] = {key: {"skeleton": b""}}
+    dcp.load(head, checkpoint_id=checkpoint_id)
+    skeleton = pickle.loads(head[key]["skeleton"])  # noqa: S301 (what dcp_state_dict wrote)
+    for layer in optimizer._layers:  # sharded state: the other ranks' layers stay there
+        if not optimizer.owns(layer):
+            skeleton["kronecker"]["layers"].pop(layer.name, None)
+    tensors = {saved.key: _buffer(saved, optimizer) for saved in _saved_tensors(skeleton)}
+    dcp.load({key: {"tensors": tensors}}, checkpoint_id=checkpoint_id)
+    optimizer.load_state_dict(_join(skeleton, tensors))

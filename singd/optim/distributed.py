@@ -33,8 +33,16 @@ def world_size() -> int:
     return 1
 
 
-def all_reduce_flat(tensors: list[Tensor], average: bool) -> None:
-    """Sum (or average) tensors over all ranks in place, one collective per dtype/device.
+def rank() -> int:
+    """This process's rank; 0 where torch.distributed is not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return 0
+
+
+def all_reduce_flat(tensors: list[Tensor], average: bool, dst: int | None = None) -> None:
+    """Sum (or average) tensors over all ranks in place, one collective per dtype/device;
+    with ``dst``, onto that rank only (a reduce: the others' tensors are left undefined).
 
     gloo has no AVG reduction, so averages are sums divided by the world size.
     """
@@ -44,7 +52,10 @@ def all_reduce_flat(tensors: list[Tensor], average: bool) -> None:
     world = dist.get_world_size()
     for bucket in buckets.values():
         flat = torch.cat([t.reshape(-1) for t in bucket])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        if dst is None:
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        else:
+            dist.reduce(flat, dst=dst, op=dist.ReduceOp.SUM)
         if average:
             flat.div_(world)
         offset = 0
@@ -65,9 +76,11 @@ def all_reduce_accumulators(
     sides: dict[str, str],
     average_output: list[bool],
     grad_unscaling: Scale,
+    owners: list[int] | None = None,
 ) -> None:
     """All-reduce the accumulated curvature terms of each layer's state in one call per
-    kind, output-side terms multiplied by ``grad_unscaling`` first.
+    kind, output-side terms multiplied by ``grad_unscaling`` first; with ``owners``,
+    reduce each layer's terms to its owner only (one call per owner and kind).
 
     Args:
         states: Each layer's state, holding the accumulators named in ``sides``;
@@ -76,19 +89,21 @@ def all_reduce_accumulators(
         average_output: Per layer, whether its output side is averaged (a mean loss)
             rather than summed.
         grad_unscaling: The factor that un-scales this rank's output-side terms.
+        owners: Per layer, the rank that receives its terms (sharded state), or None.
     """
-    entries = []  # (layer state, key, tensors, average?)
-    for state, average in zip(states, average_output, strict=True):
+    entries = []  # (layer state, key, tensors, average?, owner)
+    owners = owners or [None] * len(states)
+    for state, average, owner in zip(states, average_output, owners, strict=True):
         for key, side in sides.items():
             value = state[key]
             if side == "output" and not_one(grad_unscaling):
                 value.mul_(grad_unscaling)
             tensors = value.tensors() if isinstance(value, StructuredMatrix) else {"": value}
-            entries.append((state, key, tensors, side == "input" or average))
-    for average in (True, False):
-        chosen = [e for e in entries if e[3] is average]
-        all_reduce_flat([t for e in chosen for t in e[2].values()], average)
-        for state, key, tensors, _ in chosen:
+            entries.append((state, key, tensors, side == "input" or average, owner))
+    for average, owner in dict.fromkeys((e[3], e[4]) for e in entries):
+        chosen = [e for e in entries if e[3] is average and e[4] == owner]
+        all_reduce_flat([t for e in chosen for t in e[2].values()], average, owner)
+        for state, key, tensors, _, _ in chosen:
             value = state[key]
             if isinstance(value, StructuredMatrix):
                 state[key] = type(value).from_tensors(value.dim, tensors)

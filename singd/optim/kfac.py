@@ -65,7 +65,7 @@ from singd.optim.inverses import (
     invert_or_keep,
     invert_or_keep_on_device,
 )
-from singd.optim.layers import KroneckerLayer, gradient_matrix
+from singd.optim.layers import KroneckerLayer
 from singd.optim.precision import readings
 from singd.optim.scaling import not_one
 from singd.optim.validation import check_number, group_location
@@ -192,7 +192,7 @@ class KFAC(KroneckerOptimizer):
 
     def _configured_dtypes(self, layer: KroneckerLayer) -> tuple[torch.dtype, torch.dtype]:
         """Rows ``a`` and ``g`` in ``factor_dtype``, so the Gram matrices are formed there."""
-        dtype = self.param_groups[layer.group_index]["factor_dtype"] or layer.module.weight.dtype
+        dtype = self.param_groups[layer.group_index]["factor_dtype"] or self._weight_dtype(layer)
         return dtype, dtype
 
     def _inverse_of(self, layer: KroneckerLayer, key: str) -> torch.dtype:
@@ -336,7 +336,7 @@ class KFAC(KroneckerOptimizer):
         ``G_inv M A_inv`` in the matrix's dtype.
         """
         views = []
-        for layer in self._layers:
+        for layer in filter(self.owns, self._layers):  # sharded state: this rank's layers
             state = self._factors[layer.name]
             shift = self._damping_used.get(layer.name)
             factors: dict[str, Tensor] = {}
@@ -346,7 +346,7 @@ class KFAC(KroneckerOptimizer):
                     for key in ("A", "G", "A_inv", "G_inv")
                     if key in state
                 }
-            grad = gradient_matrix(layer) if layer.module.weight.grad is not None else None
+            grad = self._gradient_matrix(layer)
             views.append(
                 LayerCurvature(
                     name=layer.name,

@@ -50,7 +50,7 @@ from singd.optim import foreach
 from singd.optim.base import KroneckerOptimizer
 from singd.optim.coverage import DEFAULT_FALLBACK, FallbackFactory
 from singd.optim.functional import singd_factor_update, singd_natural_gradient
-from singd.optim.layers import KroneckerLayer, gradient_matrix, input_rows, layer_dims
+from singd.optim.layers import KroneckerLayer, input_rows, layer_dims
 from singd.optim.precision import readings
 from singd.optim.validation import check_number, group_location
 from singd.optim.views import FactorView
@@ -312,7 +312,7 @@ class SINGD(KroneckerOptimizer):
         maps a ``d_C x d_K`` matrix to ``C C^T G K K^T`` in the matrix's dtype.
         """
         views = []
-        for layer in self._layers:
+        for layer in filter(self.owns, self._layers):  # sharded state: this rank's layers
             state = self._factors[layer.name]
             damping = self.param_groups[layer.group_index]["damping"]
             factors = {k: state[k] for k in ("K", "C", "m_K", "m_C") if k in state}
@@ -323,9 +323,7 @@ class SINGD(KroneckerOptimizer):
                     factors=factors,
                     damping={"K": damping, "C": damping},
                     counters={"skipped_steps": layer.skipped_steps, "failed_decompositions": 0},
-                    gradient=(
-                        gradient_matrix(layer) if layer.module.weight.grad is not None else None
-                    ),
+                    gradient=self._gradient_matrix(layer),
                     precondition=_cast_preconditioner(state["K"], state["C"]),
                     param_names=layer.param_names,
                     roles={k: SINGD_ROLES[k] for k in factors},
