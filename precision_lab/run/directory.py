@@ -110,8 +110,8 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
-def _write_json(path: Path, data: Any) -> None:
-    text = json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n"
+def _write_json(path: Path, data: Any, *, indent: int | None = 2) -> None:
+    text = json.dumps(_jsonable(data), indent=indent, allow_nan=False) + "\n"
     _atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
@@ -192,13 +192,18 @@ class RunDirectory:
         skipped: list[dict[str, str]] | None = None,
     ) -> None:
         self.path = Path(path)
-        self.skipped = list(skipped or [])
+        self.skipped = _jsonable(list(skipped or []))
         """The model x scenario pairs the suite left out, with why
         (`precision_lab.run.suite.Suite.skipped`), for summary.json's ``skipped``."""
         self._lock = _lock(self.path)
         self.failures = self.path / "failures"
         self.plans = plans
-        self.runs: dict[str, dict[str, Any]] = {p.run_id: planned_run(p) for p in plans}
+        # Run objects hold JSON values from the start (`_jsonable` applied once per run,
+        # here and in `add`), so that rewriting summary.json after each of a suite's
+        # hundreds of runs need not convert every run again.
+        self.runs: dict[str, dict[str, Any]] = {
+            p.run_id: _jsonable(planned_run(p)) for p in plans
+        }
         self.records: list[str] = []
         """The records files summary.json lists, relative to the directory."""
         try:
@@ -222,7 +227,7 @@ class RunDirectory:
             name = f"{RECORDS_DIR}/{len(self.records) + 1:05d}.parquet"
             _atomic(self.path / name, partial(write_parquet, records))
             self.records.append(name)
-        self.runs[summary["run"]].update(summary)
+        self.runs[summary["run"]].update(_jsonable(summary))
         self.write_summary()
 
     def summary(self) -> list[dict[str, Any]]:
@@ -247,19 +252,24 @@ class RunDirectory:
             out.append({k: run.get(k) for k in SUMMARY_FIELDS})
         return out
 
-    def write_summary(self) -> None:
+    def write_summary(self, *, final: bool = False) -> None:
         """summary.json with every run so far and the frontiers computed from them
-        (`precision_lab.run.frontiers.frontier_entries`: rungs not run yet are missing)."""
+        (`precision_lab.run.frontiers.frontier_entries`: rungs not run yet are missing).
+
+        Written on one line while the suite runs (a rewrite after each run stays cheap),
+        indented for people to read by the ``final`` write, when the records are merged.
+        """
         runs = self.summary()
         summary = {
             "schema": SUMMARY_SCHEMA,
             "fields": FIELDS,
             "records": self.records,
             "runs": runs,
-            "frontiers": frontier_entries(runs),
+            "frontiers": _jsonable(frontier_entries(runs)),
             "skipped": self.skipped,
         }
-        _write_json(self.path / SUMMARY_FILE, summary)
+        text = json.dumps(summary, indent=2 if final else None, allow_nan=False) + "\n"
+        _atomic(self.path / SUMMARY_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
     def merge_records(self) -> None:
         """Join the runs' records files into records.parquet, then point summary.json at it.
@@ -276,7 +286,7 @@ class RunDirectory:
 
         _atomic(self.path / RECORDS_FILE, write)
         self.records = [RECORDS_FILE]
-        self.write_summary()
+        self.write_summary(final=True)
         shutil.rmtree(self.path / RECORDS_DIR, ignore_errors=True)
 
     def close(self) -> None:
