@@ -23,7 +23,6 @@ import os
 import sys
 from collections.abc import Iterator
 
-from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 
@@ -88,11 +87,18 @@ class TensorPeak:
             self._quiet.close()
         if not measure:
             return
-        marks, changes = _memory_events(self._profile)
-        begin = min(marks, default=None if self._marked else -1)
-        if begin is None or not changes:
+        events = self._profile.events()
+        begin = min(
+            (e.time_range.start for e in events if e.name == self.MARK),
+            default=None if self._marked else float("-inf"),
+        )
+        if begin is None:
             return
-        self.peak_bytes = peak_of((time, change) for time, change in changes if time >= begin)
+        self.peak_bytes = peak_of(
+            (e.time_range.start, e.self_cpu_memory_usage)
+            for e in events
+            if e.self_cpu_memory_usage != 0 and e.time_range.start >= begin
+        )
 
     def __enter__(self) -> TensorPeak:
         self.start()
@@ -100,26 +106,6 @@ class TensorPeak:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.stop(measure=exc_type is None)
-
-
-def _memory_events(prof: profile) -> tuple[list[int], list[tuple[int, int]]]:
-    """The marks' start times and the CPU allocator's ``(time, bytes)`` changes.
-
-    Read from the profiler's raw results (``[memory]`` events: one per allocation or free,
-    with its signed size): building its ``events()`` table would cost 80-250 ms per
-    profiled pair of steps on the stress suites' models, more than the steps themselves.
-    """
-    raw = getattr(prof.profiler, "kineto_results", None)
-    if raw is None:  # a torch without the raw results: no figure rather than a slow one
-        return [], []
-    marks, changes = [], []
-    for event in raw.events():
-        name = event.name()
-        if name == "[memory]" and event.device_type() == DeviceType.CPU:
-            changes.append((event.start_ns(), event.nbytes()))
-        elif name == TensorPeak.MARK:
-            marks.append(event.start_ns())
-    return marks, changes
 
 
 def peak_of(changes) -> int:
