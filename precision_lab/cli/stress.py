@@ -152,13 +152,6 @@ def _percent(fraction: float | None) -> str:
     return f"[yellow]{shown}[/yellow]" if fraction == 0.0 else shown
 
 
-def _tensor_peaks(runs: list[dict[str, Any]]) -> bool:
-    """Whether the table's memory column shows ``peak_tensor_bytes`` (every run that has a
-    peak figure has it: the CPU) rather than ``peak_memory_bytes``."""
-    measured = [run for run in runs if run.get("peak_memory_bytes") is not None]
-    return bool(measured) and all(run.get("peak_tensor_bytes") is not None for run in measured)
-
-
 def _escalated(run: dict[str, Any]) -> str:
     """A ``+auto`` run's dtype changes and the share of its factors they widened; "-"
     for any other run."""
@@ -251,12 +244,9 @@ def summary_table(runs: list[dict[str, Any]], seeds: bool) -> Table:
     """One line per run with summary.json's headline figures.
 
     ``ctl`` marks a float32 control; events are counts of steps with NaN / Inf / a skipped
-    step / an overflow; memory in binary units (``peak tensors``: on the CPU, step 2's live
-    tensor bytes above the model's, where the process's peak would show the torch runtime's
-    600 MB for every run; ``peak mem`` on CUDA: the allocator's peak); step time in ms;
-    ``escalated``: a ``+auto`` run's dtype changes and the share of its factors they widened.
+    step / an overflow; memory in binary units; step time in ms; ``escalated``: a ``+auto``
+    run's dtype changes and the share of its factors they widened.
     """
-    tensor_peaks = _tensor_peaks(runs)
     table = Table(title="precision-lab stress", show_lines=False, header_style="bold")
     headers = [
         "model",
@@ -270,7 +260,7 @@ def summary_table(runs: list[dict[str, Any]], seeds: bool) -> Table:
         "nan/inf/skip/ovf",
         "max cond",
         "opt state",
-        "peak tensors" if tensor_peaks else "peak mem",
+        "peak mem",
         "final loss",
         _metric_header(runs),
         "learned",
@@ -309,7 +299,7 @@ def summary_table(runs: list[dict[str, Any]], seeds: bool) -> Table:
             events,
             _fmt(run["max_condition"]),
             _fmt(run["optimizer_state_bytes"], "bytes"),
-            _fmt(run["peak_tensor_bytes" if tensor_peaks else "peak_memory_bytes"], "bytes"),
+            _fmt(run["peak_memory_bytes"], "bytes"),
             _fmt(run["final_loss"]),
             _fmt(run["accuracy"]),
             _yes_no(run.get("learned")),

@@ -40,7 +40,6 @@ OVERVIEW_HEADERS: dict[str, tuple[str, float]] = {
     "max_condition": ("max condition", 1.0),
     "optimizer_state_bytes": ("optimizer state (MB)", 1e-6),
     "peak_memory_bytes": ("peak memory (MB)", 1e-6),
-    "peak_tensor_bytes": ("peak tensor memory (MB)", 1e-6),
     "final_loss": ("final loss", 1.0),
     "accuracy": ("test accuracy", 1.0),
     "learned": ("learned", 1.0),

@@ -48,10 +48,8 @@ from precision_lab.workloads.workload import (
     map_tensors,
     tensors,
 )
-from probes.flags import local_shard
-from probes.memory import optimizer_state_bytes, tensor_bytes
+from probes.memory import optimizer_state_bytes
 from probes.records import Recorder, frame_from_rows
-from probes.tensor_peak import TensorPeak
 from singd.curvature import KFAC_ROLES, SINGD_ROLES
 
 PROBE_FIGURES = (
@@ -65,12 +63,6 @@ PROBE_FIGURES = (
     "step_time_ms",
 )
 """Summary fields the probes' session summary gives under the same names."""
-
-PEAK_STEP = 2
-"""The step whose peak live tensor bytes a CPU run records (`peak_tensor_bytes`), profiled
-from the step before it (`probes.tensor_peak.TensorPeak`: so that the state this step
-replaces was allocated in view): the figure holds the optimizer's state, the previous
-step's gradients, and this step's activations, gradients and temporaries."""
 
 DIVERGENCE_FACTOR = 10.0
 """A run has diverged when its loss exceeds this multiple of its first loss (DESIGN.md)."""
@@ -157,13 +149,6 @@ def _exchange_errors(
         ]
     except (RuntimeError, OSError):  # the store's host is gone: report this rank's own error
         return []
-
-
-def _live_bytes_above_model(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Tensor bytes held beside the model's parameters before a step: the optimizer's state
-    and the gradients the previous step left (this rank's shards under FSDP)."""
-    grads = sum(tensor_bytes(local_shard(p.grad)) for p in model.parameters() if p.grad is not None)
-    return sum(optimizer_state_bytes(optimizer).values()) + grads
 
 
 def _fallback_name(optimizer: torch.optim.Optimizer) -> str | None:
@@ -392,20 +377,11 @@ def _train(
     diverged = interrupted = False
     loss_nonfinite_step: int | None = None
     error: str | None = None
-    peak: TensorPeak | None = None
-    peak_tensor_bytes: int | None = None
-    held = 0
     step = 0
     try:
         factor = _input_factor(workload, plan.steps, condition)
         batches = iter(workload.batches(plan.seed))
         for step in range(plan.steps):
-            if step == PEAK_STEP - 1 and device.type == "cpu" and plan.steps > PEAK_STEP:
-                peak = TensorPeak()
-                peak.start()
-            elif peak is not None and step == PEAK_STEP:
-                held = _live_bytes_above_model(model, optimizer)
-                peak.mark()
             batch = next(batches, None)
             if batch is None:
                 break  # the workload's batches ran out: the run ends here
@@ -434,10 +410,6 @@ def _train(
                 scaler.scale(scaled).backward()
                 scaler.step(optimizer)
                 scaler.update()
-            if peak is not None and step == PEAK_STEP:
-                peak.stop()
-                peak_tensor_bytes = None if peak.peak_bytes is None else held + peak.peak_bytes
-                peak = None
         else:
             step = plan.steps
     except KeyboardInterrupt:
@@ -445,8 +417,6 @@ def _train(
     except Exception as err:  # a crash is one run's result; the suite goes on
         error = f"{type(err).__name__}: {err}"
     finally:
-        if peak is not None:  # the run ended inside the measured steps: no figure
-            peak.stop(measure=False)
         session.detach()
 
     probe_summary = session.summary()
@@ -474,7 +444,6 @@ def _train(
         **{name: probe_summary[name] for name in PROBE_FIGURES},
         "first_nonfinite_step": min(first_nonfinite) if first_nonfinite else None,
         "optimizer_state_bytes": sum(optimizer_state_bytes(optimizer).values()),
-        "peak_tensor_bytes": peak_tensor_bytes,
         "final_loss": loss_value,
         "accuracy": acc,
         "metric_name": workload.score_name,

@@ -45,10 +45,6 @@ FIELDS: dict[str, str] = {
     "optimizer_state_bytes": "bytes of optimizer state at the end, fallback optimizer included (B)",
     "peak_memory_bytes": "CUDA allocator peak, or the process's resident-memory high-water "
     "mark, reset per run (B)",
-    "peak_tensor_bytes": "on the CPU, the peak of live tensor bytes above the model's own "
-    "parameters during step 2 (optimizer state, gradients, activations, temporaries), from "
-    "the allocator's events (B); null on CUDA (peak_memory_bytes is the allocator's peak "
-    "there) and for runs that ended before step 2 finished",
     "final_loss": "training loss of the last step taken (nats)",
     "accuracy": "the workload's metric at the end, in [0, 1], higher better: test accuracy "
     "for the digits models; null for synthetic data and workloads without a metric",
@@ -109,7 +105,6 @@ FIGURES = tuple(
         "preconditioned_fraction",
         "coverage",
         "metric_name",
-        "peak_tensor_bytes",
         "precision_events",
         "promoted_fraction",
         "promoted_bytes",
@@ -122,8 +117,8 @@ readable. Nor are ``frontier`` and ``knob_value``: the scenario, in the key, nam
 Nor are ``preconditioned_fraction`` and ``coverage``: how the optimizer split the
 parameters is set by the model and the optimizer, both in the key, and baselines written
 before they existed stay readable. Nor are ``metric_name`` (the model, in the key, sets
-it), ``peak_tensor_bytes`` and the escalation figures (``precision_events``,
-``promoted_fraction``, ``promoted_bytes``): baselines written before them stay readable."""
+it) and the escalation figures (``precision_events``, ``promoted_fraction``,
+``promoted_bytes``): baselines written before them stay readable."""
 
 CONTROL_FIELDS = (
     "run",
@@ -282,10 +277,7 @@ FIGURE_RULES: dict[str, Rule] = {
         ("underflow_fraction", "accuracy", "preconditioned_fraction", "promoted_fraction"),
         _FRACTION,
     ),
-    **dict.fromkeys(
-        ("optimizer_state_bytes", "peak_memory_bytes", "peak_tensor_bytes", "step_time_ms"),
-        _SIZE,
-    ),
+    **dict.fromkeys(("optimizer_state_bytes", "peak_memory_bytes", "step_time_ms"), _SIZE),
     "max_condition": (lambda v: _number(v) and v >= 1, "a number >= 1"),
     "final_loss": (_number, "a number"),
     "failure_cause": (lambda v: v in FAILURE_CAUSES, f"one of {', '.join(FAILURE_CAUSES)}"),
