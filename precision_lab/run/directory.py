@@ -201,9 +201,7 @@ class RunDirectory:
         # Run objects hold JSON values from the start (`_jsonable` applied once per run,
         # here and in `add`), so that rewriting summary.json after each of a suite's
         # hundreds of runs need not convert every run again.
-        self.runs: dict[str, dict[str, Any]] = {
-            p.run_id: _jsonable(planned_run(p)) for p in plans
-        }
+        self.runs: dict[str, dict[str, Any]] = {p.run_id: _jsonable(planned_run(p)) for p in plans}
         self.records: list[str] = []
         """The records files summary.json lists, relative to the directory."""
         try:
