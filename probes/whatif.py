@@ -37,6 +37,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from probes.flags import local_shard
 from probes.limits import dtype_name
 from probes.records import Recorder
 
@@ -104,7 +105,7 @@ def state_tensors(
     for layer in layers:
         for fname, factor in layer.factors.items():
             stored = [factor] if isinstance(factor, Tensor) else list(factor.tensors().values())
-            flat = torch.cat([t.detach().flatten() for t in stored])
+            flat = torch.cat([local_shard(t.detach()).flatten() for t in stored])
             found.append((layer.name, fname, flat))
     optimizers = [optimizer, getattr(optimizer, "fallback", None)]
     for opt in (o for o in optimizers if o is not None):
@@ -112,7 +113,8 @@ def state_tensors(
             for key in STATE_KEYS:
                 value = state.get(key)
                 if isinstance(value, Tensor) and value.is_floating_point():
-                    found.append((names.get(id(p), "param"), key, value))
+                    # Under FSDP2 the momenta are DTensors: this rank's shard is what it holds.
+                    found.append((names.get(id(p), "param"), key, local_shard(value)))
     return found
 
 

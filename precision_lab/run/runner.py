@@ -423,7 +423,10 @@ def _train(
     acc = None
     if workload.metric is not None and not (interrupted or error):
         try:
-            acc = score(workload, model.module if world > 1 else model, dtype, mode, factor)
+            # DDP wraps the model; FSDP2 shards it in place (its forward gathers the weights).
+            ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+            plain = model.module if ddp else model
+            acc = score(workload, plain, dtype, mode, factor)
         except KeyboardInterrupt:
             interrupted = True
         except Exception as err:  # the metric's failure is the run's: it has no figure
