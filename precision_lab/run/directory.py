@@ -250,13 +250,9 @@ class RunDirectory:
             out.append({k: run.get(k) for k in SUMMARY_FIELDS})
         return out
 
-    def write_summary(self, *, final: bool = False) -> None:
+    def write_summary(self) -> None:
         """summary.json with every run so far and the frontiers computed from them
-        (`precision_lab.run.frontiers.frontier_entries`: rungs not run yet are missing).
-
-        Written on one line while the suite runs (a rewrite after each run stays cheap),
-        indented for people to read by the ``final`` write, when the records are merged.
-        """
+        (`precision_lab.run.frontiers.frontier_entries`: rungs not run yet are missing)."""
         runs = self.summary()
         summary = {
             "schema": SUMMARY_SCHEMA,
@@ -266,7 +262,7 @@ class RunDirectory:
             "frontiers": _jsonable(frontier_entries(runs)),
             "skipped": self.skipped,
         }
-        text = json.dumps(summary, indent=2 if final else None, allow_nan=False) + "\n"
+        text = json.dumps(summary, indent=2, allow_nan=False) + "\n"
         _atomic(self.path / SUMMARY_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
     def merge_records(self) -> None:
@@ -284,7 +280,7 @@ class RunDirectory:
 
         _atomic(self.path / RECORDS_FILE, write)
         self.records = [RECORDS_FILE]
-        self.write_summary(final=True)
+        self.write_summary()
         shutil.rmtree(self.path / RECORDS_DIR, ignore_errors=True)
 
     def close(self) -> None:
