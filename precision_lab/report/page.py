@@ -100,6 +100,17 @@ rows.forEach(function(r){body.appendChild(r);});});});});
 """
 
 
+def data_table(key: str, headers, rows: list[str], *, scroll: bool = True) -> str:
+    """A sortable data table: ``headers`` as plain text (escaped here), ``rows`` as finished
+    ``<tr>`` elements; in a horizontally scrolling box unless ``scroll`` is False."""
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
+    table = (
+        f'<table class="data sortable" id="{key}"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(rows)}</tbody></table>"
+    )
+    return f'<div class="scroll">{table}</div>' if scroll else table
+
+
 def _figure_json(fig: go.Figure | dict) -> str:
     # "</" inside a <script> block would end it early; "<\\/" is the same JSON string.
     # Plotly writes numpy arrays as base64 typed arrays: float32 display values cost

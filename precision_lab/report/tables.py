@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from precision_lab.report.page import Section
+from precision_lab.report.page import Section, data_table
 from precision_lab.run.summary import SUMMARY_FIELDS, broke
 
 if TYPE_CHECKING:
@@ -92,15 +92,11 @@ def overview_table(data: ReportData) -> Section:
     ]
     if len(data.sources) > 1:
         columns = [("source", "source", 1.0), *columns]
-    head = "".join(f"<th>{html.escape(header)}</th>" for _, header, _ in columns)
     rows = []
     for (_, run), bad in zip(s.iterrows(), broken, strict=True):
         cells = "".join(_cell(run.get(field), scale) for field, _, scale in columns)
         rows.append(f'<tr class="broken">{cells}</tr>' if bad else f"<tr>{cells}</tr>")
-    sec.html = (
-        '<div class="scroll"><table class="data sortable" id="overview-table">'
-        f"<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>"
-    )
+    sec.html = data_table("overview-table", [header for _, header, _ in columns], rows)
     return sec
 
 
@@ -140,11 +136,7 @@ def sources_table(data: ReportData) -> Section:
             stat(s, "step_time_ms", "median"),
         ]
         rows.append(f"<tr>{''.join(cells)}</tr>")
-    sec.html = (
-        '<table class="data sortable" id="sources-table"><thead><tr>'
-        + "".join(f"<th>{h}</th>" for h in head)
-        + f"</tr></thead><tbody>{''.join(rows)}</tbody></table>"
-    )
+    sec.html = data_table("sources-table", head, rows, scroll=False)
     return sec
 
 
@@ -178,11 +170,7 @@ def precision_events_table(data: ReportData) -> Section:
         rows.append(
             "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + _cell(r.value, 1.0) + "</tr>"
         )
-    sec.html = (
-        '<div class="scroll"><table class="data sortable" id="precision-events-table"><thead><tr>'
-        + "".join(f"<th>{h}</th>" for h in head)
-        + f"</tr></thead><tbody>{''.join(rows)}</tbody></table></div>"
-    )
+    sec.html = data_table("precision-events-table", head, rows)
     if len(rec) > MAX_EVENT_ROWS:
         sec.notes = [f"The first {MAX_EVENT_ROWS} of {len(rec)} events; records.parquet has all."]
     return sec

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 import torch
 
-from precision_lab.report.page import Section
+from precision_lab.report.page import Section, data_table
 from singd.curvature import KFAC_ROLES, SINGD_ROLES
 
 if TYPE_CHECKING:
@@ -190,9 +190,5 @@ def whatif_table(data: ReportData) -> Section:
         ]
         rest = [_cell(by_dtype.get(d)) for d in CONSIDERED]
         rows.append(f"<tr>{''.join(first + rest)}</tr>")
-    sec.html = (
-        '<div class="scroll"><table class="data sortable" id="whatif-table"><thead><tr>'
-        + "".join(f"<th>{html.escape(h)}</th>" for h in head)
-        + f"</tr></thead><tbody>{''.join(rows)}</tbody></table></div>"
-    )
+    sec.html = data_table("whatif-table", head, rows)
     return sec
