@@ -42,7 +42,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import torch
+from precision_lab.workloads.workload import map_floating
 
 FLOAT16_MAX = 65_504.0
 KRONECKER_FAMILIES = ("singd", "kfac")
@@ -97,16 +97,10 @@ class Condition:
     def scale_inputs(inputs: Any, factor: float) -> Any:
         """``inputs`` with every floating tensor multiplied by ``factor`` (in float32 or
         wider, before any cast to the run's dtype); other tensors (labels, token ids) and
-        non-tensors unchanged. Walks tuples, lists and dicts."""
+        non-tensors unchanged. Walks tuples (named ones too), lists and dicts."""
         if factor == 1.0:
             return inputs
-        if isinstance(inputs, torch.Tensor):
-            return inputs * factor if inputs.is_floating_point() else inputs
-        if isinstance(inputs, dict):
-            return {k: Condition.scale_inputs(v, factor) for k, v in inputs.items()}
-        if isinstance(inputs, list | tuple):
-            return type(inputs)(Condition.scale_inputs(v, factor) for v in inputs)
-        return inputs
+        return map_floating(inputs, lambda t: t * factor)
 
 
 BASELINE = Condition()

@@ -4,6 +4,8 @@ hyperparameters set only where the family has them."""
 
 from __future__ import annotations
 
+from collections import namedtuple
+
 import pytest
 import torch
 
@@ -23,6 +25,15 @@ def test_input_scale_multiplies_floating_tensors_only_in_any_nesting():
     assert isinstance(out["pair"], tuple)
     with pytest.raises(ValueError, match="max"):
         condition.input_factor(0.0)
+
+
+def test_input_scale_keeps_named_tuples():
+    """A workload's inputs as a named tuple stay one (the old walk rebuilt a tuple from a
+    generator, which a named tuple's constructor does not take)."""
+    Pair = namedtuple("Pair", ["x", "ids"])
+    out = Condition.scale_inputs(Pair(torch.tensor([2.0]), torch.tensor([7])), 3.0)
+    assert isinstance(out, Pair)
+    assert torch.equal(out.x, torch.tensor([6.0])) and torch.equal(out.ids, torch.tensor([7]))
 
 
 @pytest.mark.parametrize(
