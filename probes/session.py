@@ -62,6 +62,7 @@ from probes.limits import parse_dtype
 from probes.memory import MemoryProbe
 from probes.numerics import NumericsProbe
 from probes.records import Recorder, finite_or_none, frame_from_rows, write_parquet
+from probes.tensor_memory import not_counted
 from probes.timing import TimeProbe
 from probes.whatif import WHATIF_EVERY, WhatIfProbe, precision_rows
 
@@ -428,7 +429,8 @@ class ProbeSession:
                 if not recomputing:
                     flags.add(label, tensor)
                     if self._full:
-                        self._numerics.measure(label, tensor.detach())
+                        with not_counted():
+                            self._numerics.measure(label, tensor.detach())
                 if grad_enabled and tensor.requires_grad:
                     tensor.register_hook(grad_hook)
             self._probe_s += perf_counter() - start
@@ -446,7 +448,8 @@ class ProbeSession:
             self._backward_seen = True
             flags.add(label, grad)
             if self._full:
-                self._numerics.measure(label, grad.detach())
+                with not_counted():
+                    self._numerics.measure(label, grad.detach())
             self._probe_s += perf_counter() - start
 
         return hook
@@ -493,7 +496,7 @@ class ProbeSession:
         else:
             self._scaler_skipped = found_inf is not None and bool(found_inf)
         if self._full:
-            with torch.no_grad():
+            with torch.no_grad(), not_counted():
                 for label, grad in zip(*self._grads(), strict=True):
                     self._numerics.measure(label, grad)
                     param = self._by_name[label[0]]
@@ -526,7 +529,7 @@ class ProbeSession:
             self._probe_s += time.perf_counter() - start
             self._close(skipped=self._scaler_skipped)
             return
-        with torch.no_grad():
+        with torch.no_grad(), not_counted():
             self._step_post(start)
 
     def _defer(self, start: float) -> None:
@@ -620,20 +623,21 @@ class ProbeSession:
             rec.add(step, "numerics", "skipped_step", 1.0, phase="step", unit="count")
         else:
             self._count_events(step)
-        self._numerics.record(step)
-        if self._due("condition") and self._curvature is not None:
-            layers = self._curvature() if layers is None else layers
-            self._condition.record(step, layers)
-        if self._memory is not None:
-            self._memory.sample()
-        if self._due("memory"):
-            if layers is None and self._curvature is not None:
-                layers = self._curvature()
-            self._memory.record(step, layers or [])
-        if self._due("whatif"):
-            if layers is None and self._curvature is not None:
-                layers = self._curvature()
-            self._whatif.record(step, layers or [])
+        with not_counted():  # the cadenced readings' copies are the probes', not training's
+            self._numerics.record(step)
+            if self._due("condition") and self._curvature is not None:
+                layers = self._curvature() if layers is None else layers
+                self._condition.record(step, layers)
+            if self._memory is not None:
+                self._memory.sample()
+            if self._due("memory"):
+                if layers is None and self._curvature is not None:
+                    layers = self._curvature()
+                self._memory.record(step, layers or [])
+            if self._due("whatif"):
+                if layers is None and self._curvature is not None:
+                    layers = self._curvature()
+                self._whatif.record(step, layers or [])
         self._end_iteration(start)
 
     def _end_iteration(self, start: float) -> None:

@@ -154,6 +154,14 @@ class _GateCommand(click.Command):
     "baseline, whose resident memory is noisy; 2MiB for CUDA]",
 )
 @click.option(
+    "--tensor-tolerance",
+    type=FRACTION,
+    default="5%",
+    show_default=True,
+    help="Allowed relative growth of the peak of live tensor bytes (peak_tensor_bytes), on "
+    "top of 16 KiB.",
+)
+@click.option(
     "--condition-factor",
     type=FACTOR,
     default="10",
@@ -217,6 +225,7 @@ def gate_command(
     memory_tolerance: float,
     peak_tolerance: float,
     peak_floor: float | None,
+    tensor_tolerance: float,
     condition_factor: float,
     nonfinite_tolerance: float,
     underflow_tolerance: float,
@@ -239,6 +248,7 @@ def gate_command(
         memory=memory_tolerance,
         peak=peak_tolerance,
         peak_floor=peak_floor,
+        tensor_peak=tensor_tolerance,
         condition_factor=condition_factor,
         nonfinite=nonfinite_tolerance,
         underflow=underflow_tolerance,

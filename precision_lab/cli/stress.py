@@ -244,7 +244,10 @@ def summary_table(runs: list[dict[str, Any]], seeds: bool) -> Table:
     """One line per run with summary.json's headline figures.
 
     ``ctl`` marks a float32 control; events are counts of steps with NaN / Inf / a skipped
-    step / an overflow; memory in binary units; step time in ms; ``escalated``: a ``+auto``
+    step / an overflow; memory in binary units (``tensor peak``: live tensors above the
+    model's own, ``peak_tensor_bytes``, comparable between optimizers on the CPU too, where
+    the process's peak, ``peak_memory_bytes`` in summary.json, is mostly the torch
+    runtime's); step time in ms; ``escalated``: a ``+auto``
     run's dtype changes and the share of its factors they widened.
     """
     table = Table(title="precision-lab stress", show_lines=False, header_style="bold")
@@ -260,7 +263,7 @@ def summary_table(runs: list[dict[str, Any]], seeds: bool) -> Table:
         "nan/inf/skip/ovf",
         "max cond",
         "opt state",
-        "peak mem",
+        "tensor peak",
         "final loss",
         _metric_header(runs),
         "learned",
@@ -299,7 +302,7 @@ def summary_table(runs: list[dict[str, Any]], seeds: bool) -> Table:
             events,
             _fmt(run["max_condition"]),
             _fmt(run["optimizer_state_bytes"], "bytes"),
-            _fmt(run["peak_memory_bytes"], "bytes"),
+            _fmt(run.get("peak_tensor_bytes"), "bytes"),
             _fmt(run["final_loss"]),
             _fmt(run["accuracy"]),
             _yes_no(run.get("learned")),

@@ -20,6 +20,11 @@ memory.peak_memory_bytes      allocator and page-cache noise of tens of MiB on t
                               resident-set high-water mark moves with the allocator and the
                               page cache; 2 MiB on CUDA, whose allocator peak repeats up to its
                               2 MiB block rounding).
+memory.peak_tensor_bytes      all signal but for an operation's choice of kernel: the live
+                              tensors an operation returns are a function of shapes, dtypes
+                              and the code path (equal on 1 and 2 threads). Fails when ``cur >
+                              base (1 + tensor_tolerance) + 16 KiB``, default 5%. Baselines
+                              made before the figure existed lack it: not compared there.
 stability.diverged,           whether a run *broke* (diverged or raised; ``run.summary.broke``) is
 stability.error               signal. One seed per configuration: fails when the run breaks
                               where its baseline did not. Several seeds: judged per
@@ -108,6 +113,8 @@ from precision_lab.gate.verdicts import BETTER, FAIL, NEW, OK, SKIP, STATUS_ORDE
 from precision_lab.run.summary import broke
 
 MIB = 2**20
+TENSOR_FLOOR = 16 * 2**10
+"""Growth of ``peak_tensor_bytes`` always allowed (B): a tensor or two of a small run."""
 
 # Machine epsilon (the spacing of numbers just above 1) of the dtypes factors are held in.
 EPSILON = {"float64": 2.0**-52, "float32": 2.0**-23, "float16": 2.0**-10, "bfloat16": 2.0**-7}
@@ -137,6 +144,8 @@ def format_value(figure: str, value: Any) -> str:
         return "yes" if value else "no"
     if figure == "optimizer_state_bytes" and _is_number(value):
         return f"{int(value):,} B"
+    if figure == "peak_tensor_bytes" and _is_number(value):
+        return f"{value / 2**10:,.1f} KiB"
     if figure == "peak_memory_bytes" and _is_number(value):
         return f"{value / MIB:,.1f} MiB"
     if isinstance(value, int):
@@ -267,6 +276,8 @@ class Bytes(AtMost):
     null_is_worst: bool = False
 
     def applies(self, current_run: dict[str, Any], baseline_run: dict[str, Any]) -> str | None:
+        if self.figure not in baseline_run:
+            return "the baseline was made before this figure existed"
         if baseline_run.get(self.figure) is None and broke(baseline_run):
             return "the baseline run broke before recording it"
         return None
@@ -545,6 +556,7 @@ class Tolerances:
     memory: float = 0.0
     peak: float = 0.10
     peak_floor: float | None = None
+    tensor_peak: float = 0.05
     condition_factor: float = 10.0
     nonfinite: float = 0.20
     underflow: float = 0.01
@@ -564,6 +576,7 @@ class Tolerances:
         return [
             Bytes("memory", "optimizer_state_bytes", tolerance=self.memory),
             Bytes("memory", "peak_memory_bytes", tolerance=self.peak, floor=floor),
+            Bytes("memory", "peak_tensor_bytes", tolerance=self.tensor_peak, floor=TENSOR_FLOOR),
             NoneWhereNone("stability", "diverged"),
             NoneWhereNone("stability", "error"),
             EventsNoneWhereNone("stability", "nan_events"),

@@ -703,27 +703,49 @@ def memory_by_factor(data: ReportData) -> Section:
 
 
 def peak_memory(data: ReportData) -> Section:
-    """Measured peak memory per optimizer and dtype (mean over runs)."""
+    """Measured peak memory per optimizer and dtype (mean over runs): the peak of live
+    tensors above the model's own (comparable on the CPU too), and the device's or the
+    process's peak beside it."""
     sec = Section(
         "peak-memory",
         "Measured peak memory",
-        "Peak memory of each run as measured (CUDA allocator peak, or the process's "
-        "resident high-water mark on the CPU), mean over runs per optimizer and dtype, MB.",
+        "Left: peak of live tensor bytes above the model's own parameters, buffers and data "
+        "(optimizer state, gradients, activations, temporaries) over the optimizer's "
+        "construction and first steps, the figure to compare optimizers and dtypes by. "
+        "Right: the CUDA allocator's peak, or on the CPU the process's resident high-water "
+        "mark, which the torch runtime's own footprint dominates there. Mean over runs per "
+        "optimizer and dtype, MB.",
     )
-    s = data.summary.dropna(subset=["peak_memory_bytes"])
-    if s.empty:
+    s = data.summary
+    columns = [c for c in ("peak_tensor_bytes", "peak_memory_bytes") if c in s]
+    if not columns or s[columns].isna().all().all():
         sec.empty = "No run recorded its peak memory."
         return sec
-    fig = go.Figure()
-    for (source, dtype), g in s.groupby(["source", "dtype"]):
-        m = g.groupby("optimizer")["peak_memory_bytes"].mean()
-        fig.add_bar(
-            x=list(m.index),
-            y=(m / 1e6).to_numpy(np.float32),
-            name=dtype_short(dtype) + _source_tag(data, source),
-            marker_color=_color(data, dtype, source),
-        )
-    fig.update_layout(**LAYOUT, barmode="group", height=400, yaxis_title="peak MB (1e6 B)")
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        subplot_titles=(
+            "peak tensor memory above the model's own",
+            "peak memory (device or process)",
+        ),
+    )
+    for col, column in enumerate(("peak_tensor_bytes", "peak_memory_bytes"), start=1):
+        if column not in s:
+            continue
+        for (source, dtype), g in s.dropna(subset=[column]).groupby(["source", "dtype"]):
+            m = g.groupby("optimizer")[column].mean()
+            fig.add_bar(
+                x=list(m.index),
+                y=(m / 1e6).to_numpy(np.float32),
+                name=dtype_short(dtype) + _source_tag(data, source),
+                legendgroup=f"{source} {dtype}",
+                showlegend=col == 1,
+                marker_color=_color(data, dtype, source),
+                row=1,
+                col=col,
+            )
+    fig.update_layout(**LAYOUT, barmode="group", height=420)
+    fig.update_yaxes(title_text="MB (1e6 B)", row=1, col=1)
     sec.figure = fig
     return sec
 

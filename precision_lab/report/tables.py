@@ -40,6 +40,7 @@ OVERVIEW_HEADERS: dict[str, tuple[str, float]] = {
     "max_condition": ("max condition", 1.0),
     "optimizer_state_bytes": ("optimizer state (MB)", 1e-6),
     "peak_memory_bytes": ("peak memory (MB)", 1e-6),
+    "peak_tensor_bytes": ("peak tensor memory (MB)", 1e-6),
     "final_loss": ("final loss", 1.0),
     "accuracy": ("test accuracy", 1.0),
     "learned": ("learned", 1.0),
@@ -107,10 +108,12 @@ def sources_table(data: ReportData) -> Section:
         "side-by-side",
         "Run directories side by side",
         "One row per run directory: runs that broke, mean test accuracy and median final "
-        "loss of the runs that held, mean optimizer state and largest peak memory (MB).",
+        "loss of the runs that held, mean optimizer state, largest peak memory and largest "
+        "peak tensor memory above the model's own (MB).",
     )
     head = ("source", "dtypes", "runs", "broke", "mean accuracy", "median final loss")
-    head += ("mean optimizer state (MB)", "largest peak memory (MB)", "median step time (ms)")
+    head += ("mean optimizer state (MB)", "largest peak memory (MB)")
+    head += ("largest peak tensor memory (MB)", "median step time (ms)")
     rows = []
     for src in data.sources:
         s = src.summary
@@ -133,6 +136,7 @@ def sources_table(data: ReportData) -> Section:
             stat(ok, "final_loss", "median"),
             stat(s, "optimizer_state_bytes", "mean", 1e-6),
             stat(s, "peak_memory_bytes", "max", 1e-6),
+            stat(s, "peak_tensor_bytes", "max", 1e-6),
             stat(s, "step_time_ms", "median"),
         ]
         rows.append(f"<tr>{''.join(cells)}</tr>")

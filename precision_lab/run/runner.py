@@ -50,6 +50,7 @@ from precision_lab.workloads.workload import (
 )
 from probes.memory import optimizer_state_bytes
 from probes.records import Recorder, frame_from_rows
+from probes.tensor_memory import TensorPeak, not_counted
 from singd.curvature import KFAC_ROLES, SINGD_ROLES
 
 PROBE_FIGURES = (
@@ -63,6 +64,11 @@ PROBE_FIGURES = (
     "step_time_ms",
 )
 """Summary fields the probes' session summary gives under the same names."""
+
+MEMORY_STEPS = 3
+"""``peak_tensor_bytes`` covers the optimizer's construction and this many first steps:
+the state is made there, and later steps repeat the same allocations (counting costs a
+Python call per operation on the CPU, so not the whole run)."""
 
 DIVERGENCE_FACTOR = 10.0
 """A run has diverged when its loss exceeds this multiple of its first loss (DESIGN.md)."""
@@ -359,18 +365,30 @@ def _train(
     if spec.family == "kfac" and failure_dir is not None:
         # One folder per run (the run id's parts as nested folders): runs never mix.
         overrides["failure_dir"] = str(failure_dir.joinpath(*plan.run_id.split("/")))
-    optimizer = spec.build(model, overrides)
-    scaler = (
-        torch.amp.GradScaler(device.type) if mode == "mixed" and dtype == torch.float16 else None
-    )
-
-    train_rows = Recorder(run=plan.run_id, rank=rank)
-    # Only SINGD and KFAC have factors whose condition numbers the condition probe reads.
-    names = [p for p in probes.PROBES if p != "condition" or hasattr(optimizer, "curvature_state")]
-    names.append("whatif")  # at the costly readings' cadence: what the state would lose
-    session = probes.attach(
-        model, optimizer, probes=names, every=every, run=plan.run_id, dtype=dtype
-    )
+    # Tensor bytes above the model's own, from the optimizer's construction on (its state
+    # counts) through the first MEMORY_STEPS steps; the data and the probes' own readings
+    # are not counted.
+    meter = TensorPeak(device).start()
+    try:
+        optimizer = spec.build(model, overrides)
+        scaler = (
+            torch.amp.GradScaler(device.type)
+            if mode == "mixed" and dtype == torch.float16
+            else None
+        )
+        train_rows = Recorder(run=plan.run_id, rank=rank)
+        # Only SINGD and KFAC have factors whose condition numbers the condition probe reads.
+        names = [
+            p for p in probes.PROBES if p != "condition" or hasattr(optimizer, "curvature_state")
+        ]
+        names.append("whatif")  # at the costly readings' cadence: what the state would lose
+        with not_counted():
+            session = probes.attach(
+                model, optimizer, probes=names, every=every, run=plan.run_id, dtype=dtype
+            )
+    except BaseException:
+        meter.stop()
+        raise
     factor = 1.0
     first_loss: float | None = None
     loss_value = math.nan
@@ -380,9 +398,11 @@ def _train(
     step = 0
     try:
         factor = _input_factor(workload, plan.steps, condition)
-        batches = iter(workload.batches(plan.seed))
+        with not_counted():
+            batches = iter(workload.batches(plan.seed))
         for step in range(plan.steps):
-            batch = next(batches, None)
+            with not_counted():
+                batch = next(batches, None)
             if batch is None:
                 break  # the workload's batches ran out: the run ends here
             scaled_batch = (Condition.scale_inputs(batch[0], factor), batch[1])
@@ -410,6 +430,8 @@ def _train(
                 scaler.scale(scaled).backward()
                 scaler.step(optimizer)
                 scaler.update()
+            if step == MEMORY_STEPS - 1:
+                meter.stop()
         else:
             step = plan.steps
     except KeyboardInterrupt:
@@ -417,6 +439,7 @@ def _train(
     except Exception as err:  # a crash is one run's result; the suite goes on
         error = f"{type(err).__name__}: {err}"
     finally:
+        meter.stop()
         session.detach()
 
     probe_summary = session.summary()
@@ -447,6 +470,8 @@ def _train(
         **{name: probe_summary[name] for name in PROBE_FIGURES},
         "first_nonfinite_step": min(first_nonfinite) if first_nonfinite else None,
         "optimizer_state_bytes": sum(optimizer_state_bytes(optimizer).values()),
+        # Only a run that took every measured step has the figure the others have.
+        "peak_tensor_bytes": (meter.peak_bytes if step >= min(MEMORY_STEPS, plan.steps) else None),
         "final_loss": loss_value,
         "accuracy": acc,
         "metric_name": workload.score_name,

@@ -45,6 +45,11 @@ FIELDS: dict[str, str] = {
     "optimizer_state_bytes": "bytes of optimizer state at the end, fallback optimizer included (B)",
     "peak_memory_bytes": "CUDA allocator peak, or the process's resident-memory high-water "
     "mark, reset per run (B)",
+    "peak_tensor_bytes": "peak of live tensor bytes above the model's own (its parameters, "
+    "buffers and data) from the optimizer's construction through the first 3 steps: state, "
+    "gradients, activations and temporaries, comparable between optimizers and dtypes (B; "
+    "CUDA: the allocator's peak; CPU: counted per operation, `probes.tensor_memory`); null "
+    "when the run ended before those steps",
     "final_loss": "training loss of the last step taken (nats)",
     "accuracy": "the workload's metric at the end, in [0, 1], higher better: test accuracy "
     "for the digits models; null for synthetic data and workloads without a metric",
@@ -277,7 +282,9 @@ FIGURE_RULES: dict[str, Rule] = {
         ("underflow_fraction", "accuracy", "preconditioned_fraction", "promoted_fraction"),
         _FRACTION,
     ),
-    **dict.fromkeys(("optimizer_state_bytes", "peak_memory_bytes", "step_time_ms"), _SIZE),
+    **dict.fromkeys(
+        ("optimizer_state_bytes", "peak_memory_bytes", "peak_tensor_bytes", "step_time_ms"), _SIZE
+    ),
     "max_condition": (lambda v: _number(v) and v >= 1, "a number >= 1"),
     "final_loss": (_number, "a number"),
     "failure_cause": (lambda v: v in FAILURE_CAUSES, f"one of {', '.join(FAILURE_CAUSES)}"),

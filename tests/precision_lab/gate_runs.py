@@ -53,6 +53,7 @@ def _run(run_id: str, model: str, optimizer: str, dtype: str, **figures: Any) ->
         "max_condition": 1.5e3,
         "optimizer_state_bytes": 123_456,
         "peak_memory_bytes": 310 * MIB,
+        "peak_tensor_bytes": 400_000,
         "final_loss": 0.42,
         "accuracy": 0.91,
         "step_time_ms": 12.5,

@@ -143,3 +143,18 @@ def test_mixed_precision_training_with_every_probe():
     # Autocast activations are float16, the master weights float32.
     dtypes = frame.query("probe == 'numerics'").groupby("tensor")["dtype"].first()
     assert dtypes["activation"] == "float16" and dtypes["weight"] == "float32"
+
+
+def test_tensor_peak_on_cuda_is_the_allocators_peak_above_what_lived_before():
+    """On CUDA `TensorPeak` reads the allocator: a known 8 MiB block made and freed inside
+    the stretch is its peak (up to the allocator's 512 B rounding), and the blocks alive
+    before it (the ballast) are not counted."""
+    from probes.tensor_memory import TensorPeak
+
+    ballast = torch.empty(4 * 2**20, device="cuda", dtype=torch.uint8)
+    with TensorPeak("cuda") as meter:
+        block = torch.empty(8 * 2**20, device="cuda", dtype=torch.uint8)
+        del block
+    assert 8 * 2**20 <= meter.peak_bytes < 8 * 2**20 + 2**20
+    assert meter.live_bytes == 0
+    del ballast

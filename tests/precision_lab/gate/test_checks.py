@@ -68,6 +68,7 @@ def test_identical_run_passes(tmp_path, baseline_file):
         "memory": 0.0,
         "peak": 0.1,
         "peak_floor": 64 * MIB,
+        "tensor_peak": 0.05,
         "condition_factor": 10.0,
         "nonfinite": 0.2,
         "underflow": 0.01,
@@ -77,7 +78,7 @@ def test_identical_run_passes(tmp_path, baseline_file):
     }
     # Five runs, eleven checks each; six figures of the run that broke (r1) are chaos:
     # its NaN / Inf counts, condition, underflow, loss and accuracy are skipped.
-    assert data["counts"] == {"fail": 0, "better": 0, "new": 0, "ok": 49, "skip": 6}
+    assert data["counts"] == {"fail": 0, "better": 0, "new": 0, "ok": 54, "skip": 6}
 
 
 # Each regression the issue names, and the figure its message must name.
@@ -134,6 +135,12 @@ REGRESSIONS = [
         MLP_SINGD,
         "peak_memory_bytes",
         id="peak memory beyond 10% + 64 MiB",
+    ),
+    pytest.param(
+        set_figure("r0", peak_tensor_bytes=int(400_000 * 1.05) + 16 * 1024 + 1),
+        MLP_SINGD,
+        "peak_tensor_bytes",
+        id="peak tensor memory beyond 5% + 16 KiB",
     ),
     pytest.param(
         set_figure("r0", underflow_fraction=0.002 + 0.0101),
@@ -193,6 +200,16 @@ def test_failures_come_first_and_are_all_collected(tmp_path, baseline_file):
             set_figure("r0", peak_memory_bytes=310 * MIB * 1.1 + 64 * MIB),
             [],
             id="peak exactly at tolerance + floor",
+        ),
+        pytest.param(
+            set_figure("r0", peak_tensor_bytes=int(400_000 * 1.05) + 16 * 1024),
+            [],
+            id="peak tensor memory exactly at tolerance + floor",
+        ),
+        pytest.param(
+            set_figure("r0", peak_tensor_bytes=int(400_000 * 1.2)),
+            ["--tensor-tolerance", "20%"],
+            id="peak tensor memory within an explicit tolerance",
         ),
         pytest.param(set_figure("r0", final_loss=0.42 * 1.04), [], id="loss within 5%"),
         pytest.param(
@@ -365,7 +382,7 @@ def test_max_slowdown_needs_against(tmp_path, baseline_file):
 def test_gate_library_call_matches_cli(tmp_path, baseline_file):
     current = read_run_dir(write_run_dir(tmp_path / "new", base_runs()))
     result = gate(current, read_baseline(baseline_file), Tolerances())
-    assert result.passed and len(result.verdicts) == 55
+    assert result.passed and len(result.verdicts) == 60
 
 
 # The checks themselves, at their boundaries: (check, current, baseline, fails?)
@@ -537,3 +554,21 @@ def test_float32_condition_numbers_saturate_at_1_over_eps(tmp_path, was, now, co
 )
 def test_the_condition_ceiling_follows_the_factors_dtype(run, ceiling):
     assert condition_ceiling(run) == ceiling
+
+
+def test_a_baseline_made_before_peak_tensor_bytes_is_not_compared_on_it(tmp_path, baseline_file):
+    """Baselines written before the figure existed stay readable: the check says why it
+    was not made, and every other check still runs."""
+    document = json.loads(baseline_file.read_text())
+    for entry in document["runs"]:
+        del entry["figures"]["peak_tensor_bytes"]
+    old = tmp_path / "old-baseline.json"
+    old.write_text(json.dumps(document))
+    grown = set_figure("r0", peak_tensor_bytes=10 * 400_000)
+    data = json.loads(gate_cli(tmp_path, old, grown, "--json").output)
+    assert data["passed"], data["failures"]
+    tensor = [c for c in data["checks"] if c["check"] == "memory.peak_tensor_bytes"]
+    assert tensor and all(c["status"] == "skip" for c in tensor)
+    assert "before this figure existed" in tensor[0]["message"]
+    broken = set_figure("r0", optimizer_state_bytes=123_457)
+    assert gate_cli(tmp_path, old, broken).exit_code == 1

@@ -244,3 +244,28 @@ def test_reproducers_land_where_the_caller_says_never_where_the_plan_says(tmp_pa
     runner.train(bad, device=CPU, every=1, failure_dir=tmp_path / "failures")
     assert not elsewhere.exists()
     assert list((tmp_path / "failures").rglob("*.pt"))
+
+
+@pytest.mark.parametrize("optimizer", ["singd:dense", "kfac:cholesky", "adamw"])
+def test_peak_tensor_bytes_counts_training_and_not_the_probes_readings(optimizer):
+    """The figure holds the optimizer's state and the gradients at once (both live after a
+    backward), and the probes' own readings (float64 copies of every factor and state
+    tensor at their cadence, here every step) are not in it."""
+    every_step = runner.train(plan(optimizer, steps=4), device=CPU, every=1).summary
+    rarely = runner.train(plan(optimizer, steps=4), device=CPU, every=1000).summary
+    model = build_model("mlp", 0)
+    grads = sum(p.numel() * 4 for p in model.parameters())
+    figure = rarely["peak_tensor_bytes"]
+    assert figure >= rarely["optimizer_state_bytes"] + grads
+    assert abs(every_step["peak_tensor_bytes"] - figure) <= 1024
+
+
+def test_peak_tensor_bytes_follows_the_dtype_and_is_null_for_a_run_that_ended_early():
+    fp32 = runner.train(plan("adamw", steps=4), device=CPU, every=10).summary
+    bf16 = runner.train(plan("adamw", torch.bfloat16, steps=4), device=CPU, every=10).summary
+    assert 0 < bf16["peak_tensor_bytes"] < 0.6 * fp32["peak_tensor_bytes"]
+    diverged = runner.train(
+        plan("sgd", steps=20, hyperparameters={"lr": 1e4}), device=CPU, every=10
+    ).summary
+    assert diverged["diverged"] and diverged["steps"] < runner.MEMORY_STEPS
+    assert diverged["peak_tensor_bytes"] is None

@@ -1,0 +1,170 @@
+"""Peak bytes of live tensors over a stretch of training, beyond what existed before it (B).
+
+On the CPU the process's resident set is mostly the torch runtime's own (hundreds of MB
+for any optimizer), so it hides what an optimizer costs. This module measures what a
+training step holds instead: every tensor storage the step's operations create,
+counted from its creation until it is freed, and the largest total at any moment.
+
+- CPU (`TensorPeak`): a `TorchDispatchMode` sees every operation's outputs. A storage
+  that no input of the operation holds and that is not counted yet is new; its bytes are
+  added, and a finalizer on the storage (whose Python object lives as long as the
+  storage itself) subtracts them when it is freed. Storages that existed before the
+  stretch began (the model's parameters and buffers, the data) are never counted, so the
+  figure is the peak *above* them: activations, gradients, optimizer state made in the
+  stretch, temporaries. Not seen: scratch memory an operation allocates and frees inside
+  its own kernel (LAPACK workspaces, for example), and tensors of subclasses such as
+  DTensor (their local shards are counted where plain operations make them).
+- CUDA: the allocator's own peak (``torch.cuda.max_memory_allocated``, reset when the
+  stretch begins) minus what was allocated then: exact, scratch included.
+
+`not_counted()` marks code whose tensors are not the step's (the probes' own float64
+copies at their cadence): operations inside it are neither counted nor tracked.
+
+Counting costs a Python call per operation (tens of microseconds): measure a few
+steps, not a whole run.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+_LOCAL = threading.local()
+_LIFT_FRESH = torch.ops.aten.lift_fresh.default
+
+
+@contextmanager
+def not_counted() -> Iterator[None]:
+    """Tensors made inside this block (in this thread) are not counted by any `TensorPeak`."""
+    depth = getattr(_LOCAL, "depth", 0)
+    _LOCAL.depth = depth + 1
+    try:
+        yield
+    finally:
+        _LOCAL.depth = depth
+
+
+def _storage(t: object):
+    if type(t) is not Tensor and type(t) is not torch.nn.Parameter:
+        return None  # subclasses (DTensor, FakeTensor, ...) have no storage of their own
+    try:
+        return t.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+class _CountingMode(TorchDispatchMode):
+    def __init__(self, meter: TensorPeak) -> None:
+        super().__init__()
+        self._meter = meter
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if getattr(_LOCAL, "depth", 0) == 0:
+            if func is _LIFT_FRESH:  # torch.tensor(...): the constructor made its input
+                args, kwargs = (), {}
+            self._meter._see(out, args, kwargs)
+        return out
+
+
+class TensorPeak:
+    """Counts live tensor bytes on one device between `start` and `stop`.
+
+    Args:
+        device: The device whose tensors count (``cpu`` or a CUDA device).
+
+    Use as a context manager or with `start` / `stop` (a stretch that spans loop
+    iterations). After `stop`, ``peak_bytes`` is the largest total of counted live
+    bytes seen (B) and ``live_bytes`` what was still live at `stop`.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.peak_bytes = 0
+        self.live_bytes = 0
+        self._live: dict[int, tuple[int, weakref.finalize]] = {}
+        self._mode: _CountingMode | None = None
+        self._cuda_base: int | None = None  # set while counting on CUDA
+
+    # --------------------------------------------------------------------- control
+    def start(self) -> TensorPeak:
+        """Begin counting (from zero); tensors alive now are never counted."""
+        self.peak_bytes = self.live_bytes = 0
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._cuda_base = torch.cuda.memory_allocated(self.device)
+            return self
+        self._mode = _CountingMode(self)
+        self._mode.__enter__()
+        return self
+
+    def stop(self) -> TensorPeak:
+        """Stop counting (idempotent); the figures stay readable."""
+        if self.device.type == "cuda":
+            if self._cuda_base is not None:
+                torch.cuda.synchronize(self.device)
+                self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._cuda_base
+                self.live_bytes = torch.cuda.memory_allocated(self.device) - self._cuda_base
+                self._cuda_base = None
+            return self
+        if self._mode is not None:
+            self._mode.__exit__(None, None, None)
+            self._mode = None
+            for _nbytes, finalizer in self._live.values():
+                finalizer.detach()  # what outlives the stretch is no longer followed
+            self._live.clear()
+        return self
+
+    def __enter__(self) -> TensorPeak:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -------------------------------------------------------------------- counting
+    def _see(self, out, args, kwargs) -> None:
+        inputs: set[int] | None = None
+        device = self.device
+        for t in tree_leaves(out) if not isinstance(out, Tensor) else (out,):
+            if not isinstance(t, Tensor) or t.device != device:
+                continue
+            storage = _storage(t)
+            if storage is None:
+                continue
+            key = id(storage)
+            nbytes = storage.nbytes()
+            known = self._live.get(key)
+            if known is not None:
+                if known[0] != nbytes:  # resized in place (an out= argument that grew)
+                    self._count(key, storage, nbytes - known[0], nbytes, known[1])
+                continue
+            if inputs is None:
+                inputs = {
+                    id(s) for s in map(_storage, tree_leaves((args, kwargs))) if s is not None
+                }
+            if key in inputs:
+                continue  # a view, an in-place result or an out= argument: not new
+            self._count(key, storage, nbytes, nbytes, None)
+
+    def _count(self, key: int, storage, added: int, nbytes: int, finalizer) -> None:
+        if finalizer is None:
+            finalizer = weakref.finalize(storage, self._freed, key)
+            finalizer.atexit = False
+        self._live[key] = (nbytes, finalizer)
+        self.live_bytes += added
+        if self.live_bytes > self.peak_bytes:
+            self.peak_bytes = self.live_bytes
+
+    def _freed(self, key: int) -> None:
+        entry = self._live.pop(key, None)
+        if entry is not None:
+            self.live_bytes -= entry[0]
