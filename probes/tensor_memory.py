@@ -34,7 +34,6 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 _LOCAL = threading.local()
 _LIFT_FRESH = torch.ops.aten.lift_fresh.default
@@ -58,6 +57,20 @@ def _storage(t: object):
         return t.untyped_storage()
     except (RuntimeError, NotImplementedError):
         return None
+
+
+def _flat(values) -> list[Tensor]:
+    """The tensors among an operation's arguments or results: aten operations take and
+    return tensors, lists of tensors (foreach, cat) and scalars, nested one level deep."""
+    if isinstance(values, Tensor):
+        return [values]
+    found = []
+    for v in values if isinstance(values, (tuple, list)) else ():
+        if isinstance(v, Tensor):
+            found.append(v)
+        elif isinstance(v, (tuple, list)):
+            found.extend(t for t in v if isinstance(t, Tensor))
+    return found
 
 
 class _CountingMode(TorchDispatchMode):
@@ -134,8 +147,8 @@ class TensorPeak:
     def _see(self, out, args, kwargs) -> None:
         inputs: set[int] | None = None
         device = self.device
-        for t in tree_leaves(out) if not isinstance(out, Tensor) else (out,):
-            if not isinstance(t, Tensor) or t.device != device:
+        for t in _flat(out):
+            if t.device != device:
                 continue
             storage = _storage(t)
             if storage is None:
@@ -149,7 +162,7 @@ class TensorPeak:
                 continue
             if inputs is None:
                 inputs = {
-                    id(s) for s in map(_storage, tree_leaves((args, kwargs))) if s is not None
+                    id(s) for s in map(_storage, _flat((*args, *kwargs.values()))) if s is not None
                 }
             if key in inputs:
                 continue  # a view, an in-place result or an out= argument: not new
