@@ -230,22 +230,16 @@ class HierarchicalMatrix(StructuredMatrix):
         t, m, _ = self.split_sizes(self._dim)
         C = self._tensors["C"]
         W = self._tb_rows()
+        index = self._tb_columns(self._dim, X.device)
         # (S S^T)_tb = W S^T: columns t, b are W W_tb^T (the tb columns of S^T are the
-        # rows W), the middle columns W_m diag(c).
-        outer_tb = torch.empty_like(W)
-        WW = W @ W.T  # (K1 + K2) x (K1 + K2): the rows tb of S, against each other
-        outer_tb[:, :t] = WW[:, :t]
-        outer_tb[:, t + m :] = WW[:, t:]
-        torch.mul(W[:, t : t + m], C, out=outer_tb[:, t : t + m])
+        # rows W), the middle columns W_m diag(c). Whole-index copies, not slice by slice.
+        outer_tb = W.index_copy(1, index, W @ W.T)
+        outer_m = outer_tb[:, t : t + m].mul_(C)
         top = outer_tb @ X
         X_m = X[t : t + m]
         X_m.mul_((C * C).unsqueeze(1))
-        X_m.addmm_(
-            outer_tb[:, t : t + m].T, X.index_select(0, self._tb_columns(self._dim, X.device))
-        )
-        X[:t] = top[:t]
-        X[t + m :] = top[t:]
-        return X
+        X_m.addmm_(outer_m.T, X.index_select(0, index))
+        return X.index_copy_(0, index, top)
 
     def _thin(self) -> Tensor:
         """``[[B], [D | E]]`` of shape (K1 + K2, d - K1): the rows of S^T beyond K1 that
