@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from singd.structures.dense import DenseMatrix, _split_gram, symmetric_gram
+from tests.singd.structures.cases import DTYPES
 from tests.singd.structures.test_properties import F64, assert_within, lowp
 
-DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 # (rows n, width d): unsplit, split once (a batch of 128 rows), split twice, odd halves.
 GRAM_SHAPES = [(128, 255), (128, 513), (513, 513), (300, 257), (40, 1030)]
 
