@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from singd.structures.base import StructuredMatrix, stored_frobenius_norm
+from singd.structures.dense import dense_outer_matmat, symmetric_gram
 
 
 class BlockDiagonalMatrix(StructuredMatrix):
@@ -81,6 +82,11 @@ class BlockDiagonalMatrix(StructuredMatrix):
             return X @ self._tensors["last"]  # as dense, bit for bit (see _blockwise)
         return self._rmatmat(X.T).T
 
+    def outer_matmat_(self, X: Tensor) -> Tensor:
+        if self._tensors["blocks"].shape[0] == 0:
+            return dense_outer_matmat(self._tensors["last"], X)  # as dense, bit for bit
+        return super().outer_matmat_(X)
+
     def _matmul_structured(self, other: Self) -> Self:
         return type(self)(
             self._dim,
@@ -93,12 +99,13 @@ class BlockDiagonalMatrix(StructuredMatrix):
     @classmethod
     def from_gram(cls, X: Tensor) -> Self:
         head, rest = cls._split(X.T)  # (q, N, n), (r, n)
-        return cls(X.shape[1], {"blocks": torch.bmm(head, head.mT), "last": rest @ rest.T})
+        # The last block's Gram as dense computes it: one block is bit for bit dense.
+        return cls(X.shape[1], {"blocks": torch.bmm(head, head.mT), "last": symmetric_gram(rest.T)})
 
     def _from_inner_identity(self) -> Self:
         blocks, last = self._tensors["blocks"], self._tensors["last"]
         return type(self)(
-            self._dim, {"blocks": torch.bmm(blocks.mT, blocks), "last": last.T @ last}
+            self._dim, {"blocks": torch.bmm(blocks.mT, blocks), "last": symmetric_gram(last)}
         )
 
     def from_inner2(self, XXT: Tensor) -> Self:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Self
 
+import torch
 from torch import Tensor
 
 from singd.structures.base import StructuredMatrix, stored_frobenius_norm
@@ -41,13 +42,15 @@ class DenseMatrix(StructuredMatrix):
     def _matmul_structured(self, other: Self) -> Self:
         return type(self)._trusted(self._dim, {"mat": self._tensors["mat"] @ other._tensors["mat"]})
 
+    def outer_matmat_(self, X: Tensor) -> Tensor:
+        return dense_outer_matmat(self._tensors["mat"], X)
+
     @classmethod
     def from_gram(cls, X: Tensor) -> Self:
-        return cls(X.shape[1], {"mat": X.T @ X})
+        return cls(X.shape[1], {"mat": symmetric_gram(X)})
 
     def _from_inner_identity(self) -> Self:
-        mat = self._tensors["mat"]
-        return type(self)._trusted(self._dim, {"mat": mat.T @ mat})
+        return type(self)._trusted(self._dim, {"mat": symmetric_gram(self._tensors["mat"])})
 
     def from_inner2(self, XXT: Tensor) -> Self:
         self._check_operand(XXT)
@@ -63,3 +66,65 @@ class DenseMatrix(StructuredMatrix):
 
     def frobenius_norm(self) -> Tensor:
         return stored_frobenius_norm(self._tensors)
+
+
+def dense_outer_matmat(mat: Tensor, X: Tensor) -> Tensor:
+    """``S S^T X`` for a dense ``S`` (d, d) and ``X`` (d, n); X is not overwritten.
+
+    As ``(S S^T) X`` where forming the symmetric ``S S^T`` first (`symmetric_gram`) costs
+    fewer FLOPs, about ``1.5 d^3 + 2 d^2 n`` against ``4 d^2 n``, so for ``n > 3d / 4``;
+    else as ``S (S^T X)``. A transposed X (SINGD's ``G^T``) is worked on through its
+    rows, ``X^T S S^T``: one thread ran ``K^T G^T`` for a 513 x 10 ``G^T`` ten times
+    slower than ``G K``.
+    """
+    outer = symmetric_gram(mat.T) if 4 * X.shape[1] > 3 * mat.shape[0] else None
+    if X.stride(0) == 1 and X.stride(1) != 1:
+        rows = X.T
+        return (rows @ outer if outer is not None else rows @ mat @ mat.T).T
+    return outer @ X if outer is not None else mat @ (mat.T @ X)
+
+
+def symmetric_gram(X: Tensor, out: Tensor | None = None) -> Tensor:
+    """``X^T X`` for ``X`` of shape (n, d), in about 3/4 of the FLOPs per split.
+
+    With ``X = [X_1 X_2]`` split by columns, ``X^T X = [[X_1^T X_1, X_1^T X_2],
+    [(X_1^T X_2)^T, X_2^T X_2]]``: the diagonal blocks (split again while
+    `_split_gram` says so) and one off-diagonal block are products, the other block is
+    its exact mirror. Each entry is a dot product over ``n``, as in ``X.T @ X``, whose
+    rounding it shares (the diagonal blocks are symmetric up to it, as ``X.T @ X`` is).
+
+    Args:
+        X: The (n, d) matrix, any strides.
+        out: Where to write the (d, d) result, with contiguous rows (a view of a wider
+            buffer is fine); a new contiguous tensor when None.
+    """
+    n, dim = X.shape
+    if out is None:
+        out = X.new_empty(dim, dim)
+    if not _split_gram(n, dim):
+        return torch.mm(X.T, X, out=out)
+    half = dim // 2
+    left, right = X[:, :half], X[:, half:]
+    symmetric_gram(left, out[:half, :half])
+    if out.stride(0) % 256 == 0:
+        # Rows a power of two apart put a column's entries into few cache sets: one
+        # thread mirrored a 256 x 256 block of a 512-wide Gram 3x faster from a
+        # contiguous copy (the whole 512-wide Gram: 5% faster, n = 128: 10%).
+        corner = torch.mm(left.T, right)
+        out[:half, half:].copy_(corner)
+    else:
+        corner = torch.mm(left.T, right, out=out[:half, half:])
+    symmetric_gram(right, out[half:, half:])
+    out[half:, :half].copy_(corner.T)
+    return out
+
+
+def _split_gram(n: int, dim: int) -> bool:
+    """Whether `symmetric_gram` splits a ``dim``-wide Gram over ``n`` rows into blocks.
+
+    Measured on one thread (AMD EPYC, MKL): a 513-wide ``K^T K`` split twice (blocks of
+    about 128) took 0.71-0.72 of the time of ``K.T @ K``, split once 0.80; over a batch's
+    128 rows, split once 0.82-0.87, where 128-wide blocks over 128 rows ran at half the
+    machine's GEMM rate. In SINGD's step splitting ``K^T K`` only once was 2.6% slower.
+    """
+    return dim >= 512 or (dim >= 256 and n >= 256)

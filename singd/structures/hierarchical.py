@@ -85,15 +85,42 @@ class HierarchicalMatrix(StructuredMatrix):
         """``W = S[t and b rows, :]``, the K1 + K2 dense rows of S as one (K1 + K2, d)
         matrix ``[[A, B_m, B_b], [0, D, E]]``; the middle rows of S are ``c_i e_i^T``.
 
-        Every product with S is a GEMM with W plus one pass of the diagonal ``c``.
+        Every product with S is a GEMM with W plus one pass of the diagonal ``c``. W is
+        kept until a stored tensor changes (their version counters say when): a SINGD
+        step reads one K through W in the input hook, in ``from_inner()`` and, once
+        updated, in the natural gradient and the next step's hook, so this builds W
+        once per step instead of three times (four dispatches each).
         """
         x = self._tensors
         A, B, D, E = x["A"], x["B"], x["D"], x["E"]
+        try:
+            versions = (A._version, B._version, D._version, E._version)
+        except RuntimeError:  # inference tensors keep no version counter: no cache
+            versions = None
+        cached = getattr(self, "_rows_cache", None)
+        if versions is not None and cached is not None and cached[0] == versions:
+            return cached[1]
         if E.shape[0] == 0:
-            return torch.cat([A, B], 1)
-        # Concatenations, not copies into slices of an empty W: a third of the dispatches.
-        bottom = torch.cat([E.new_zeros(E.shape[0], A.shape[0]), D, E], 1)
-        return torch.cat([torch.cat([A, B], 1), bottom])
+            W = torch.cat([A, B], 1)
+        else:
+            # Concatenations, not copies into slices of an empty W: a third of the dispatches.
+            bottom = torch.cat([E.new_zeros(E.shape[0], A.shape[0]), D, E], 1)
+            W = torch.cat([torch.cat([A, B], 1), bottom])
+        self._rows_cache = (versions, W)
+        return W
+
+    @classmethod
+    def _tb_columns(cls, dim: int, device: torch.device) -> Tensor:
+        """The indices of the t and b columns (or rows) for dimension ``dim``: one
+        ``index_select`` gathers them where slicing and concatenating took three
+        dispatches. Made once per dimension and device."""
+        key = (dim, device)
+        index = _TB_INDEX.get((cls.k1, cls.k2, *key))
+        if index is None:
+            t, m, _ = cls.split_sizes(dim)
+            index = torch.cat([torch.arange(t), torch.arange(t + m, dim)]).to(device)
+            _TB_INDEX[(cls.k1, cls.k2, *key)] = index
+        return index
 
     @classmethod
     def _project_gram(cls, Y: Tensor, middle: Tensor | None = None) -> Self:
@@ -108,7 +135,7 @@ class HierarchicalMatrix(StructuredMatrix):
             return cls._trusted(dim, cls._corner_only(Y.T @ Y))
         t, m, _ = cls.split_sizes(dim)
         Y_m = Y[:, t : t + m]
-        Z = torch.cat([Y[:, :t], Y[:, t + m :]], 1).T @ Y
+        Z = Y.index_select(1, cls._tb_columns(dim, Y.device)).T @ Y
         C = (Y_m * Y_m).sum(0)
         if middle is not None:
             C.add_(middle)
@@ -182,7 +209,7 @@ class HierarchicalMatrix(StructuredMatrix):
         if self._dim <= self.k1:
             return X @ self._tensors["A"]
         t, m, _ = self.split_sizes(self._dim)
-        out = torch.cat([X[:, :t], X[:, t + m :]], 1) @ self._tb_rows()
+        out = X.index_select(1, self._tb_columns(self._dim, X.device)) @ self._tb_rows()
         out[:, t : t + m].addcmul_(X[:, t : t + m], self._tensors["C"])
         return out
 
@@ -203,20 +230,16 @@ class HierarchicalMatrix(StructuredMatrix):
         t, m, _ = self.split_sizes(self._dim)
         C = self._tensors["C"]
         W = self._tb_rows()
+        index = self._tb_columns(self._dim, X.device)
         # (S S^T)_tb = W S^T: columns t, b are W W_tb^T (the tb columns of S^T are the
-        # rows W), the middle columns W_m diag(c).
-        outer_tb = torch.empty_like(W)
-        WW = W @ W.T  # (K1 + K2) x (K1 + K2): the rows tb of S, against each other
-        outer_tb[:, :t] = WW[:, :t]
-        outer_tb[:, t + m :] = WW[:, t:]
-        torch.mul(W[:, t : t + m], C, out=outer_tb[:, t : t + m])
+        # rows W), the middle columns W_m diag(c). Whole-index copies, not slice by slice.
+        outer_tb = W.index_copy(1, index, W @ W.T)
+        outer_m = outer_tb[:, t : t + m].mul_(C)
         top = outer_tb @ X
         X_m = X[t : t + m]
         X_m.mul_((C * C).unsqueeze(1))
-        X_m.addmm_(outer_tb[:, t : t + m].T, torch.cat([X[:t], X[t + m :]]))
-        X[:t] = top[:t]
-        X[t + m :] = top[t:]
-        return X
+        X_m.addmm_(outer_m.T, X.index_select(0, index))
+        return X.index_copy_(0, index, top)
 
     def _thin(self) -> Tensor:
         """``[[B], [D | E]]`` of shape (K1 + K2, d - K1): the rows of S^T beyond K1 that
@@ -260,6 +283,9 @@ class HierarchicalMatrix(StructuredMatrix):
     def frobenius_norm(self) -> Tensor:
         return stored_frobenius_norm(self._tensors)
 
+
+_TB_INDEX: dict[tuple, Tensor] = {}
+"""`HierarchicalMatrix._tb_columns` by (K1, K2, d, device)."""
 
 HierarchicalMatrixTemplate = HierarchicalMatrix
 """The published package's name for the template of ``Hierarchical{K1}_{K2}Matrix``."""
