@@ -703,18 +703,18 @@ def memory_by_factor(data: ReportData) -> Section:
 
 
 def peak_memory(data: ReportData) -> Section:
-    """Measured peak memory per optimizer and dtype (mean over runs): the peak of live
-    tensors above the model's own (comparable on the CPU too), and the device's or the
+    """Measured peak memory per model, optimizer and dtype (largest over runs): the peak of
+    live tensors above the model's own (comparable on the CPU too), and the device's or the
     process's peak beside it."""
     sec = Section(
         "peak-memory",
         "Measured peak memory",
         "Left: peak of live tensor bytes above the model's own parameters, buffers and data "
         "(optimizer state, gradients, activations, temporaries) over the optimizer's "
-        "construction and first steps, the figure to compare optimizers and dtypes by. "
+        "construction and first 3 steps, the figure to compare optimizers and dtypes by. "
         "Right: the CUDA allocator's peak, or on the CPU the process's resident high-water "
-        "mark, which the torch runtime's own footprint dominates there. Mean over runs per "
-        "optimizer and dtype, MB.",
+        "mark, which the torch runtime's own footprint dominates there. Largest over the "
+        "runs of each model, optimizer and dtype, MB.",
     )
     s = data.summary
     columns = [c for c in ("peak_tensor_bytes", "peak_memory_bytes") if c in s]
@@ -729,23 +729,28 @@ def peak_memory(data: ReportData) -> Section:
             "peak memory (device or process)",
         ),
     )
+    shown: set[str] = set()
     for col, column in enumerate(("peak_tensor_bytes", "peak_memory_bytes"), start=1):
         if column not in s:
             continue
         for (source, dtype), g in s.dropna(subset=[column]).groupby(["source", "dtype"]):
-            m = g.groupby("optimizer")[column].mean()
+            m = g.groupby(["model", "optimizer"])[column].max()
+            name = dtype_short(dtype) + _source_tag(data, source)
             fig.add_bar(
-                x=list(m.index),
+                x=[list(m.index.get_level_values(0)), list(m.index.get_level_values(1))],
                 y=(m / 1e6).to_numpy(np.float32),
-                name=dtype_short(dtype) + _source_tag(data, source),
-                legendgroup=f"{source} {dtype}",
-                showlegend=col == 1,
+                name=name,
+                legendgroup=name,
+                showlegend=name not in shown,
                 marker_color=_color(data, dtype, source),
                 row=1,
                 col=col,
             )
-    fig.update_layout(**LAYOUT, barmode="group", height=420)
-    fig.update_yaxes(title_text="MB (1e6 B)", row=1, col=1)
+            shown.add(name)
+    fig.update_layout(**LAYOUT, barmode="group", height=460)
+    # Models differ by orders of magnitude: a log scale keeps the small ones readable.
+    fig.update_yaxes(title_text="MB (1e6 B), log scale", type="log", row=1, col=1)
+    fig.update_yaxes(title_text="MB (1e6 B)", row=1, col=2)
     sec.figure = fig
     return sec
 

@@ -202,6 +202,7 @@ def _one_run(
         "max_condition": finite_or_none(max_cond) if family in FACTORS else None,
         "optimizer_state_bytes": state,
         "peak_memory_bytes": 200e6 + 1e6 * rng.random(),
+        "peak_tensor_bytes": int(3 * state + 1e5 * rng.random()),
         "final_loss": None if break_at is not None else 0.5,
         "accuracy": None if break_at is not None else 0.9,
         "step_time_ms": 3.5,

@@ -351,3 +351,22 @@ def test_cli_report_writes_one_file_and_says_where(tmp_path, bf16_run, fp16_run)
     assert result.exit_code == 0, result.output
     assert str(out) in result.output and out.stat().st_size > 4 * MB
     assert "bf16 vs fp16" in out.read_text()[:6000]
+
+
+def test_peak_memory_figure_shows_each_models_largest_tensor_peak(bf16_run):
+    """Left: per (model, optimizer) and dtype the largest peak_tensor_bytes over runs, in
+    MB on a log axis; right: the process or device peak the same way."""
+    data = load_report_data([bf16_run])
+    fig = {s.key: s for s in build_sections(data)}["peak-memory"].figure
+    s = data.summary
+    for column, axis in (("peak_tensor_bytes", "x"), ("peak_memory_bytes", "x2")):
+        traces = [t for t in fig.data if t.xaxis == axis]
+        assert {t.name for t in traces} == {"bf16", "fp32"}
+        for trace in traces:
+            dtype = "bfloat16" if trace.name == "bf16" else "float32"
+            expected = s[s["dtype"] == dtype].groupby(["model", "optimizer"])[column].max()
+            drawn = dict(zip(zip(*trace.x, strict=True), _decoded(trace.y), strict=True))
+            assert drawn.keys() == set(expected.index)
+            for key, value in expected.items():
+                assert drawn[key] == pytest.approx(value / MB, rel=1e-6)
+    assert fig.layout.yaxis.type == "log"
