@@ -536,18 +536,7 @@ def range_fractions(data: ReportData) -> Section:
         part = rec[rec["metric"] == metric]
         for (source, dtype), g in part.groupby(["source", "run_dtype"]):
             top = g.groupby("tensor")["value"].max()
-            name = dtype_short(dtype) + _source_tag(data, source)
-            fig.add_bar(
-                x=list(top.index),
-                y=top.to_numpy(np.float32),
-                name=name,
-                legendgroup=name,
-                showlegend=name not in shown,
-                marker_color=_color(data, dtype, source),
-                row=1,
-                col=col,
-            )
-            shown.add(name)
+            _paired_bar(fig, data, source, dtype, list(top.index), top, shown, col)
         if not (part["value"] > 0).any():
             fig.add_annotation(
                 text="all zero in every run",
@@ -702,6 +691,22 @@ def memory_by_factor(data: ReportData) -> Section:
     return sec
 
 
+def _paired_bar(fig, data: ReportData, source, dtype, x, y: pd.Series, shown: set, col: int):
+    """One dtype's bars in subplot ``col`` of a two-panel figure; its legend entry once."""
+    name = dtype_short(dtype) + _source_tag(data, source)
+    fig.add_bar(
+        x=x,
+        y=y.to_numpy(np.float32),
+        name=name,
+        legendgroup=name,
+        showlegend=name not in shown,
+        marker_color=_color(data, dtype, source),
+        row=1,
+        col=col,
+    )
+    shown.add(name)
+
+
 def peak_memory(data: ReportData) -> Section:
     """Measured peak memory per model, optimizer and dtype (largest over runs): the peak of
     live tensors above the model's own (comparable on the CPU too), and the device's or the
@@ -735,18 +740,8 @@ def peak_memory(data: ReportData) -> Section:
             continue
         for (source, dtype), g in s.dropna(subset=[column]).groupby(["source", "dtype"]):
             m = g.groupby(["model", "optimizer"])[column].max()
-            name = dtype_short(dtype) + _source_tag(data, source)
-            fig.add_bar(
-                x=[list(m.index.get_level_values(0)), list(m.index.get_level_values(1))],
-                y=(m / 1e6).to_numpy(np.float32),
-                name=name,
-                legendgroup=name,
-                showlegend=name not in shown,
-                marker_color=_color(data, dtype, source),
-                row=1,
-                col=col,
-            )
-            shown.add(name)
+            x = [list(m.index.get_level_values(0)), list(m.index.get_level_values(1))]
+            _paired_bar(fig, data, source, dtype, x, m / 1e6, shown, col)
     fig.update_layout(**LAYOUT, barmode="group", height=460)
     # Models differ by orders of magnitude: a log scale keeps the small ones readable.
     fig.update_yaxes(title_text="MB (1e6 B), log scale", type="log", row=1, col=1)
