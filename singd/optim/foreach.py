@@ -2,12 +2,21 @@
 
 Per layer, the natural gradient with diagonal ``K`` and ``C`` scales the weight's
 columns and the bias by ``k^2`` and the rows by ``c^2`` (`SINGD._layer_directions`),
-then `singd.optim.functional.heavy_ball_` updates momentum and parameters: about 12 small
+`singd.optim.functional.heavy_ball_` updates momentum and parameters, and
+`singd.optim.functional.singd_factor_update` updates the factors: a few dozen small
 dispatches per layer. Here the same per-element operations, in the same order, are made
-as foreach calls over every layer's tensors at once (one for all squares, two for all
-directions, at most three over all parameters for weight decay, momentum and the
-parameter update), so the results are bitwise those of the per-layer path
-(tests/singd/test_foreach.py).
+as foreach calls over every layer's tensors at once, so the results are bitwise those of
+the per-layer path (tests/singd/test_foreach.py):
+
+- `diagonal_step`: the directions (`diagonal_directions`), then `heavy_ball_` over all
+  parameters;
+- `diagonal_factor_update`: every due layer's ``K``, ``C`` and momenta; the traces are
+  one ``sum`` per factor (no foreach reduction rounds as ``mean`` does), divided all at
+  once, and the coefficients one float64 vector.
+
+The squares ``k^2``, ``c^2`` are kept between steps while the factors are unchanged
+(checked by the tensors' identity and version counters): the steps between
+preconditioner updates (T > 1) do not recompute them.
 
 It applies (`applies`) to one parameter group, one process, ``precision=None``, and
 layers that all have diagonal ``K`` and ``C`` and an untransposed weight; every other
@@ -21,6 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from singd.optim.functional import heavy_ball_
 from singd.optim.layers import KroneckerLayer
 from singd.optim.scaling import Scale, not_one
 from singd.structures.diagonal import DiagonalMatrix
@@ -32,13 +42,13 @@ ENABLED = True
 """Whether the batched path is taken where it applies (False: always per layer)."""
 
 
-def applies(optimizer: SINGD, active: list[KroneckerLayer]) -> bool:
-    """Whether the batched path gives the step of ``active`` (the layers with gradients)."""
-    if not (ENABLED and active and len(optimizer.param_groups) == 1):
+def applies(optimizer: SINGD, layers: list[KroneckerLayer]) -> bool:
+    """Whether the batched path gives the step (or the factor update) of ``layers``."""
+    if not (ENABLED and layers and len(optimizer.param_groups) == 1):
         return False
     if optimizer._escalation is not None or optimizer._ddp:
         return False
-    return all(two_diagonal_factors(optimizer, layer) for layer in active)
+    return all(two_diagonal_factors(optimizer, layer) for layer in layers)
 
 
 def two_diagonal_factors(optimizer: SINGD, layer: KroneckerLayer) -> bool:
@@ -50,6 +60,49 @@ def two_diagonal_factors(optimizer: SINGD, layer: KroneckerLayer) -> bool:
     )
 
 
+class DiagonalParts:
+    """Per parameter of some layers, in layer order (weight, then bias): the parameter,
+    the factor squares it is scaled by (``k^2`` as a row, ``c^2`` as a column), and the
+    factor tensors they were computed from, with their versions then."""
+
+    def __init__(self, optimizer: SINGD, layers: list[KroneckerLayer]) -> None:
+        self.layers = layers
+        self.diags = [
+            optimizer._factors[layer.name][key].diag for layer in layers for key in ("K", "C")
+        ]
+        self.versions = [d._version for d in self.diags]
+        squares = torch._foreach_mul(self.diags, self.diags)
+        self.params: list[Tensor] = []
+        self.k_parts: list[Tensor] = []
+        self.c_parts: list[Tensor] = []
+        for i, layer in enumerate(layers):
+            k2, c2 = squares[2 * i], squares[2 * i + 1]
+            self.params.append(layer.params[0])
+            self.k_parts.append(k2[:-1] if layer.has_bias else k2)
+            self.c_parts.append(c2.unsqueeze(1))
+            if layer.has_bias:
+                self.params.append(layer.params[1])
+                self.k_parts.append(k2[-1])
+                self.c_parts.append(c2)
+
+    def current(self, optimizer: SINGD, layers: list[KroneckerLayer]) -> bool:
+        """Whether these parts still hold for ``layers`` (the same factors, unchanged)."""
+        if layers != self.layers:
+            return False
+        diags = [optimizer._factors[layer.name][key].diag for layer in layers for key in ("K", "C")]
+        return all(
+            d is mine and d._version == version
+            for d, mine, version in zip(diags, self.diags, self.versions, strict=True)
+        )
+
+
+def _parts(optimizer: SINGD, layers: list[KroneckerLayer]) -> DiagonalParts:
+    parts = optimizer._diagonal_parts
+    if parts is None or not parts.current(optimizer, layers):
+        parts = optimizer._diagonal_parts = DiagonalParts(optimizer, layers)
+    return parts
+
+
 def diagonal_directions(
     optimizer: SINGD, active: list[KroneckerLayer], divisor: Scale, factor: float = 1.0
 ) -> list[Tensor]:
@@ -58,37 +111,114 @@ def diagonal_directions(
     scaled by ``k^2`` and ``c^2`` in the factors' dtypes and cast back (new tensors). The
     same products, in the same order, as `singd_natural_gradient` on ``[dW | db]``; one
     layer's call is `SINGD._layer_directions` for it."""
-    diags = [
-        optimizer._factors[layer.name][key].tensors()["diag"]
-        for layer in active
-        for key in ("K", "C")
+    parts = DiagonalParts(optimizer, active) if len(active) == 1 else _parts(optimizer, active)
+    grads = _gradients(parts, divisor, factor)
+    grad_dtypes = [g.dtype for g in grads]
+    if any(g.dtype != k.dtype for g, k in zip(grads, parts.k_parts, strict=True)):
+        grads = [g.to(k.dtype) for g, k in zip(grads, parts.k_parts, strict=True)]
+    steps = torch._foreach_mul(grads, parts.k_parts)  # new tensors: scaled in place below
+    if any(s.dtype != c.dtype for s, c in zip(steps, parts.c_parts, strict=True)):
+        steps = [s.to(c.dtype) for s, c in zip(steps, parts.c_parts, strict=True)]
+    torch._foreach_mul_(steps, parts.c_parts)
+    return [
+        step.to(dtype).reshape(p.shape)
+        for step, dtype, p in zip(steps, grad_dtypes, parts.params, strict=True)
     ]
-    squares = torch._foreach_mul(diags, diags)
-    grads, k_parts, c_parts, params = [], [], [], []
-    for i, layer in enumerate(active):
-        k2, c2 = squares[2 * i], squares[2 * i + 1]
-        weight = layer.params[0]
-        grads.append(weight.grad.flatten(1))
-        k_parts.append(k2[:-1] if layer.has_bias else k2)
-        c_parts.append(c2.unsqueeze(1))
-        params.append(weight)
-        if layer.has_bias:
-            grads.append(layer.params[1].grad)
-            k_parts.append(k2[-1])
-            c_parts.append(c2)
-            params.append(layer.params[1])
+
+
+def _gradients(parts: DiagonalParts, divisor: Scale, factor: float = 1.0) -> list[Tensor]:
+    """Each parameter's gradient (a weight's as ``d_C x d_K`` rows), ``/ divisor * factor``."""
+    grads = [p.grad.flatten(1) if len(p.shape) > 2 else p.grad for p in parts.params]
     if not_one(divisor):
         grads = torch._foreach_div(grads, divisor)
     if factor != 1.0:
         grads = torch._foreach_mul(grads, factor)
-    grad_dtypes = [g.dtype for g in grads]
-    if any(g.dtype != k.dtype for g, k in zip(grads, k_parts, strict=True)):
-        grads = [g.to(k.dtype) for g, k in zip(grads, k_parts, strict=True)]
-    steps = torch._foreach_mul(grads, k_parts)  # new tensors: scaled in place below
-    if any(s.dtype != c.dtype for s, c in zip(steps, c_parts, strict=True)):
-        steps = [s.to(c.dtype) for s, c in zip(steps, c_parts, strict=True)]
-    torch._foreach_mul_(steps, c_parts)
-    return [
-        step.to(dtype).reshape(p.shape)
-        for step, dtype, p in zip(steps, grad_dtypes, params, strict=True)
-    ]
+    return grads
+
+
+def diagonal_step(optimizer: SINGD, active: list[KroneckerLayer], divisor: Scale) -> None:
+    """Precondition the gradients of ``active`` (`diagonal_directions`) and update momentum
+    and parameters (`heavy_ball_`)."""
+    group = optimizer.param_groups[0]
+    heavy_ball_(
+        _parts(optimizer, active).params,
+        diagonal_directions(optimizer, active, divisor),
+        optimizer.state,
+        lr=group["lr"],
+        momentum=group["momentum"],
+        weight_decay=group["weight_decay"],
+    )
+
+
+def diagonal_factor_update(
+    optimizer: SINGD, layers: list[KroneckerLayer], grad_unscaling: Scale
+) -> None:
+    """`SINGD._update_preconditioner` for every layer of ``layers`` at once, bitwise: the
+    operations of `singd.optim.functional.singd_factor_update` on diagonal factors, each
+    made for all layers by one foreach call. Factors of several dtypes: per layer."""
+    states = [optimizer._factors[layer.name] for layer in layers]
+    factors = [s[key].diag for s in states for key in ("K", "C")]
+    dtype = factors[0].dtype
+    if any(f.dtype != dtype for f in factors):
+        for layer in layers:
+            optimizer._update_preconditioner(layer, grad_unscaling)
+        return
+    # The dtype `mean` sums in, and in which a 0-d coefficient multiplies the factors.
+    opmath = torch.float64 if dtype == torch.float64 else torch.float32
+    group = optimizer.param_groups[0]
+    alpha1, damping, beta1 = group["alpha1"], group["damping"], group["lr_cov"]
+    beta1 = float(beta1(optimizer.steps)) if callable(beta1) else beta1
+    c = 0.5 * ((1.0 - alpha1) if group["normalize_lr_cov"] else 1.0)
+    device = factors[0].device
+    # As `SINGD._update_preconditioner`: the input side over the calls, the output side
+    # un-scaled and, for a mean loss, times the backward passes.
+    mean_loss = group["loss_average"] is not None
+    scale_K = torch.tensor(
+        [1.0 / max(layer.passes, 1) for layer in layers], dtype=torch.float64, device=device
+    )
+    scale_C = grad_unscaling * torch.tensor(
+        [max(layer.backward_passes, 1) if mean_loss else 1.0 for layer in layers],
+        dtype=torch.float64,
+        device=device,
+    )
+    squares = torch._foreach_mul(factors, factors)  # P(K^T K), P(C^T C)
+    new_momenta = [s.pop(key) for s in states for key in ("H_K", "H_C")]
+    curvatures = [m.diag for m in new_momenta]
+    if group["kfac_like"]:
+        coef_H = torch.stack([c * scale_K, c * scale_C], 1).flatten()
+        coef_S = torch.full_like(coef_H, c * damping)
+    else:
+        # Per layer avg(H_C), avg(C^T C), avg(H_K), avg(K^T K): `mean` (sum, then divide,
+        # then round to the dtype) for all at once, then in float64.
+        means = [
+            t
+            for i in range(len(layers))
+            for t in (curvatures[2 * i + 1], squares[2 * i + 1], curvatures[2 * i], squares[2 * i])
+        ]
+        dims = torch.tensor([t.shape[0] for t in means], dtype=opmath, device=device)
+        traces = torch.stack([t.sum(dtype=opmath) for t in means]).div_(dims)
+        traces = traces.to(dtype).to(torch.float64).view(len(layers), 4)
+        # Columns 0 and 2 (avg(H_C), avg(H_K)) scale H_K and H_C, columns 1 and 3 the
+        # damping terms of K and C.
+        scales = torch.stack([c * scale_C * scale_K, c * scale_K * scale_C], 1)
+        coef_H = (traces[:, 0::2] * scales).flatten()
+        coef_S = (traces[:, 1::2] * (c * damping)).flatten()
+    coefficients = torch.cat([coef_H, coef_S]).to(opmath).unbind()
+    # m' = coef_H H + coef_S S^T S - c I in H's memory, plus alpha1 m (as per layer).
+    torch._foreach_mul_(curvatures, coefficients[: len(factors)])
+    torch._foreach_mul_(squares, coefficients[len(factors) :])
+    torch._foreach_add_(curvatures, squares, alpha=1.0)
+    torch._foreach_add_(curvatures, -c)
+    if alpha1 != 0.0:
+        momenta = [s[key].diag for s in states for key in ("m_K", "m_C")]
+        torch._foreach_add_(curvatures, momenta, alpha=alpha1)
+    products = torch._foreach_mul(factors, curvatures)  # K m_K, C m_C
+    if group["normalize_lr_cov"]:
+        norms = torch.stack(torch._foreach_max(torch._foreach_abs(curvatures)))
+        steps = -(beta1 / norms.to(torch.float64).clamp_min(1.0))
+        torch._foreach_add_(factors, torch._foreach_mul(products, steps.to(opmath).unbind()))
+    else:
+        torch._foreach_add_(factors, products, alpha=-beta1)
+    if alpha1 != 0.0:  # no momentum buffers at all otherwise
+        for i, s in enumerate(states):
+            s["m_K"], s["m_C"] = new_momenta[2 * i], new_momenta[2 * i + 1]

@@ -4,13 +4,14 @@ A forward hook registers a tensor hook on the layer's output, which receives the
 gradient during backward. Full backward hooks break on in-place activations; a tensor
 hook does not. The hooks only act on steps with ``steps % T == 0``.
 
-The backward hook turns inputs and output gradients into the rows ``a`` and ``g``
-(`singd.optim.layers`), reduces ``a`` to the optimizer's `_input_statistic` and passes
-both to `_accumulate` (one call per backward call of the layer, so gradient
+The backward hook reduces the input and the output gradient to what the optimizer's
+curvature needs (`_reduce_input`, `_reduce_output`: by default the rows ``a`` and ``g`` of
+`singd.optim.layers`, ``a`` reduced to `_input_statistic`, ``g`` divided by
+``sqrt(s_{t-1})``, the previous step's GradScaler scale, `singd.optim.scaling`) and
+passes both to `_accumulate` (one call per backward call of the layer, so gradient
 accumulation over several passes, and a layer run several times per forward, sum their
 curvature terms; `KroneckerLayer.passes` counts the calls and ``backward_passes`` the
-distinct backward passes). The output-gradient rows are divided by ``sqrt(s_{t-1})``,
-the previous step's GradScaler scale (`singd.optim.scaling`).
+distinct backward passes).
 
 The input itself waits for the backward pass, where autograd keeps it anyway for the
 weight's gradient. But where saved-tensor hooks manage what autograd keeps (activation
@@ -30,14 +31,13 @@ short-lived there.
 from __future__ import annotations
 
 import contextlib
-import math
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from singd.optim.layers import KroneckerLayer, process_grad_output
+from singd.optim.layers import KroneckerLayer
 
 if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
@@ -135,20 +135,10 @@ def backward_hook(
     grad: Tensor,
 ) -> None:
     """Accumulate one backward call's curvature terms and count the call and its pass."""
-    group = optimizer.param_groups[layer.group_index]
-    dtype_g = optimizer._curvature_dtypes(layer)[1]
     with torch.no_grad():
         if statistic is None:
             statistic = optimizer._reduce_input(layer, x)
-        g = process_grad_output(
-            grad.detach().to(dtype_g), layer, group["loss_average"], group["kfac_approx"]
-        )
-        prev_scale = optimizer._grad_scales[optimizer.steps - 1]
-        if isinstance(prev_scale, Tensor):
-            g = g / prev_scale.sqrt()
-        elif prev_scale != 1.0:
-            g = g / math.sqrt(prev_scale)
-        optimizer._accumulate(layer, statistic, g)
+        optimizer._accumulate(layer, statistic, optimizer._reduce_output(layer, grad.detach()))
     layer.passes += 1
     task = outer_task if outer_task is not None and outer_task != -1 else graph_task_id()
     if task is None or task != layer.graph_task:
