@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -42,7 +42,7 @@ from torch.optim import Optimizer
 from singd.optim import accounting, checkpoint, coverage, distributed, fsdp
 from singd.optim.coverage import DEFAULT_FALLBACK, NO_LAYER, FallbackFactory
 from singd.optim.functional import heavy_ball_
-from singd.optim.hooks import register_hooks, reset_passes
+from singd.optim.hooks import LayerHooks, reset_passes
 from singd.optim.layers import (
     KroneckerLayer,
     gradient_matrix,
@@ -55,6 +55,9 @@ from singd.optim.precision import PRECISIONS, Escalation, PrecisionEvent
 from singd.optim.scaling import Scale, not_one, skip_verdict, unscale_output_rows
 from singd.optim.validation import check_common_group, check_number, group_location
 from singd.structures.base import StructuredMatrix
+
+if TYPE_CHECKING:
+    from torch.utils.hooks import RemovableHandle
 
 __all__ = ["DEFAULT_FALLBACK", "FallbackFactory", "KroneckerOptimizer", "Scale", "check_number"]
 
@@ -161,7 +164,8 @@ class KroneckerOptimizer(Optimizer):
         # The optimized weights: under FSDP2 the module holds another (unsharded, perhaps
         # in a mixed-precision policy's dtype) tensor while its forward and backward run.
         self._weights = {layer.name: layer.module.weight for layer in self._layers}
-        self._handles = register_hooks(self, self._layers)
+        self._hooks = LayerHooks(self, self._layers)
+        self._handles: list[RemovableHandle] = []  # other hooks than the layers'
         # Sharded state (FSDP2, several ranks): layer name -> the rank holding its factors.
         self._owners: dict[str, int] = {}
         self._lent_at = -1  # the step whose forward pass the owners lent factors for
@@ -199,7 +203,7 @@ class KroneckerOptimizer(Optimizer):
         """Hand whole layers to the fallback optimizer (their forward never ran)."""
         moved = [layer for layer in self._layers if layer.name in names]
         for layer in moved:
-            self._handles.pop(self._layers.index(layer)).remove()
+            self._hooks.detach(layer)
             self._layers.remove(layer)
             del self._factors[layer.name]
             for p in layer.params:
@@ -420,6 +424,7 @@ class KroneckerOptimizer(Optimizer):
         self.steps += 1
         for t in [t for t in self._grad_scales if t < self.steps - 1]:
             del self._grad_scales[t]
+        self._hooks.sync(self._layers)
         return loss
 
     def _loss_averaged(self, layer: KroneckerLayer) -> bool:
@@ -595,6 +600,7 @@ class KroneckerOptimizer(Optimizer):
             group.update(own)
         self.steps = saved["steps"]
         self._silent_checked = saved["silent_checked"]
+        self._hooks.sync(self._layers)
         self._grad_scales = dict(saved["grad_scales"])
         checkpoint.restore_layers(self, saved["layers"])
         if self._escalation is not None:
@@ -622,5 +628,6 @@ class KroneckerOptimizer(Optimizer):
 
     def remove_hooks(self) -> None:
         """Detach the optimizer's hooks from the model (calling it twice is harmless)."""
+        self._hooks.remove()
         for handle in self._handles:
             handle.remove()

@@ -84,6 +84,8 @@ class DiagonalParts:
                 self.params.append(layer.params[1])
                 self.k_parts.append(k2[-1])
                 self.c_parts.append(c2)
+        # Every parameter at most 2-D: its direction needs no reshape.
+        self.plain = all(len(p.shape) <= 2 for p in self.params)
 
     def current(self, optimizer: SINGD, layers: list[KroneckerLayer]) -> bool:
         """Whether these parts still hold for ``layers`` (the same factors, unchanged)."""
@@ -112,7 +114,15 @@ def diagonal_directions(
     same products, in the same order, as `singd_natural_gradient` on ``[dW | db]``; one
     layer's call is `SINGD._layer_directions` for it."""
     parts = DiagonalParts(optimizer, active) if len(active) == 1 else _parts(optimizer, active)
-    grads = _gradients(parts, divisor, factor)
+    return _directions(parts, divisor, factor)
+
+
+def _directions(parts: DiagonalParts, divisor: Scale, factor: float = 1.0) -> list[Tensor]:
+    grads = [p.grad.flatten(1) if len(p.shape) > 2 else p.grad for p in parts.params]
+    if not_one(divisor):
+        grads = torch._foreach_div(grads, divisor)
+    if factor != 1.0:
+        grads = torch._foreach_mul(grads, factor)
     grad_dtypes = [g.dtype for g in grads]
     if any(g.dtype != k.dtype for g, k in zip(grads, parts.k_parts, strict=True)):
         grads = [g.to(k.dtype) for g, k in zip(grads, parts.k_parts, strict=True)]
@@ -120,29 +130,22 @@ def diagonal_directions(
     if any(s.dtype != c.dtype for s, c in zip(steps, parts.c_parts, strict=True)):
         steps = [s.to(c.dtype) for s, c in zip(steps, parts.c_parts, strict=True)]
     torch._foreach_mul_(steps, parts.c_parts)
+    if parts.plain and grad_dtypes == [s.dtype for s in steps]:
+        return steps  # in the parameters' shapes and dtypes already
     return [
         step.to(dtype).reshape(p.shape)
         for step, dtype, p in zip(steps, grad_dtypes, parts.params, strict=True)
     ]
 
 
-def _gradients(parts: DiagonalParts, divisor: Scale, factor: float = 1.0) -> list[Tensor]:
-    """Each parameter's gradient (a weight's as ``d_C x d_K`` rows), ``/ divisor * factor``."""
-    grads = [p.grad.flatten(1) if len(p.shape) > 2 else p.grad for p in parts.params]
-    if not_one(divisor):
-        grads = torch._foreach_div(grads, divisor)
-    if factor != 1.0:
-        grads = torch._foreach_mul(grads, factor)
-    return grads
-
-
 def diagonal_step(optimizer: SINGD, active: list[KroneckerLayer], divisor: Scale) -> None:
     """Precondition the gradients of ``active`` (`diagonal_directions`) and update momentum
     and parameters (`heavy_ball_`)."""
     group = optimizer.param_groups[0]
+    parts = _parts(optimizer, active)
     heavy_ball_(
-        _parts(optimizer, active).params,
-        diagonal_directions(optimizer, active, divisor),
+        parts.params,
+        _directions(parts, divisor),
         optimizer.state,
         lr=group["lr"],
         momentum=group["momentum"],

@@ -77,14 +77,50 @@ def reset_passes(layer: KroneckerLayer) -> None:
     layer.graph_task = -1
 
 
-def register_hooks(
-    optimizer: KroneckerOptimizer, layers: list[KroneckerLayer]
-) -> list[RemovableHandle]:
-    """Hook every layer's forward; returns the handles in the order of ``layers``."""
-    return [
-        layer.module.register_forward_hook(partial(forward_hook, optimizer, layer))
-        for layer in layers
-    ]
+class LayerHooks:
+    """The layers' forward hooks, attached only for the steps that collect curvature.
+
+    A step whose number is not a multiple of its layer's T runs the layer without a hook
+    at all (an attached hook, even one that returns at once, costs the module its fast
+    call path). `sync` runs after every step, when the optimizer knows the next step's
+    number; until the first step has checked which layers ran (``fired``), every hook
+    stays attached. A change of T takes effect for hooking at the next `sync`.
+    """
+
+    def __init__(self, optimizer: KroneckerOptimizer, layers: list[KroneckerLayer]) -> None:
+        self._optimizer = optimizer
+        self._handles: dict[KroneckerLayer, RemovableHandle] = {}
+        self._removed = False
+        self.sync(layers)
+
+    def sync(self, layers: list[KroneckerLayer]) -> None:
+        """Attach the hook of each layer whose next step collects curvature; detach the
+        others' (nothing once `remove` ran)."""
+        optimizer = self._optimizer
+        for layer in [] if self._removed else layers:
+            T = optimizer.param_groups[layer.group_index]["T"]
+            needed = not optimizer._silent_checked or optimizer.steps % T == 0
+            handle = self._handles.get(layer)
+            if needed and handle is None:
+                self._handles[layer] = layer.module.register_forward_hook(
+                    partial(forward_hook, optimizer, layer)
+                )
+            elif handle is not None and not needed:
+                del self._handles[layer]
+                handle.remove()
+
+    def detach(self, layer: KroneckerLayer) -> None:
+        """Detach one layer's hook for good (a layer handed to the fallback optimizer)."""
+        handle = self._handles.pop(layer, None)
+        if handle is not None:
+            handle.remove()
+
+    def remove(self) -> None:
+        """Detach every hook for good (calling it twice is harmless)."""
+        self._removed = True
+        for handle in self._handles.values():
+            handle.remove()
+        self._handles.clear()
 
 
 def forward_hook(
