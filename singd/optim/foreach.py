@@ -169,47 +169,28 @@ def diagonal_factor_update(
     # The dtype `mean` sums in, and in which a 0-d coefficient multiplies the factors.
     opmath = torch.float64 if dtype == torch.float64 else torch.float32
     group = optimizer.param_groups[0]
-    alpha1, damping, beta1 = group["alpha1"], group["damping"], group["lr_cov"]
+    alpha1, beta1 = group["alpha1"], group["lr_cov"]
     beta1 = float(beta1(optimizer.steps)) if callable(beta1) else beta1
     c = 0.5 * ((1.0 - alpha1) if group["normalize_lr_cov"] else 1.0)
-    device = factors[0].device
-    # As `SINGD._update_preconditioner`: the input side over the calls, the output side
-    # un-scaled and, for a mean loss, times the backward passes.
-    mean_loss = group["loss_average"] is not None
-    scale_K = torch.tensor(
-        [1.0 / max(layer.passes, 1) for layer in layers], dtype=torch.float64, device=device
-    )
-    scale_C = grad_unscaling * torch.tensor(
-        [max(layer.backward_passes, 1) if mean_loss else 1.0 for layer in layers],
-        dtype=torch.float64,
-        device=device,
-    )
     squares = torch._foreach_mul(factors, factors)  # P(K^T K), P(C^T C)
     new_momenta = [s.pop(key) for s in states for key in ("H_K", "H_C")]
     curvatures = [m.diag for m in new_momenta]
-    if group["kfac_like"]:
-        coef_H = torch.stack([c * scale_K, c * scale_C], 1).flatten()
-        coef_S = torch.full_like(coef_H, c * damping)
-    else:
-        # Per layer avg(H_C), avg(C^T C), avg(H_K), avg(K^T K): `mean` (sum, then divide,
-        # then round to the dtype) for all at once, then in float64.
-        means = [
-            t
-            for i in range(len(layers))
-            for t in (curvatures[2 * i + 1], squares[2 * i + 1], curvatures[2 * i], squares[2 * i])
-        ]
-        dims = torch.tensor([t.shape[0] for t in means], dtype=opmath, device=device)
+    # Per layer H_K, H_C, K^T K, C^T C and their coefficients, in that order.
+    scaled = [
+        t
+        for i in range(len(layers))
+        for t in (curvatures[2 * i], curvatures[2 * i + 1], squares[2 * i], squares[2 * i + 1])
+    ]
+    coefficients = _scales(layers, group, c, grad_unscaling, factors[0].device)
+    if not group["kfac_like"]:
+        # avg(H_C), avg(H_K), avg(C^T C), avg(K^T K) per layer (the traces that scale H_K,
+        # H_C, K^T K, C^T C): `mean` (sum, divide, round to the dtype), then in float64.
+        means = [scaled[4 * i + j] for i in range(len(layers)) for j in (1, 0, 3, 2)]
+        dims = torch.tensor([t.shape[0] for t in means], dtype=opmath, device=factors[0].device)
         traces = torch.stack([t.sum(dtype=opmath) for t in means]).div_(dims)
-        traces = traces.to(dtype).to(torch.float64).view(len(layers), 4)
-        # Columns 0 and 2 (avg(H_C), avg(H_K)) scale H_K and H_C, columns 1 and 3 the
-        # damping terms of K and C.
-        scales = torch.stack([c * scale_C * scale_K, c * scale_K * scale_C], 1)
-        coef_H = (traces[:, 0::2] * scales).flatten()
-        coef_S = (traces[:, 1::2] * (c * damping)).flatten()
-    coefficients = torch.cat([coef_H, coef_S]).to(opmath).unbind()
+        coefficients = traces.to(dtype).to(torch.float64).view_as(coefficients) * coefficients
     # m' = coef_H H + coef_S S^T S - c I in H's memory, plus alpha1 m (as per layer).
-    torch._foreach_mul_(curvatures, coefficients[: len(factors)])
-    torch._foreach_mul_(squares, coefficients[len(factors) :])
+    torch._foreach_mul_(scaled, coefficients.flatten().to(opmath).unbind())
     torch._foreach_add_(curvatures, squares, alpha=1.0)
     torch._foreach_add_(curvatures, -c)
     if alpha1 != 0.0:
@@ -225,3 +206,30 @@ def diagonal_factor_update(
     if alpha1 != 0.0:  # no momentum buffers at all otherwise
         for i, s in enumerate(states):
             s["m_K"], s["m_C"] = new_momenta[2 * i], new_momenta[2 * i + 1]
+
+
+def _scales(layers: list[KroneckerLayer], group: dict, c: float, grad_unscaling: Scale, device):
+    """Per layer (rows, float64) what multiplies avg(H_C) in m_K', avg(H_K) in m_C',
+    avg(C^T C) and avg(K^T K) in the damping terms (IKFAC: the coefficients of H_K, H_C,
+    K^T K, C^T C), each computed as `singd_factor_update` computes it: in Python numbers,
+    or in 0-d tensors with a tensor ``grad_unscaling`` (a GradScaler's)."""
+    mean_loss = group["loss_average"] is not None
+    damping = c * group["damping"]
+    rows = []
+    for layer in layers:
+        # As `SINGD._update_preconditioner`: the input side averaged over the calls, the
+        # output side un-scaled and, for a mean loss, times the backward passes.
+        scale_K = 1.0 / max(layer.passes, 1)
+        scale_C = grad_unscaling * (max(layer.backward_passes, 1) if mean_loss else 1.0)
+        if group["kfac_like"]:
+            rows.append((c * scale_K, c * scale_C, damping, damping))
+        else:
+            rows.append((c * scale_C * scale_K, c * scale_K * scale_C, damping, damping))
+    if isinstance(grad_unscaling, Tensor):
+        return torch.stack(
+            [
+                torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in row])
+                for row in rows
+            ]
+        )
+    return torch.tensor(rows, dtype=torch.float64, device=device)
