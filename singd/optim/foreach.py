@@ -61,22 +61,21 @@ def two_diagonal_factors(optimizer: SINGD, layer: KroneckerLayer) -> bool:
 
 
 class DiagonalParts:
-    """Per parameter of some layers, in layer order (weight, then bias): the parameter,
-    the factor squares it is scaled by (``k^2`` as a row, ``c^2`` as a column), and the
-    factor tensors they were computed from, with their versions then."""
+    """Per parameter of some layers, in layer order (weight, then bias): the parameter and
+    the factor squares it is scaled by (``k^2`` as a row, ``c^2`` as a column: views of
+    buffers kept from step to step), with the factor tensors they were computed from and
+    their versions then."""
 
     def __init__(self, optimizer: SINGD, layers: list[KroneckerLayer]) -> None:
         self.layers = layers
-        self.diags = [
-            optimizer._factors[layer.name][key].diag for layer in layers for key in ("K", "C")
-        ]
+        self.diags = _diags(optimizer, layers)
+        self.squares = torch._foreach_mul(self.diags, self.diags)
         self.versions = [d._version for d in self.diags]
-        squares = torch._foreach_mul(self.diags, self.diags)
         self.params: list[Tensor] = []
         self.k_parts: list[Tensor] = []
         self.c_parts: list[Tensor] = []
         for i, layer in enumerate(layers):
-            k2, c2 = squares[2 * i], squares[2 * i + 1]
+            k2, c2 = self.squares[2 * i], self.squares[2 * i + 1]
             self.params.append(layer.params[0])
             self.k_parts.append(k2[:-1] if layer.has_bias else k2)
             self.c_parts.append(c2.unsqueeze(1))
@@ -87,20 +86,29 @@ class DiagonalParts:
         # Every parameter at most 2-D: its direction needs no reshape.
         self.plain = all(len(p.shape) <= 2 for p in self.params)
 
-    def current(self, optimizer: SINGD, layers: list[KroneckerLayer]) -> bool:
-        """Whether these parts still hold for ``layers`` (the same factors, unchanged)."""
+    def holds(self, optimizer: SINGD, layers: list[KroneckerLayer]) -> bool:
+        """Whether these parts are those of ``layers`` (the same factor tensors); their
+        squares are brought up to date where a factor has changed since."""
         if layers != self.layers:
             return False
-        diags = [optimizer._factors[layer.name][key].diag for layer in layers for key in ("K", "C")]
-        return all(
-            d is mine and d._version == version
-            for d, mine, version in zip(diags, self.diags, self.versions, strict=True)
-        )
+        diags = _diags(optimizer, layers)
+        if any(d is not mine for d, mine in zip(diags, self.diags, strict=True)):
+            return False
+        versions = [d._version for d in diags]
+        if versions != self.versions:
+            torch._foreach_copy_(self.squares, diags)
+            torch._foreach_mul_(self.squares, diags)
+            self.versions = versions
+        return True
+
+
+def _diags(optimizer: SINGD, layers: list[KroneckerLayer]) -> list[Tensor]:
+    return [optimizer._factors[layer.name][key].diag for layer in layers for key in ("K", "C")]
 
 
 def _parts(optimizer: SINGD, layers: list[KroneckerLayer]) -> DiagonalParts:
     parts = optimizer._diagonal_parts
-    if parts is None or not parts.current(optimizer, layers):
+    if parts is None or not parts.holds(optimizer, layers):
         parts = optimizer._diagonal_parts = DiagonalParts(optimizer, layers)
     return parts
 
