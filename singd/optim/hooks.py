@@ -195,7 +195,8 @@ def backward_hook(
     with torch.no_grad():
         if statistic is None:
             statistic = optimizer._reduce_input(layer, x)
-        optimizer._accumulate(layer, statistic, optimizer._reduce_output(layer, grad.detach()))
+        grad = grad.detach() if grad.requires_grad else grad  # a graph only with create_graph
+        optimizer._accumulate(layer, statistic, optimizer._reduce_output(layer, grad))
     layer.passes += 1
     task = outer_task if outer_task is not None and outer_task != -1 else graph_task_id()
     if task is None or task != layer.graph_task:

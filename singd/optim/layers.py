@@ -227,7 +227,9 @@ def input_rows(x: Tensor, layer: KroneckerLayer, kfac_approx: str) -> Tensor:
     if isinstance(module, CONV_LAYERS):
         patches = _conv_patches(x, module)
         return patches.flatten(0, 1) if kfac_approx == "expand" else patches.mean(1)
-    if kfac_approx == "expand" or x.dim() == 2:
+    if x.dim() == 2:
+        return x
+    if kfac_approx == "expand":
         return x.reshape(-1, x.shape[-1])
     return x.flatten(1, -2).mean(1)
 
@@ -256,7 +258,9 @@ def output_rows(g: Tensor, layer: KroneckerLayer, kfac_approx: str) -> Tensor:
     if isinstance(layer.module, CONV_LAYERS):
         rows = g.flatten(2).transpose(1, 2) if kfac_approx == "expand" else g.flatten(2).sum(2)
         return rows.reshape(-1, g.shape[1])
-    rows = g if kfac_approx == "expand" or g.dim() == 2 else g.flatten(1, -2).sum(1)
+    if g.dim() == 2:
+        return g
+    rows = g if kfac_approx == "expand" else g.flatten(1, -2).sum(1)
     return rows.reshape(-1, g.shape[-1])
 
 

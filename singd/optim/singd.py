@@ -212,7 +212,7 @@ class SINGD(KroneckerOptimizer):
         if isinstance(K, DiagonalMatrix):
             # Without the copy of the input that appends the bias's ones column.
             kfac_approx = self.param_groups[layer.group_index]["kfac_approx"]
-            rows = input_rows(x.to(K.dtype), layer, kfac_approx)
+            rows = input_rows(x if x.dtype == K.dtype else x.to(K.dtype), layer, kfac_approx)
             return K.from_input_rows(rows, layer.has_bias)
         return super()._reduce_input(layer, x)
 
@@ -227,7 +227,8 @@ class SINGD(KroneckerOptimizer):
         if isinstance(C, DiagonalMatrix):
             # Without the copies of the rows scaled by sqrt(loss terms / s_{t-1}).
             group = self.param_groups[layer.group_index]
-            rows = output_rows(grad.to(C.dtype), layer, group["kfac_approx"])
+            g = grad if grad.dtype == C.dtype else grad.to(C.dtype)
+            rows = output_rows(g, layer, group["kfac_approx"])
             terms = loss_terms(grad, layer, group["loss_average"])
             return C.from_output_rows(rows, terms / self._grad_scales[self.steps - 1])
         return C.from_inner(super()._reduce_output(layer, grad).T)

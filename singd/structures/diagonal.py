@@ -84,7 +84,7 @@ class DiagonalMatrix(StructuredMatrix):
         exactly: no copy of the input with a column appended.
         """
         rows = X.shape[0]
-        X = X.to(self.dtype)
+        X = X if X.dtype == self.dtype else X.to(self.dtype)
         squares = (X * X).sum(0).div_(rows)
         if ones_column:
             squares = torch.cat([squares, squares.new_ones(1)])
@@ -109,7 +109,7 @@ class DiagonalMatrix(StructuredMatrix):
             raise ValueError(
                 f"from_output_rows expects X of shape (n, {self._dim}), got {tuple(X.shape)}."
             )
-        X = X.to(self.dtype)
+        X = X if X.dtype == self.dtype else X.to(self.dtype)
         s = self._tensors["diag"]
         diag = (X * X).sum(0).mul_(s * s)
         if isinstance(scale, Tensor) or scale != 1.0:
