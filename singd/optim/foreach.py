@@ -81,7 +81,7 @@ class DiagonalParts:
             self.c_parts.append(c2.unsqueeze(1))
             if layer.has_bias:
                 self.params.append(layer.params[1])
-                self.k_parts.append(k2[-1])
+                self.k_parts.append(k2[-1:])  # one element, not 0-d: no scalar cast
                 self.c_parts.append(c2)
         # Every parameter at most 2-D: its direction needs no reshape.
         self.plain = all(len(p.shape) <= 2 for p in self.params)
@@ -200,7 +200,10 @@ def diagonal_factor_update(
     # m' = coef_H H + coef_S S^T S - c I in H's memory, plus alpha1 m (as per layer).
     torch._foreach_mul_(scaled, coefficients.flatten().to(opmath).unbind())
     torch._foreach_add_(curvatures, squares, alpha=1.0)
-    torch._foreach_add_(curvatures, -c)
+    # -c as a one-element vector in the dtype a number is computed in (the same sums, no
+    # cast of a number per tensor).
+    minus_c = torch.full((1,), -c, dtype=opmath, device=factors[0].device)
+    torch._foreach_add_(curvatures, [minus_c] * len(curvatures))
     if alpha1 != 0.0:
         momenta = [s[key].diag for s in states for key in ("m_K", "m_C")]
         torch._foreach_add_(curvatures, momenta, alpha=alpha1)

@@ -83,9 +83,8 @@ class DiagonalMatrix(StructuredMatrix):
         Its diagonal is ``s_j^2 sum_i X_ij^2 / n`` and, for the ones column, ``s_d^2``
         exactly: no copy of the input with a column appended.
         """
-        rows = X.shape[0]
         X = X if X.dtype == self.dtype else X.to(self.dtype)
-        squares = (X * X).sum(0).div_(rows)
+        squares = (X * X).mean(0)
         if ones_column:
             squares = torch.cat([squares, squares.new_ones(1)])
         if squares.shape[0] != self._dim:
