@@ -180,26 +180,29 @@ def diagonal_factor_update(
     alpha1, beta1 = group["alpha1"], group["lr_cov"]
     beta1 = float(beta1(optimizer.steps)) if callable(beta1) else beta1
     c = 0.5 * ((1.0 - alpha1) if group["normalize_lr_cov"] else 1.0)
-    squares = torch._foreach_mul(factors, factors)  # P(K^T K), P(C^T C)
+    # P(K^T K), P(C^T C): the squares the step keeps (`DiagonalParts`), read only here.
+    squares = _parts(optimizer, layers).squares
     new_momenta = [s.pop(key) for s in states for key in ("H_K", "H_C")]
     curvatures = [m.diag for m in new_momenta]
-    # Per layer H_K, H_C, K^T K, C^T C and their coefficients, in that order.
-    scaled = [
-        t
-        for i in range(len(layers))
-        for t in (curvatures[2 * i], curvatures[2 * i + 1], squares[2 * i], squares[2 * i + 1])
-    ]
+    n = len(layers)
     coefficients = _scales(layers, group, c, grad_unscaling, factors[0].device)
     if not group["kfac_like"]:
         # avg(H_C), avg(H_K), avg(C^T C), avg(K^T K) per layer (the traces that scale H_K,
         # H_C, K^T K, C^T C): `mean` (sum, divide, round to the dtype), then in float64.
-        means = [scaled[4 * i + j] for i in range(len(layers)) for j in (1, 0, 3, 2)]
+        means = [
+            t
+            for i in range(n)
+            for t in (curvatures[2 * i + 1], curvatures[2 * i], squares[2 * i + 1], squares[2 * i])
+        ]
         dims = torch.tensor([t.shape[0] for t in means], dtype=opmath, device=factors[0].device)
         traces = torch.stack([t.sum(dtype=opmath) for t in means]).div_(dims)
         coefficients = traces.to(dtype).to(torch.float64).view_as(coefficients) * coefficients
+    # Per layer the coefficients of H_K, H_C, K^T K, C^T C, in that order.
+    each = coefficients.flatten().to(opmath).unbind()
     # m' = coef_H H + coef_S S^T S - c I in H's memory, plus alpha1 m (as per layer).
-    torch._foreach_mul_(scaled, coefficients.flatten().to(opmath).unbind())
-    torch._foreach_add_(curvatures, squares, alpha=1.0)
+    torch._foreach_mul_(curvatures, [each[4 * i + j] for i in range(n) for j in (0, 1)])
+    damping = torch._foreach_mul(squares, [each[4 * i + j] for i in range(n) for j in (2, 3)])
+    torch._foreach_add_(curvatures, damping, alpha=1.0)
     # -c as a one-element vector in the dtype a number is computed in (the same sums, no
     # cast of a number per tensor).
     minus_c = torch.full((1,), -c, dtype=opmath, device=factors[0].device)
