@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -42,18 +42,22 @@ from torch.optim import Optimizer
 from singd.optim import accounting, checkpoint, coverage, distributed, fsdp
 from singd.optim.coverage import DEFAULT_FALLBACK, NO_LAYER, FallbackFactory
 from singd.optim.functional import heavy_ball_
-from singd.optim.hooks import register_hooks, reset_passes
+from singd.optim.hooks import LayerHooks, reset_passes
 from singd.optim.layers import (
     KroneckerLayer,
     gradient_matrix,
     is_supported,
+    process_grad_output,
     process_input,
     split_matrix,
 )
 from singd.optim.precision import PRECISIONS, Escalation, PrecisionEvent
-from singd.optim.scaling import Scale, not_one, skip_verdict
+from singd.optim.scaling import Scale, not_one, skip_verdict, unscale_output_rows
 from singd.optim.validation import check_common_group, check_number, group_location
 from singd.structures.base import StructuredMatrix
+
+if TYPE_CHECKING:
+    from torch.utils.hooks import RemovableHandle
 
 __all__ = ["DEFAULT_FALLBACK", "FallbackFactory", "KroneckerOptimizer", "Scale", "check_number"]
 
@@ -160,7 +164,8 @@ class KroneckerOptimizer(Optimizer):
         # The optimized weights: under FSDP2 the module holds another (unsharded, perhaps
         # in a mixed-precision policy's dtype) tensor while its forward and backward run.
         self._weights = {layer.name: layer.module.weight for layer in self._layers}
-        self._handles = register_hooks(self, self._layers)
+        self._hooks = LayerHooks(self, self._layers)
+        self._handles: list[RemovableHandle] = []  # other hooks than the layers'
         # Sharded state (FSDP2, several ranks): layer name -> the rank holding its factors.
         self._owners: dict[str, int] = {}
         self._lent_at = -1  # the step whose forward pass the owners lent factors for
@@ -198,7 +203,7 @@ class KroneckerOptimizer(Optimizer):
         """Hand whole layers to the fallback optimizer (their forward never ran)."""
         moved = [layer for layer in self._layers if layer.name in names]
         for layer in moved:
-            self._handles.pop(self._layers.index(layer)).remove()
+            self._hooks.detach(layer)
             self._layers.remove(layer)
             del self._factors[layer.name]
             for p in layer.params:
@@ -294,9 +299,22 @@ class KroneckerOptimizer(Optimizer):
         """How many entries `_input_statistic` holds (to choose when to reduce the input)."""
         raise NotImplementedError
 
-    def _accumulate(self, layer: KroneckerLayer, statistic: Any, g: Tensor) -> None:
+    def _reduce_output(self, layer: KroneckerLayer, grad: Tensor) -> Any:
+        """What `_accumulate` needs of the layer's output gradient (called by the hooks):
+        here the rows ``g`` (n x d_C, `process_grad_output`) in the output side's curvature
+        dtype, divided by ``sqrt(s_{t-1})`` (`singd.optim.scaling`)."""
+        group = self.param_groups[layer.group_index]
+        g = process_grad_output(
+            grad.to(self._curvature_dtypes(layer)[1]),
+            layer,
+            group["loss_average"],
+            group["kfac_approx"],
+        )
+        return unscale_output_rows(g, self._grad_scales[self.steps - 1])
+
+    def _accumulate(self, layer: KroneckerLayer, statistic: Any, output: Any) -> None:
         """Add one backward call's curvature terms: the input's `_input_statistic` and the
-        output-gradient rows ``g`` (n x d_C)."""
+        output gradient's `_reduce_output`."""
         raise NotImplementedError
 
     def _update_preconditioner(self, layer: KroneckerLayer, grad_unscaling: Scale) -> None:
@@ -406,6 +424,7 @@ class KroneckerOptimizer(Optimizer):
         self.steps += 1
         for t in [t for t in self._grad_scales if t < self.steps - 1]:
             del self._grad_scales[t]
+        self._hooks.sync(self._layers)
         return loss
 
     def _loss_averaged(self, layer: KroneckerLayer) -> bool:
@@ -436,9 +455,8 @@ class KroneckerOptimizer(Optimizer):
                 [self._owners[layer.name] for layer in due] if self._owners else None,
             )
             grad_unscaling = 1.0
+        self._update_preconditioners([layer for layer in due if self.owns(layer)], grad_unscaling)
         for layer in due:
-            if self.owns(layer):
-                self._update_preconditioner(layer, grad_unscaling)
             reset_passes(layer)
         for layer in self._layers:
             if not self.owns(layer):  # the lent factors and the sent terms go
@@ -448,31 +466,31 @@ class KroneckerOptimizer(Optimizer):
         for layer in self._layers:
             if layer not in due:
                 self._clear_accumulators(layer)
+        if world == 1 and not self._sharded and self._batched_step(active, divisor):
+            return
         reduced = self._ddp or self._sharded  # gradients averaged over ranks already
-        steps = None if world > 1 or self._sharded else self._batched_directions(active, divisor)
-        if steps is None:
-            directions = []
-            directions_of = (
-                fsdp.owned_directions
-                if self._owners
-                else fsdp.sharded_directions
-                if self._sharded
-                else type(self)._layer_directions
+        directions = []
+        directions_of = (
+            fsdp.owned_directions
+            if self._owners
+            else fsdp.sharded_directions
+            if self._sharded
+            else type(self)._layer_directions
+        )
+        for layer in active:
+            # Inside DDP or FSDP, a summed loss: the gradients were averaged, undo it.
+            summed = reduced and not self._loss_averaged(layer)
+            directions.append(directions_of(self, layer, divisor, world if summed else 1.0))
+        steps = [t for layer_steps in directions for t in layer_steps]
+        if world > 1 and not reduced:
+            distributed.all_reduce_split(
+                steps,
+                [
+                    self._loss_averaged(layer)
+                    for layer, layer_steps in zip(active, directions, strict=True)
+                    for _ in layer_steps
+                ],
             )
-            for layer in active:
-                # Inside DDP or FSDP, a summed loss: the gradients were averaged, undo it.
-                summed = reduced and not self._loss_averaged(layer)
-                directions.append(directions_of(self, layer, divisor, world if summed else 1.0))
-            steps = [t for layer_steps in directions for t in layer_steps]
-            if world > 1 and not reduced:
-                distributed.all_reduce_split(
-                    steps,
-                    [
-                        self._loss_averaged(layer)
-                        for layer, layer_steps in zip(active, directions, strict=True)
-                        for _ in layer_steps
-                    ],
-                )
         # One momentum and parameter update per parameter group (elementwise, so the same
         # bits as per layer), over its layers' parameters in layer order.
         by_group: dict[int, tuple[list[Tensor], list[Tensor]]] = {}
@@ -500,13 +518,17 @@ class KroneckerOptimizer(Optimizer):
             return None
         return gradient_matrix(layer)
 
-    def _batched_directions(
-        self, active: list[KroneckerLayer], divisor: Scale
-    ) -> list[Tensor] | None:
-        """None (the per-layer path), or, where a subclass batches the step over layers
-        (one parameter group, one process), the preconditioned gradient of every parameter
-        of ``active`` in layer order, bitwise what `_layer_directions` gives."""
-        return None
+    def _update_preconditioners(self, layers: list[KroneckerLayer], grad_unscaling) -> None:
+        """`_update_preconditioner` for each of ``layers``; a subclass may batch them
+        (bitwise the same)."""
+        for layer in layers:
+            self._update_preconditioner(layer, grad_unscaling)
+
+    def _batched_step(self, active: list[KroneckerLayer], divisor: Scale) -> bool:
+        """Where a subclass batches the parameter update over layers (one process): make
+        it for ``active`` and return True, bitwise what `_layer_directions` and
+        `heavy_ball_` give; False (the default): the per-layer path follows."""
+        return False
 
     def _layer_directions(
         self, layer: KroneckerLayer, divisor: Scale, factor: float
@@ -578,6 +600,7 @@ class KroneckerOptimizer(Optimizer):
             group.update(own)
         self.steps = saved["steps"]
         self._silent_checked = saved["silent_checked"]
+        self._hooks.sync(self._layers)
         self._grad_scales = dict(saved["grad_scales"])
         checkpoint.restore_layers(self, saved["layers"])
         if self._escalation is not None:
@@ -605,5 +628,6 @@ class KroneckerOptimizer(Optimizer):
 
     def remove_hooks(self) -> None:
         """Detach the optimizer's hooks from the model (calling it twice is harmless)."""
+        self._hooks.remove()
         for handle in self._handles:
             handle.remove()

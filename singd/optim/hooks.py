@@ -1,16 +1,18 @@
 """The layer hooks that collect a Kronecker optimizer's curvature terms.
 
-A forward hook registers a tensor hook on the layer's output, which receives the output
-gradient during backward. Full backward hooks break on in-place activations; a tensor
-hook does not. The hooks only act on steps with ``steps % T == 0``.
+A forward hook hooks the gradient of the layer's output (a pre-hook on the output's
+autograd node, or a tensor hook), which receives the output gradient during backward.
+Full backward hooks break on in-place activations; these do not. The hooks are attached
+for the steps with ``steps % T == 0`` only (`LayerHooks`).
 
-The backward hook turns inputs and output gradients into the rows ``a`` and ``g``
-(`singd.optim.layers`), reduces ``a`` to the optimizer's `_input_statistic` and passes
-both to `_accumulate` (one call per backward call of the layer, so gradient
+The backward hook reduces the input and the output gradient to what the optimizer's
+curvature needs (`_reduce_input`, `_reduce_output`: by default the rows ``a`` and ``g`` of
+`singd.optim.layers`, ``a`` reduced to `_input_statistic`, ``g`` divided by
+``sqrt(s_{t-1})``, the previous step's GradScaler scale, `singd.optim.scaling`) and
+passes both to `_accumulate` (one call per backward call of the layer, so gradient
 accumulation over several passes, and a layer run several times per forward, sum their
 curvature terms; `KroneckerLayer.passes` counts the calls and ``backward_passes`` the
-distinct backward passes). The output-gradient rows are divided by ``sqrt(s_{t-1})``,
-the previous step's GradScaler scale (`singd.optim.scaling`).
+distinct backward passes).
 
 The input itself waits for the backward pass, where autograd keeps it anyway for the
 weight's gradient. But where saved-tensor hooks manage what autograd keeps (activation
@@ -30,14 +32,13 @@ short-lived there.
 from __future__ import annotations
 
 import contextlib
-import math
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from singd.optim.layers import KroneckerLayer, process_grad_output
+from singd.optim.layers import KroneckerLayer
 
 if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
@@ -77,14 +78,50 @@ def reset_passes(layer: KroneckerLayer) -> None:
     layer.graph_task = -1
 
 
-def register_hooks(
-    optimizer: KroneckerOptimizer, layers: list[KroneckerLayer]
-) -> list[RemovableHandle]:
-    """Hook every layer's forward; returns the handles in the order of ``layers``."""
-    return [
-        layer.module.register_forward_hook(partial(forward_hook, optimizer, layer))
-        for layer in layers
-    ]
+class LayerHooks:
+    """The layers' forward hooks, attached only for the steps that collect curvature.
+
+    A step whose number is not a multiple of its layer's T runs the layer without a hook
+    at all (an attached hook, even one that returns at once, costs the module its fast
+    call path). `sync` runs after every step, when the optimizer knows the next step's
+    number; until the first step has checked which layers ran (``fired``), every hook
+    stays attached. A change of T takes effect for hooking at the next `sync`.
+    """
+
+    def __init__(self, optimizer: KroneckerOptimizer, layers: list[KroneckerLayer]) -> None:
+        self._optimizer = optimizer
+        self._handles: dict[KroneckerLayer, RemovableHandle] = {}
+        self._removed = False
+        self.sync(layers)
+
+    def sync(self, layers: list[KroneckerLayer]) -> None:
+        """Attach the hook of each layer whose next step collects curvature; detach the
+        others' (nothing once `remove` ran)."""
+        optimizer = self._optimizer
+        for layer in [] if self._removed else layers:
+            T = optimizer.param_groups[layer.group_index]["T"]
+            needed = not optimizer._silent_checked or optimizer.steps % T == 0
+            handle = self._handles.get(layer)
+            if needed and handle is None:
+                self._handles[layer] = layer.module.register_forward_hook(
+                    partial(forward_hook, optimizer, layer)
+                )
+            elif handle is not None and not needed:
+                del self._handles[layer]
+                handle.remove()
+
+    def detach(self, layer: KroneckerLayer) -> None:
+        """Detach one layer's hook for good (a layer handed to the fallback optimizer)."""
+        handle = self._handles.pop(layer, None)
+        if handle is not None:
+            handle.remove()
+
+    def remove(self) -> None:
+        """Detach every hook for good (calling it twice is harmless)."""
+        self._removed = True
+        for handle in self._handles.values():
+            handle.remove()
+        self._handles.clear()
 
 
 def forward_hook(
@@ -111,7 +148,7 @@ def forward_hook(
         # A reentrant checkpoint backpropagates each recomputed segment in a backward
         # pass of its own, nested in the one that recomputes it: that outer pass is
         # the one the layer's gradient belongs to.
-        output.register_hook(partial(backward_hook, optimizer, layer, x, None, task))
+        _hook_gradient(output, partial(backward_hook, optimizer, layer, x, None, task))
         return
     # As in the backward pass: no autocast (it would compute the statistic in the
     # autocast dtype, not the curvature dtype); switched off only where it is on.
@@ -123,7 +160,27 @@ def forward_hook(
     )
     with torch.no_grad(), autocast_off:
         statistic = optimizer._reduce_input(layer, x)
-    output.register_hook(partial(backward_hook, optimizer, layer, None, statistic, None))
+    _hook_gradient(output, partial(backward_hook, optimizer, layer, None, statistic, None))
+
+
+def _hook_gradient(output: Tensor, hook) -> None:
+    """Call ``hook(grad)`` with the gradient of ``output`` during backward.
+
+    A pre-hook on the autograd node that made ``output`` (its first output) receives the
+    same gradient as a tensor hook on ``output``, at about half the registration cost;
+    and an in-place operation on ``output`` afterwards (``ReLU(inplace=True)``) leaves it
+    on the layer's own node. Any other output takes a tensor hook.
+    """
+    node = output.grad_fn
+    if node is not None and output.output_nr == 0 and not torch.compiler.is_compiling():
+        node.register_prehook(partial(_first_gradient, hook))
+    else:
+        output.register_hook(hook)
+
+
+def _first_gradient(hook, grad_outputs: tuple) -> None:
+    if grad_outputs[0] is not None:
+        hook(grad_outputs[0])
 
 
 def backward_hook(
@@ -135,20 +192,11 @@ def backward_hook(
     grad: Tensor,
 ) -> None:
     """Accumulate one backward call's curvature terms and count the call and its pass."""
-    group = optimizer.param_groups[layer.group_index]
-    dtype_g = optimizer._curvature_dtypes(layer)[1]
     with torch.no_grad():
         if statistic is None:
             statistic = optimizer._reduce_input(layer, x)
-        g = process_grad_output(
-            grad.detach().to(dtype_g), layer, group["loss_average"], group["kfac_approx"]
-        )
-        prev_scale = optimizer._grad_scales[optimizer.steps - 1]
-        if isinstance(prev_scale, Tensor):
-            g = g / prev_scale.sqrt()
-        elif prev_scale != 1.0:
-            g = g / math.sqrt(prev_scale)
-        optimizer._accumulate(layer, statistic, g)
+        grad = grad.detach() if grad.requires_grad else grad  # a graph only with create_graph
+        optimizer._accumulate(layer, statistic, optimizer._reduce_output(layer, grad))
     layer.passes += 1
     task = outer_task if outer_task is not None and outer_task != -1 else graph_task_id()
     if task is None or task != layer.graph_task:

@@ -227,7 +227,9 @@ def input_rows(x: Tensor, layer: KroneckerLayer, kfac_approx: str) -> Tensor:
     if isinstance(module, CONV_LAYERS):
         patches = _conv_patches(x, module)
         return patches.flatten(0, 1) if kfac_approx == "expand" else patches.mean(1)
-    if kfac_approx == "expand" or x.dim() == 2:
+    if x.dim() == 2:
+        return x
+    if kfac_approx == "expand":
         return x.reshape(-1, x.shape[-1])
     return x.flatten(1, -2).mean(1)
 
@@ -249,6 +251,30 @@ def process_input(x: Tensor, layer: KroneckerLayer, kfac_approx: str) -> Tensor:
     return a / sqrt(a.shape[0])
 
 
+def output_rows(g: Tensor, layer: KroneckerLayer, kfac_approx: str) -> Tensor:
+    """Rows (``n x d_C``) of the output gradient ``g`` (shaped like the layer's output),
+    before the loss scaling of `process_grad_output`; ``reduce`` sums them over shared
+    positions."""
+    if isinstance(layer.module, CONV_LAYERS):
+        rows = g.flatten(2).transpose(1, 2) if kfac_approx == "expand" else g.flatten(2).sum(2)
+        return rows.reshape(-1, g.shape[1])
+    if g.dim() == 2:
+        return g
+    rows = g if kfac_approx == "expand" else g.flatten(1, -2).sum(1)
+    return rows.reshape(-1, g.shape[-1])
+
+
+def loss_terms(g: Tensor, layer: KroneckerLayer, loss_average: str | None) -> int:
+    """The number of loss terms a mean loss averages over (module docstring): the batch
+    size for ``"batch"``, times the shared size for ``"batch+sequence"``; 1 for ``None``."""
+    if loss_average is None:
+        return 1
+    if loss_average == "batch":
+        return g.shape[0]
+    conv = isinstance(layer.module, CONV_LAYERS)
+    return g.shape[0] * (g.shape[2:] if conv else g.shape[1:-1]).numel()
+
+
 def process_grad_output(
     g: Tensor, layer: KroneckerLayer, loss_average: str | None, kfac_approx: str
 ) -> Tensor:
@@ -262,20 +288,13 @@ def process_grad_output(
             positions).
 
     Returns:
-        ``g`` reshaped to rows and multiplied by ``sqrt(number of loss terms)``.
+        ``g`` reshaped to rows (`output_rows`) and multiplied by ``sqrt(number of loss
+        terms)`` (`loss_terms`).
     """
-    conv = isinstance(layer.module, CONV_LAYERS)
-    if conv:
-        shared = g.shape[2:].numel()
-        rows = g.flatten(2).transpose(1, 2) if kfac_approx == "expand" else g.flatten(2).sum(2)
-    else:
-        shared = g.shape[1:-1].numel()
-        rows = g if kfac_approx == "expand" or g.dim() == 2 else g.flatten(1, -2).sum(1)
-    rows = rows.reshape(-1, g.shape[1] if conv else g.shape[-1])
+    rows = output_rows(g, layer, kfac_approx)
     if loss_average is None:
         return rows
-    terms = g.shape[0] * (shared if loss_average == "batch+sequence" else 1)
-    return rows * sqrt(terms)
+    return rows * sqrt(loss_terms(g, layer, loss_average))
 
 
 def gradient_matrix(layer: KroneckerLayer) -> Tensor:

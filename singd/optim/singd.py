@@ -50,7 +50,7 @@ from singd.optim import foreach
 from singd.optim.base import KroneckerOptimizer
 from singd.optim.coverage import DEFAULT_FALLBACK, FallbackFactory
 from singd.optim.functional import singd_factor_update, singd_natural_gradient
-from singd.optim.layers import KroneckerLayer, input_rows, layer_dims
+from singd.optim.layers import KroneckerLayer, input_rows, layer_dims, loss_terms, output_rows
 from singd.optim.precision import readings
 from singd.optim.validation import check_number, group_location
 from singd.optim.views import FactorView
@@ -145,6 +145,8 @@ class SINGD(KroneckerOptimizer):
             preconditioner_dtype=preconditioner_dtype,
             normalize_lr_cov=normalize_lr_cov,
         )
+        # The batched diagonal step's factor squares and parameters (`singd.optim.foreach`).
+        self._diagonal_parts: foreach.DiagonalParts | None = None
         super().__init__(
             model,
             params,
@@ -210,7 +212,7 @@ class SINGD(KroneckerOptimizer):
         if isinstance(K, DiagonalMatrix):
             # Without the copy of the input that appends the bias's ones column.
             kfac_approx = self.param_groups[layer.group_index]["kfac_approx"]
-            rows = input_rows(x.to(K.dtype), layer, kfac_approx)
+            rows = input_rows(x if x.dtype == K.dtype else x.to(K.dtype), layer, kfac_approx)
             return K.from_input_rows(rows, layer.has_bias)
         return super()._reduce_input(layer, x)
 
@@ -220,9 +222,21 @@ class SINGD(KroneckerOptimizer):
     def _input_statistic_entries(self, layer: KroneckerLayer) -> int:
         return type(self._factors[layer.name]["K"]).storage_entries(layer.dim_K)
 
-    def _accumulate(self, layer: KroneckerLayer, H_K: StructuredMatrix, g: Tensor) -> None:
+    def _reduce_output(self, layer: KroneckerLayer, grad: Tensor) -> StructuredMatrix:
+        C = self._factors[layer.name]["C"]
+        if isinstance(C, DiagonalMatrix):
+            # Without the copies of the rows scaled by sqrt(loss terms / s_{t-1}).
+            group = self.param_groups[layer.group_index]
+            g = grad if grad.dtype == C.dtype else grad.to(C.dtype)
+            rows = output_rows(g, layer, group["kfac_approx"])
+            terms = loss_terms(grad, layer, group["loss_average"])
+            return C.from_output_rows(rows, terms / self._grad_scales[self.steps - 1])
+        return C.from_inner(super()._reduce_output(layer, grad).T)
+
+    def _accumulate(
+        self, layer: KroneckerLayer, H_K: StructuredMatrix, H_C: StructuredMatrix
+    ) -> None:
         state = self._factors[layer.name]
-        H_C = state["C"].from_inner(g.T)
         if "H_K" in state:
             state["H_K"].add_(H_K)
             state["H_C"].add_(H_C)
@@ -294,10 +308,17 @@ class SINGD(KroneckerOptimizer):
         state = self._factors[layer.name]
         return singd_natural_gradient(state["K"], state["C"], grad)
 
-    def _batched_directions(self, active: list[KroneckerLayer], divisor) -> list[Tensor] | None:
+    def _update_preconditioners(self, layers: list[KroneckerLayer], grad_unscaling) -> None:
+        if foreach.applies(self, layers):
+            foreach.diagonal_factor_update(self, layers, grad_unscaling)
+        else:
+            super()._update_preconditioners(layers, grad_unscaling)
+
+    def _batched_step(self, active: list[KroneckerLayer], divisor) -> bool:
         if not foreach.applies(self, active):
-            return None
-        return foreach.diagonal_directions(self, active, divisor)
+            return False
+        foreach.diagonal_step(self, active, divisor)
+        return True
 
     def _layer_directions(self, layer: KroneckerLayer, divisor, factor: float) -> list[Tensor]:
         if foreach.two_diagonal_factors(self, layer):  # no copy into [dW | db]

@@ -26,6 +26,11 @@ class DiagonalMatrix(StructuredMatrix):
     def from_dense(cls, sym: Tensor) -> Self:
         return cls(sym.shape[0], {"diag": sym.diagonal().clone()})
 
+    @property
+    def diag(self) -> Tensor:
+        """The stored diagonal itself (live, not a copy: writing it changes the matrix)."""
+        return self._tensors["diag"]
+
     def to_dense(self) -> Tensor:
         return torch.diag(self._tensors["diag"])
 
@@ -78,9 +83,8 @@ class DiagonalMatrix(StructuredMatrix):
         Its diagonal is ``s_j^2 sum_i X_ij^2 / n`` and, for the ones column, ``s_d^2``
         exactly: no copy of the input with a column appended.
         """
-        rows = X.shape[0]
-        X = X.to(self.dtype)
-        squares = (X * X).sum(0).div_(rows)
+        X = X if X.dtype == self.dtype else X.to(self.dtype)
+        squares = (X * X).mean(0)
         if ones_column:
             squares = torch.cat([squares, squares.new_ones(1)])
         if squares.shape[0] != self._dim:
@@ -90,6 +94,26 @@ class DiagonalMatrix(StructuredMatrix):
             )
         s = self._tensors["diag"]
         return type(self)._trusted(self._dim, {"diag": squares.mul_(s * s)})
+
+    def from_output_rows(self, X: Tensor, scale: float | Tensor) -> Self:
+        """``P(S^T Y^T Y S)`` for ``Y = sqrt(scale) X``, ``X`` of shape (n, d), without
+        forming ``Y``: the diagonal ``s_j^2 scale sum_i X_ij^2``.
+
+        SINGD's output-side curvature term: ``X`` is the rows of a layer's output
+        gradient, ``scale`` the loss terms over the previous gradient scale
+        (`singd.optim.layers.process_grad_output`, `singd.optim.scaling`); a 0-d tensor
+        ``scale`` is not read.
+        """
+        if X.ndim != 2 or X.shape[1] != self._dim:
+            raise ValueError(
+                f"from_output_rows expects X of shape (n, {self._dim}), got {tuple(X.shape)}."
+            )
+        X = X if X.dtype == self.dtype else X.to(self.dtype)
+        s = self._tensors["diag"]
+        diag = (X * X).sum(0).mul_(s * s)
+        if isinstance(scale, Tensor) or scale != 1.0:
+            diag.mul_(scale)
+        return type(self)._trusted(self._dim, {"diag": diag})
 
     def _from_inner_identity(self) -> Self:
         s = self._tensors["diag"]

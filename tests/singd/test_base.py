@@ -65,3 +65,33 @@ def test_removed_hooks_collect_nothing_and_removing_twice_is_harmless(spec):
     optimizer.zero_grad()
     nn.functional.cross_entropy(model(x), y).backward()
     assert all(not state.keys() & optimizer.ACCUMULATORS for state in optimizer._factors.values())
+
+
+@pytest.mark.parametrize("spec", KRONECKER)
+def test_layers_are_hooked_only_for_the_steps_that_collect_curvature(spec):
+    """With T=3 the Linear layers carry the optimizer's forward hook for steps 0, 3, 6
+    only (attached at the end of the step before), after loading a checkpoint as its step
+    says, and never after `remove_hooks`."""
+    model, optimizer, (x, y) = _trained(spec, steps=0)
+    optimizer.param_groups[0]["T"] = 3
+    other_model, other, _ = _trained(spec, steps=1)
+    other.param_groups[0]["T"] = 3
+    other.step()  # steps 0 and 1 taken: step 2 collects nothing
+    assert not other_model[0]._forward_hooks
+    hooked, other_hooked = [], []
+    for _ in range(6):
+        hooked.append([len(m._forward_hooks) for m in (model[0], model[3])])
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    assert hooked == [[1, 1], [0, 0], [0, 0], [1, 1], [0, 0], [0, 0]]
+    assert all(not state.keys() & optimizer.ACCUMULATORS for state in optimizer._factors.values())
+    at_two = other.state_dict()
+    other.load_state_dict(optimizer.state_dict())  # at step 6: hooked
+    other_hooked.append([len(m._forward_hooks) for m in (other_model[0], other_model[3])])
+    other.load_state_dict(at_two)  # at step 2 again: not hooked
+    other_hooked.append([len(m._forward_hooks) for m in (other_model[0], other_model[3])])
+    optimizer.remove_hooks()
+    optimizer.step()
+    assert other_hooked == [[1, 1], [0, 0]]
+    assert not any(m._forward_hooks for m in model.modules())

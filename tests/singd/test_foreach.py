@@ -3,6 +3,8 @@ parameters, momentum buffers and factors are bitwise equal after several steps."
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -25,6 +27,13 @@ CASES = {
     "accumulation": {"passes": 2},
     "conv": {"conv": True},
     "all": {"weight_decay": 1e-2, "scaler": True, "passes": 2, "bias": False},
+    "kfac_like": {"kfac_like": True},
+    "normalize_lr_cov": {"normalize_lr_cov": True, "lr_cov": 1.0},
+    "no_riemannian_momentum": {"alpha1": 0.0},
+    "lr_cov_schedule": {"lr_cov": lambda step: 0.1 / (1 + step)},
+    "summed_loss": {"loss_average": None},
+    "float64": {"dtype": torch.float64},
+    "float32_K_bf16_C": {"preconditioner_dtype": (torch.float32, torch.bfloat16)},
 }
 
 
@@ -55,7 +64,9 @@ def _train(case: dict, T: int, batched: bool, steps: int = 5):
     kwargs = {"lr": 0.05, "momentum": 0.9, "lr_cov": 0.1, **case}
     if scaler_on:
         kwargs["init_grad_scale"] = 2.0**4
-    optimizer = SINGD(model, structures=("diagonal", "diagonal"), T=T, **kwargs)
+    with warnings.catch_warnings():  # kfac_like sets alpha1 to 0, with a warning
+        warnings.simplefilter("ignore", UserWarning)
+        optimizer = SINGD(model, structures=("diagonal", "diagonal"), T=T, **kwargs)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4) if scaler_on else None
     previous = foreach.ENABLED
     foreach.ENABLED = batched

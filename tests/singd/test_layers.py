@@ -137,7 +137,7 @@ def curvature_after_one_backward(model: nn.Module, X: torch.Tensor, **kwargs):
 
 
 def test_in_place_activation_sees_the_pre_activation_gradient():
-    """A tensor hook on the layer output survives ReLU(inplace=True)."""
+    """The hook on the layer output's gradient survives ReLU(inplace=True)."""
     X = torch.randn(16, 5, dtype=torch.float64)
     results = []
     for inplace in (False, True):
