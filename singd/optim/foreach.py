@@ -33,6 +33,7 @@ from torch import Tensor
 from singd.optim.functional import heavy_ball_
 from singd.optim.layers import KroneckerLayer
 from singd.optim.scaling import Scale, not_one
+from singd.structures.base import mark_changed
 from singd.structures.diagonal import DiagonalMatrix
 
 if TYPE_CHECKING:
@@ -217,6 +218,7 @@ def diagonal_factor_update(
         torch._foreach_add_(factors, torch._foreach_mul(products, steps.to(opmath).unbind()))
     else:
         torch._foreach_add_(factors, products, alpha=-beta1)
+    mark_changed(factors)  # `DiagonalParts` refreshes the squares by version
     if alpha1 != 0.0:  # no momentum buffers at all otherwise
         for i, s in enumerate(states):
             s["m_K"], s["m_C"] = new_momenta[2 * i], new_momenta[2 * i + 1]

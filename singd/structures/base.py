@@ -200,11 +200,14 @@ class StructuredMatrix(ABC):
             torch._foreach_add_(mine, torch._foreach_mul(theirs, alpha))
         else:
             torch._foreach_add_(mine, theirs, alpha=alpha)
+        mark_changed(mine)
         return self
 
     def mul_(self, value: float | Tensor) -> Self:
         """``S <- value S``; returns self. A tensor ``value`` (0-d) is not read."""
-        torch._foreach_mul_(list(self._tensors.values()), value)
+        mine = list(self._tensors.values())
+        torch._foreach_mul_(mine, value)
+        mark_changed(mine)
         return self
 
     def diag_add_(self, value: float | Tensor) -> Self:
@@ -433,3 +436,16 @@ def stored_frobenius_norm(tensors: dict[str, Tensor]) -> Tensor:
     wide = torch.float64 if dtype == torch.float64 else torch.float32
     norms = torch.stack([torch.linalg.vector_norm(t, dtype=wide) for t in tensors.values()])
     return torch.linalg.vector_norm(norms).to(dtype)
+
+
+def mark_changed(tensors: list[Tensor]) -> None:
+    """Bump the version counters of tensors that foreach operations changed in place.
+
+    torch's in-place foreach operations bump them themselves, except under a Python
+    dispatch mode (a ``TorchDispatchMode``: FlopCounterMode, memory trackers,
+    `probes.tensor_memory.TensorPeak`), where they do not. Caches kept by version
+    (hierarchical factors' dense rows, SINGD's diagonal squares) would then serve stale
+    values; a counter bumped twice only says "changed" twice.
+    """
+    for t in tensors:
+        torch.autograd.graph.increment_version(t)

@@ -28,7 +28,7 @@ from typing import ClassVar, Self
 import torch
 from torch import Tensor
 
-from singd.structures.base import StructuredMatrix, stored_frobenius_norm
+from singd.structures.base import StructuredMatrix, mark_changed, stored_frobenius_norm
 
 
 class HierarchicalMatrix(StructuredMatrix):
@@ -274,6 +274,7 @@ class HierarchicalMatrix(StructuredMatrix):
         x = self._tensors
         # One foreach dispatch for the three diagonal pieces (8 us instead of 14 here).
         torch._foreach_add_([x["A"].diagonal(), x["C"], x["E"].diagonal()], value)
+        mark_changed([x["A"], x["C"], x["E"]])  # the W cache reads the versions
         return self
 
     def diagonal(self) -> Tensor:
