@@ -84,7 +84,7 @@ class _CountingMode(TorchDispatchMode):
         if getattr(_LOCAL, "depth", 0) == 0:
             if func is _LIFT_FRESH:  # torch.tensor(...): the constructor made its input
                 args, kwargs = (), {}
-            self._meter._see(out, args, kwargs)
+            self._meter._see(func, out, args, kwargs)
         return out
 
 
@@ -103,7 +103,9 @@ class TensorPeak:
         self.device = torch.device(device)
         self.peak_bytes = 0
         self.live_bytes = 0
-        self._live: dict[int, tuple[int, weakref.finalize]] = {}
+        # Per counted storage (by id): its bytes and the weak reference whose callback
+        # subtracts them when it is freed (dropping the reference drops the callback).
+        self._live: dict[int, tuple[int, weakref.ref]] = {}
         self._mode: _CountingMode | None = None
         self._cuda_base: int | None = None  # set while counting on CUDA
 
@@ -132,9 +134,7 @@ class TensorPeak:
         if self._mode is not None:
             self._mode.__exit__(None, None, None)
             self._mode = None
-            for _nbytes, finalizer in self._live.values():
-                finalizer.detach()  # what outlives the stretch is no longer followed
-            self._live.clear()
+            self._live.clear()  # what outlives the stretch is no longer followed
         return self
 
     def __enter__(self) -> TensorPeak:
@@ -144,9 +144,11 @@ class TensorPeak:
         self.stop()
 
     # -------------------------------------------------------------------- counting
-    def _see(self, out, args, kwargs) -> None:
+    def _see(self, func, out, args, kwargs) -> None:
         inputs: set[int] | None = None
+        fresh = _returns_fresh(func)
         device = self.device
+        live = self._live
         for t in _flat(out):
             if t.device != device:
                 continue
@@ -155,24 +157,26 @@ class TensorPeak:
                 continue
             key = id(storage)
             nbytes = storage.nbytes()
-            known = self._live.get(key)
+            known = live.get(key)
             if known is not None:
                 if known[0] != nbytes:  # resized in place (an out= argument that grew)
                     self._count(key, storage, nbytes - known[0], nbytes, known[1])
                 continue
-            if inputs is None:
-                inputs = {
-                    id(s) for s in map(_storage, _flat((*args, *kwargs.values()))) if s is not None
-                }
-            if key in inputs:
-                continue  # a view, an in-place result or an out= argument: not new
+            if not fresh:
+                if inputs is None:
+                    inputs = {
+                        id(s)
+                        for s in map(_storage, _flat((*args, *kwargs.values())))
+                        if s is not None
+                    }
+                if key in inputs:
+                    continue  # a view, an in-place result or an out= argument: not new
             self._count(key, storage, nbytes, nbytes, None)
 
-    def _count(self, key: int, storage, added: int, nbytes: int, finalizer) -> None:
-        if finalizer is None:
-            finalizer = weakref.finalize(storage, self._freed, key)
-            finalizer.atexit = False
-        self._live[key] = (nbytes, finalizer)
+    def _count(self, key: int, storage, added: int, nbytes: int, ref) -> None:
+        if ref is None:
+            ref = weakref.ref(storage, lambda _, key=key: self._freed(key))
+        self._live[key] = (nbytes, ref)
         self.live_bytes += added
         if self.live_bytes > self.peak_bytes:
             self.peak_bytes = self.live_bytes
@@ -181,3 +185,23 @@ class TensorPeak:
         entry = self._live.pop(key, None)
         if entry is not None:
             self.live_bytes -= entry[0]
+
+
+_FRESH: dict = {}
+_SHARING = {torch.ops.aten._unsafe_view.default, torch.ops.aten.lift_fresh.default}
+"""Operations whose schema promises new outputs but that may return an input's storage."""
+
+
+def _returns_fresh(func) -> bool:
+    """Whether the operation's schema says every result is a new tensor (no alias
+    annotation): then no result can hold an input's storage, and the inputs need not be
+    read. Views, in-place and out= operations annotate their results."""
+    fresh = _FRESH.get(func)
+    if fresh is None:
+        returns = getattr(getattr(func, "_schema", None), "returns", None)
+        fresh = _FRESH[func] = (
+            returns is not None
+            and func not in _SHARING
+            and all(r.alias_info is None for r in returns)
+        )
+    return fresh
