@@ -37,7 +37,7 @@ from singd import SINGD
 STEPS = 1000
 SUB_STEPS = 100
 REPEATS = {"diagonal": 9, "dense": 3}
-BUDGET = {"diagonal": 0.05, "dense": 0.10}
+BUDGET = {"diagonal": 0.05, "dense": 0.03}
 
 
 def _block(step, n: int) -> tuple[float, float]:
