@@ -623,22 +623,25 @@ class ProbeSession:
             rec.add(step, "numerics", "skipped_step", 1.0, phase="step", unit="count")
         else:
             self._count_events(step)
-        with not_counted():  # the cadenced readings' copies are the probes', not training's
-            self._numerics.record(step)
-            if self._due("condition") and self._curvature is not None:
-                layers = self._curvature() if layers is None else layers
-                self._condition.record(step, layers)
-            if self._memory is not None:
-                self._memory.sample()
-            if self._due("memory"):
-                if layers is None and self._curvature is not None:
-                    layers = self._curvature()
-                self._memory.record(step, layers or [])
-            if self._due("whatif"):
-                if layers is None and self._curvature is not None:
-                    layers = self._curvature()
-                self._whatif.record(step, layers or [])
+        self._numerics.record(step)
+        if self._memory is not None:
+            self._memory.sample()
+        due = [probe for probe in ("condition", "memory", "whatif") if self._due(probe)]
+        if due:
+            with not_counted():  # their float64 copies are the probes', not training's
+                self._cadenced(step, due, layers)
         self._end_iteration(start)
+
+    def _cadenced(self, step: int, due: list[str], layers: list | None) -> None:
+        """The costly readings due at ``step``: condition numbers, memory rows, what-if."""
+        if layers is None and self._curvature is not None:
+            layers = self._curvature()
+        if "condition" in due and self._curvature is not None:
+            self._condition.record(step, layers)
+        if "memory" in due:
+            self._memory.record(step, layers or [])
+        if "whatif" in due:
+            self._whatif.record(step, layers or [])
 
     def _end_iteration(self, start: float) -> None:
         """Time the iteration (``start``: when the closing hook began) and begin the next."""
