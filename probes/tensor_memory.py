@@ -36,7 +36,6 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 _LOCAL = threading.local()
-_LIFT_FRESH = torch.ops.aten.lift_fresh.default
 
 
 @contextmanager
@@ -82,8 +81,6 @@ class _CountingMode(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if getattr(_LOCAL, "depth", 0) == 0:
-            if func is _LIFT_FRESH:  # torch.tensor(...): the constructor made its input
-                args, kwargs = (), {}
             self._meter._see(func, out, args, kwargs)
         return out
 
@@ -187,9 +184,13 @@ class TensorPeak:
             self.live_bytes -= entry[0]
 
 
-_FRESH: dict = {}
-_SHARING = {torch.ops.aten._unsafe_view.default, torch.ops.aten.lift_fresh.default}
-"""Operations whose schema promises new outputs but that may return an input's storage."""
+_FRESH: dict = {
+    # torch.tensor(...): returns its input, which the constructor has just made.
+    torch.ops.aten.lift_fresh.default: True,
+    # Promises a new tensor but returns a view of its input's storage.
+    torch.ops.aten._unsafe_view.default: False,
+}
+"""Per operation, whether its results are new tensors (`_returns_fresh`)."""
 
 
 def _returns_fresh(func) -> bool:
@@ -199,9 +200,5 @@ def _returns_fresh(func) -> bool:
     fresh = _FRESH.get(func)
     if fresh is None:
         returns = getattr(getattr(func, "_schema", None), "returns", None)
-        fresh = _FRESH[func] = (
-            returns is not None
-            and func not in _SHARING
-            and all(r.alias_info is None for r in returns)
-        )
+        fresh = _FRESH[func] = returns is not None and all(r.alias_info is None for r in returns)
     return fresh
