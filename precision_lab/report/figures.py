@@ -24,6 +24,7 @@ import torch
 from plotly.subplots import make_subplots
 
 from precision_lab.report.page import Section
+from precision_lab.run.summary import MEMORY_STEPS
 from singd.curvature import KFAC_ROLES, SINGD_ROLES
 
 if TYPE_CHECKING:
@@ -716,7 +717,8 @@ def peak_memory(data: ReportData) -> Section:
         "Measured peak memory",
         "Left: peak of live tensor bytes above the model's own parameters, buffers and data "
         "(optimizer state, gradients, activations, temporaries) over the optimizer's "
-        "construction and first 3 steps, the figure to compare optimizers and dtypes by. "
+        f"construction and first {MEMORY_STEPS} steps, the figure to compare optimizers and "
+        "dtypes by. "
         "Right: the CUDA allocator's peak, or on the CPU the process's resident high-water "
         "mark, which the torch runtime's own footprint dominates there. Largest over the "
         "runs of each model, optimizer and dtype, MB.",

@@ -36,7 +36,7 @@ import probes
 from precision_lab.dtypes import dtype_name
 from precision_lab.run.resolve import resolve_workload
 from precision_lab.run.suite import FILE_LOCATIONS, RunPlan
-from precision_lab.run.summary import learned
+from precision_lab.run.summary import MEMORY_STEPS, learned
 from precision_lab.workloads.builtin import build_module
 from precision_lab.workloads.knobs import Condition
 from precision_lab.workloads.workload import (
@@ -64,11 +64,6 @@ PROBE_FIGURES = (
     "step_time_ms",
 )
 """Summary fields the probes' session summary gives under the same names."""
-
-MEMORY_STEPS = 3
-"""``peak_tensor_bytes`` covers the optimizer's construction and this many first steps:
-the state is made there, and later steps repeat the same allocations (counting costs a
-Python call per operation on the CPU, so not the whole run)."""
 
 DIVERGENCE_FACTOR = 10.0
 """A run has diverged when its loss exceeds this multiple of its first loss (DESIGN.md)."""

@@ -15,6 +15,12 @@ from typing import Any
 from precision_lab.errors import UsageError
 from precision_lab.workloads.workload import chance_accuracy
 
+MEMORY_STEPS = 3
+"""``peak_tensor_bytes`` covers the optimizer's construction and this many first steps
+(`precision_lab.run.runner`): the state is made there, and later steps repeat the same
+allocations (counting costs a Python call per operation on the CPU, so not the whole
+run; one quick-suite KFAC run peaked in its third step)."""
+
 FIELDS: dict[str, str] = {
     "run": "the run's id: model/scenario/optimizer/dtype/mode/s<seed>[/control-<dtype>-<mode>]",
     "model": "mlp, cnn or transformer",
@@ -46,7 +52,8 @@ FIELDS: dict[str, str] = {
     "peak_memory_bytes": "CUDA allocator peak, or the process's resident-memory high-water "
     "mark, reset per run (B)",
     "peak_tensor_bytes": "peak of live tensor bytes above the model's own (its parameters, "
-    "buffers and data) from the optimizer's construction through the first 3 steps: state, "
+    f"buffers and data) from the optimizer's construction through the first {MEMORY_STEPS} "
+    "steps: state, "
     "gradients, activations and temporaries, comparable between optimizers and dtypes (B; "
     "CUDA: the allocator's peak; CPU: counted per operation, `probes.tensor_memory`); null "
     "when the run ended before those steps",

@@ -10,6 +10,7 @@ import torch
 
 from precision_lab.run import runner
 from precision_lab.run.suite import RunPlan
+from precision_lab.run.summary import MEMORY_STEPS
 from precision_lab.specs import parse_spec
 from precision_lab.workloads.builtin import digits_workload
 from precision_lab.workloads.data import digits
@@ -267,5 +268,5 @@ def test_peak_tensor_bytes_follows_the_dtype_and_is_null_for_a_run_that_ended_ea
     diverged = runner.train(
         plan("sgd", steps=20, hyperparameters={"lr": 1e4}), device=CPU, every=10
     ).summary
-    assert diverged["diverged"] and diverged["steps"] < runner.MEMORY_STEPS
+    assert diverged["diverged"] and diverged["steps"] < MEMORY_STEPS
     assert diverged["peak_tensor_bytes"] is None
