@@ -90,3 +90,30 @@ def count_flops(step: Callable[[], None]) -> int:
     with counter:
         step()
     return counter.get_total_flops()
+
+
+Times = list[tuple[float, float, int]]
+
+
+def alternate(
+    benchmark, ours: Callable[[], tuple], theirs: Callable[[], tuple], rounds: int, warmup: int
+) -> tuple[Times, Times] | None:
+    """One step of `theirs` (pytest-benchmark's setup), then one of `ours` (timed by it),
+    `rounds` times after `warmup` rounds: both `timed` steps see the same machine load.
+
+    Returns:
+        The two sides' `timed` triples after the warm-up, or None when benchmarking is
+        disabled (`--benchmark-disable` runs once and measures nothing).
+    """
+    mine: Times = []
+    other: Times = []
+    benchmark.pedantic(
+        lambda: mine.append(ours()),
+        setup=lambda: other.append(theirs()),
+        rounds=rounds,
+        warmup_rounds=warmup,
+        iterations=1,
+    )
+    if benchmark.disabled:
+        return None
+    return mine[warmup:], other[warmup:]

@@ -52,19 +52,11 @@ def test_kfac_step_against_singd_dense(benchmark, table, record_memory, method):
     optimizer = KFAC(model, inverse_method=method, **KFAC_KWARGS)
     step = mlp_step.make_step(model, optimizer, x, y)
     partner = mlp_step.timed(singd_dense_step())
-    ours, theirs = [], []
-    timed_step = mlp_step.timed(step)
-    benchmark.pedantic(
-        lambda: ours.append(timed_step()),
-        setup=lambda: theirs.append(partner()),
-        rounds=ROUNDS,
-        warmup_rounds=WARMUP,
-        iterations=1,
-    )
-    if benchmark.disabled:
+    timed = mlp_step.alternate(benchmark, mlp_step.timed(step), partner, ROUNDS, WARMUP)
+    if timed is None:
         return
     medians = {}
-    for who, times in (("kfac", ours[WARMUP:]), ("singd", theirs[WARMUP:])):
+    for who, times in zip(("kfac", "singd"), timed, strict=True):
         # `mlp_step.timed` gives (wall s, CPU s, minor page faults) per step.
         for clock, values in zip(("wall", "cpu", "faults"), zip(*times, strict=True), strict=True):
             medians[f"{who}_{clock}"] = statistics.median(values)

@@ -65,19 +65,13 @@ def test_auto_on_a_healthy_run(benchmark, table, name):
     torch.set_num_threads(1)
     auto, auto_step = _timed_step(name, "auto")
     _, plain_step = _timed_step(name, None)
-    ours, theirs = [], []
-    benchmark.pedantic(
-        lambda: ours.append(auto_step()),
-        setup=lambda: theirs.append(plain_step()),
-        rounds=ROUNDS,
-        warmup_rounds=WARMUP,
-        iterations=1,
-    )
-    if benchmark.disabled:
+    timed = mlp_step.alternate(benchmark, auto_step, plain_step, ROUNDS, WARMUP)
+    if timed is None:
         return
+    ours, theirs = timed
     assert auto.precision_events == []  # healthy: the check ran, nothing was widened
-    cpu_auto = [t[1] for t in ours[WARMUP:]]
-    cpu_plain = [t[1] for t in theirs[WARMUP:]]
+    cpu_auto = [t[1] for t in ours]
+    cpu_plain = [t[1] for t in theirs]
     q1, _, q3 = _quartiles([a / p for a, p in zip(cpu_auto, cpu_plain, strict=True)])
     row = {
         "auto_cpu_ms": statistics.median(cpu_auto) * 1e3,
@@ -85,8 +79,8 @@ def test_auto_on_a_healthy_run(benchmark, table, name):
         "ratio_cpu": statistics.median(cpu_auto) / statistics.median(cpu_plain),
         "ratio_q1": q1,
         "ratio_q3": q3,
-        "ratio_wall": statistics.median(t[0] for t in ours[WARMUP:])
-        / statistics.median(t[0] for t in theirs[WARMUP:]),
+        "ratio_wall": statistics.median(t[0] for t in ours)
+        / statistics.median(t[0] for t in theirs),
     }
     benchmark.extra_info.update(row)
     table[f"healthy {name}"] = row
