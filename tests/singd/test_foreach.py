@@ -34,6 +34,10 @@ CASES = {
     "summed_loss": {"loss_average": None},
     "float64": {"dtype": torch.float64},
     "float32_K_bf16_C": {"preconditioner_dtype": (torch.float32, torch.bfloat16)},
+    # Factors of hundreds of entries at odd offsets: the batched path works on them
+    # concatenated, where a vectorised kernel's main loop and tail fall elsewhere.
+    "wide": {"widths": (300, 257, 41)},
+    "wide_normalize_lr_cov": {"widths": (300, 257, 41), "normalize_lr_cov": True},
 }
 
 
@@ -44,6 +48,7 @@ def _train(case: dict, T: int, batched: bool, steps: int = 5):
     scaler_on = case.pop("scaler", False)
     passes = case.pop("passes", 1)
     conv = case.pop("conv", False)
+    widths = case.pop("widths", (6, 7, 5))
     torch.manual_seed(0)
     if conv:
         model = nn.Sequential(
@@ -55,9 +60,12 @@ def _train(case: dict, T: int, batched: bool, steps: int = 5):
         x = torch.randn(8, 3, 6, 6)
     else:
         model = nn.Sequential(
-            nn.Linear(6, 7, bias=bias), nn.ReLU(), nn.Linear(7, 5, bias=bias), nn.Linear(5, 3)
+            nn.Linear(widths[0], widths[1], bias=bias),
+            nn.ReLU(),
+            nn.Linear(widths[1], widths[2], bias=bias),
+            nn.Linear(widths[2], 3),
         )
-        x = torch.randn(8, 6)
+        x = torch.randn(8, widths[0])
     model = model.to(dtype)
     x = x.to(dtype)
     y = torch.randint(0, 3, (8,))
