@@ -192,7 +192,9 @@ def backward_hook(
     grad: Tensor,
 ) -> None:
     """Accumulate one backward call's curvature terms and count the call and its pass."""
-    with torch.no_grad():
+    # A backward pass runs its hooks without grad mode unless it builds a graph
+    # (``create_graph=True``): only then is a ``no_grad`` block needed (and paid for).
+    with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
         if statistic is None:
             statistic = optimizer._reduce_input(layer, x)
         grad = grad.detach() if grad.requires_grad else grad  # a graph only with create_graph

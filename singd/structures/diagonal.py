@@ -83,17 +83,16 @@ class DiagonalMatrix(StructuredMatrix):
         Its diagonal is ``s_j^2 sum_i X_ij^2 / n`` and, for the ones column, ``s_d^2``
         exactly: no copy of the input with a column appended.
         """
-        X = X if X.dtype == self.dtype else X.to(self.dtype)
-        squares = (X * X).mean(0)
-        if ones_column:
-            squares = torch.cat([squares, squares.new_ones(1)])
-        if squares.shape[0] != self._dim:
+        if X.ndim != 2 or X.shape[1] != self._dim - ones_column:
             raise ValueError(
                 f"from_input_rows expects X of shape (n, {self._dim - ones_column}), "
                 f"got {tuple(X.shape)}."
             )
+        X = X if X.dtype == self.dtype else X.to(self.dtype)
         s = self._tensors["diag"]
-        return type(self)._trusted(self._dim, {"diag": squares.mul_(s * s)})
+        diag = s * s  # the ones column's entry is s_d^2 exactly: the others scaled below
+        (diag[:-1] if ones_column else diag).mul_((X * X).mean(0))
+        return type(self)._trusted(self._dim, {"diag": diag})
 
     def from_output_rows(self, X: Tensor, scale: float | Tensor) -> Self:
         """``P(S^T Y^T Y S)`` for ``Y = sqrt(scale) X``, ``X`` of shape (n, d), without
