@@ -10,12 +10,9 @@ the per-layer path (tests/singd/test_foreach.py):
 
 - `diagonal_step`: the directions (`diagonal_directions`), then `heavy_ball_` over all
   parameters;
-- `diagonal_factor_update`: every due layer's ``K``, ``C`` and momenta, on their entries
-  concatenated in buffers kept between updates; the traces are one ``sum`` per factor
-  (no foreach reduction rounds as ``mean`` does), divided all at once, and the
-  coefficients one float64 vector. Against the foreach calls per factor it replaced,
-  0.97-0.98 of the optimizer's part of a T=1 step on the benchmark MLP (interleaved,
-  one process; about 1% of the whole step).
+- `diagonal_factor_update`: every due layer's ``K``, ``C`` and momenta; the traces are
+  one ``sum`` per factor (no foreach reduction rounds as ``mean`` does), divided all at
+  once, and the coefficients one float64 vector.
 
 The squares ``k^2``, ``c^2`` are kept between steps while the factors are unchanged
 (checked by the tensors' identity and version counters): the steps between
@@ -67,14 +64,13 @@ def two_diagonal_factors(optimizer: SINGD, layer: KroneckerLayer) -> bool:
 class DiagonalParts:
     """Per parameter of some layers, in layer order (weight, then bias): the parameter and
     the factor squares it is scaled by (``k^2`` as a row, ``c^2`` as a column: views of
-    one buffer kept from step to step, ``flat``: each layer's ``k^2``, then ``c^2``), with
-    the factor tensors they were computed from and their versions then."""
+    buffers kept from step to step), with the factor tensors they were computed from and
+    their versions then."""
 
     def __init__(self, optimizer: SINGD, layers: list[KroneckerLayer]) -> None:
         self.layers = layers
         self.diags = _diags(optimizer, layers)
-        self.flat = _squares(self.diags)
-        self.squares = list(self.flat.split([d.shape[0] for d in self.diags]))
+        self.squares = torch._foreach_mul(self.diags, self.diags)
         self.versions = [d._version for d in self.diags]
         self.params: list[Tensor] = []
         self.k_parts: list[Tensor] = []
@@ -90,7 +86,6 @@ class DiagonalParts:
                 self.c_parts.append(c2)
         # Every parameter at most 2-D: its direction needs no reshape.
         self.plain = all(len(p.shape) <= 2 for p in self.params)
-        self.update: FactorUpdateBuffers | None = None  # made by the first factor update
 
     def holds(self, optimizer: SINGD, layers: list[KroneckerLayer]) -> bool:
         """Whether these parts are those of ``layers`` (the same factor tensors); their
@@ -102,42 +97,10 @@ class DiagonalParts:
             return False
         versions = [d._version for d in diags]
         if versions != self.versions:
-            _squares(diags, out=self.flat)
+            torch._foreach_copy_(self.squares, diags)
+            torch._foreach_mul_(self.squares, diags)
             self.versions = versions
         return True
-
-
-def _squares(diags: list[Tensor], out: Tensor | None = None) -> Tensor:
-    """The entries of ``diags`` squared, one after the other (in ``out`` if given)."""
-    flat = torch.cat(diags)
-    return torch.mul(flat, flat, out=out)
-
-
-class FactorUpdateBuffers:
-    """What `diagonal_factor_update` reuses from update to update: the factors' entries
-    (every layer's ``K``, then ``C``) in two flat buffers with each factor's view made
-    once, the index that spreads one coefficient per factor over its entries, and the
-    dimensions that turn each layer's traces (avg(H_C), avg(H_K), avg(C^T C), avg(K^T K))
-    into means."""
-
-    def __init__(self, parts: DiagonalParts, opmath: torch.dtype) -> None:
-        sizes = [t.shape[0] for t in parts.diags]
-        total = sum(sizes)
-        like = parts.diags[0]
-        self.m = like.new_empty(total)  # m', the new momenta
-        self.product = like.new_empty(total)  # K m_K, C m_C
-        self.m_views = list(self.m.split(sizes))
-        self.product_views = list(self.product.split(sizes))
-        n = len(parts.layers)
-        # Entry -> row of the (layers, 4) coefficients: H_K, H_C, K^T K, C^T C.
-        factor = torch.arange(2 * n, device=like.device).repeat_interleave(
-            torch.tensor(sizes, device=like.device)
-        )
-        layer, side = factor // 2, factor % 2
-        self.curvature_index = 4 * layer + side
-        self.damping_index = 4 * layer + 2 + side
-        dims = [sizes[2 * i + j] for i in range(n) for j in (1, 0, 1, 0)]
-        self.dims = torch.tensor(dims, dtype=opmath, device=like.device)
 
 
 def _diags(optimizer: SINGD, layers: list[KroneckerLayer]) -> list[Tensor]:
@@ -203,11 +166,8 @@ def diagonal_factor_update(
     optimizer: SINGD, layers: list[KroneckerLayer], grad_unscaling: Scale
 ) -> None:
     """`SINGD._update_preconditioner` for every layer of ``layers`` at once, bitwise: the
-    operations of `singd.optim.functional.singd_factor_update` on diagonal factors, made
-    once on every layer's entries one after the other (`FactorUpdateBuffers`; an entry's
-    product or sum is the same wherever it lies), or per factor by one foreach call
-    where it would not be (a sum with a factor, in reduced precision). The momenta are
-    written in place. Factors of several dtypes: per layer."""
+    operations of `singd.optim.functional.singd_factor_update` on diagonal factors, each
+    made for all layers by one foreach call. Factors of several dtypes: per layer."""
     states = [optimizer._factors[layer.name] for layer in layers]
     factors = [s[key].diag for s in states for key in ("K", "C")]
     dtype = factors[0].dtype
@@ -222,12 +182,9 @@ def diagonal_factor_update(
     beta1 = float(beta1(optimizer.steps)) if callable(beta1) else beta1
     c = 0.5 * ((1.0 - alpha1) if group["normalize_lr_cov"] else 1.0)
     # P(K^T K), P(C^T C): the squares the step keeps (`DiagonalParts`), read only here.
-    parts = _parts(optimizer, layers)
-    squares = parts.squares
-    if parts.update is None:
-        parts.update = FactorUpdateBuffers(parts, opmath)
-    buffers = parts.update
-    curvatures = [s.pop(key).diag for s in states for key in ("H_K", "H_C")]
+    squares = _parts(optimizer, layers).squares
+    new_momenta = [s.pop(key) for s in states for key in ("H_K", "H_C")]
+    curvatures = [m.diag for m in new_momenta]
     n = len(layers)
     coefficients = _scales(layers, group, c, grad_unscaling, factors[0].device)
     if not group["kfac_like"]:
@@ -238,39 +195,33 @@ def diagonal_factor_update(
             for i in range(n)
             for t in (curvatures[2 * i + 1], curvatures[2 * i], squares[2 * i + 1], squares[2 * i])
         ]
-        traces = torch.stack([t.sum(dtype=opmath) for t in means]).div_(buffers.dims)
+        dims = torch.tensor([t.shape[0] for t in means], dtype=opmath, device=factors[0].device)
+        traces = torch.stack([t.sum(dtype=opmath) for t in means]).div_(dims)
         coefficients = traces.to(dtype).to(torch.float64).view_as(coefficients) * coefficients
-    # Per layer the coefficients of H_K, H_C, K^T K, C^T C; each spread over its
-    # factor's entries (the products are those by a 0-d coefficient of that value).
-    each = coefficients.flatten().to(opmath)
-    coef_H = each.index_select(0, buffers.curvature_index)
-    coef_S = each.index_select(0, buffers.damping_index)
-    # m' = coef_H H + coef_S S^T S - c I in one buffer, plus alpha1 m (as per layer;
-    # the product with the coefficient rounded to the dtype before the sum).
-    m = torch.cat(curvatures, out=buffers.m).mul_(coef_H)
-    m.add_((parts.flat * coef_S).to(dtype)).add_(-c)
-    # A sum with a factor (``alpha``) is made per factor, as per layer: in reduced
-    # precision a vectorised kernel's main loop and its tail round differently, and
-    # where an entry falls depends on the tensor it is in.
+    # Per layer the coefficients of H_K, H_C, K^T K, C^T C, in that order.
+    each = coefficients.flatten().to(opmath).unbind()
+    # m' = coef_H H + coef_S S^T S - c I in H's memory, plus alpha1 m (as per layer).
+    torch._foreach_mul_(curvatures, [each[4 * i + j] for i in range(n) for j in (0, 1)])
+    damping = torch._foreach_mul(squares, [each[4 * i + j] for i in range(n) for j in (2, 3)])
+    torch._foreach_add_(curvatures, damping, alpha=1.0)
+    # -c as a one-element vector in the dtype a number is computed in (the same sums, no
+    # cast of a number per tensor).
+    minus_c = torch.full((1,), -c, dtype=opmath, device=factors[0].device)
+    torch._foreach_add_(curvatures, [minus_c] * len(curvatures))
     if alpha1 != 0.0:
         momenta = [s[key].diag for s in states for key in ("m_K", "m_C")]
-        torch._foreach_add_(buffers.m_views, momenta, alpha=alpha1)
-    torch.cat(factors, out=buffers.product).mul_(m)  # K m_K, C m_C
+        torch._foreach_add_(curvatures, momenta, alpha=alpha1)
+    products = torch._foreach_mul(factors, curvatures)  # K m_K, C m_C
     if group["normalize_lr_cov"]:
-        norms = torch.stack(torch._foreach_max(torch._foreach_abs(buffers.m_views)))
+        norms = torch.stack(torch._foreach_max(torch._foreach_abs(curvatures)))
         steps = -(beta1 / norms.to(torch.float64).clamp_min(1.0))
-        torch._foreach_mul_(buffers.product_views, steps.to(opmath).unbind())
-        torch._foreach_add_(factors, buffers.product_views)
+        torch._foreach_add_(factors, torch._foreach_mul(products, steps.to(opmath).unbind()))
     else:
-        torch._foreach_add_(factors, buffers.product_views, alpha=-beta1)
-    mark_changed(factors)
-    # The new factors' squares, for the steps until the next update.
-    torch.cat(factors, out=buffers.product)
-    torch.mul(buffers.product, buffers.product, out=parts.flat)
-    parts.versions = [f._version for f in factors]
+        torch._foreach_add_(factors, products, alpha=-beta1)
+    mark_changed(factors)  # `DiagonalParts` refreshes the squares by version
     if alpha1 != 0.0:  # no momentum buffers at all otherwise
-        torch._foreach_copy_(momenta, buffers.m_views)
-        mark_changed(momenta)
+        for i, s in enumerate(states):
+            s["m_K"], s["m_C"] = new_momenta[2 * i], new_momenta[2 * i + 1]
 
 
 def _scales(layers: list[KroneckerLayer], group: dict, c: float, grad_unscaling: Scale, device):
