@@ -89,9 +89,10 @@ class DiagonalMatrix(StructuredMatrix):
                 f"got {tuple(X.shape)}."
             )
         X = X if X.dtype == self.dtype else X.to(self.dtype)
+        means = (X * X).mean(0)  # before s^2 exists: X * X is the peak of this call
         s = self._tensors["diag"]
-        diag = s * s  # the ones column's entry is s_d^2 exactly: the others scaled below
-        (diag[:-1] if ones_column else diag).mul_((X * X).mean(0))
+        diag = s * s  # the ones column's entry is s_d^2 exactly: the others scaled here
+        (diag[:-1] if ones_column else diag).mul_(means)
         return type(self)._trusted(self._dim, {"diag": diag})
 
     def from_output_rows(self, X: Tensor, scale: float | Tensor) -> Self:
