@@ -570,3 +570,29 @@ def test_a_compiled_model_trains_exactly_as_the_eager_one(optimizer):
         runs.append([p.detach().clone() for p in model.parameters()])
     for eager, compiled in zip(*runs, strict=True):
         assert torch.equal(eager, compiled)
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+@pytest.mark.parametrize("structure", ["diagonal", "dense"])
+def test_a_backward_pass_that_builds_a_graph_trains_as_a_plain_one(structure):
+    """``backward(create_graph=True)`` (double backward, gradient penalties) runs the
+    curvature hooks in grad mode: the terms they keep must carry no graph, and the step
+    must be the plain backward's, to the bit."""
+    runs = []
+    for create_graph in (False, True):
+        model = mlp(torch.float32)
+        opt = SINGD(model, structures=(structure, structure), **HP)
+        for x, y in data(3, dtype=torch.float32):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward(create_graph=create_graph)
+            kept = [
+                t
+                for state in opt._factors.values()
+                for key in ("H_K", "H_C")
+                for t in state[key].tensors().values()
+            ]
+            assert kept and not any(t.requires_grad for t in kept)
+            opt.step()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for plain, graph in zip(*runs, strict=True):
+        assert torch.equal(plain, graph)
