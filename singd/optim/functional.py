@@ -104,8 +104,8 @@ def singd_factor_update(
     if normalize_lr_cov:
         beta1_K = lr_cov / new_m_K.infinity_vector_norm().to(torch.float64).clamp_min(1.0)
         beta1_C = lr_cov / new_m_C.infinity_vector_norm().to(torch.float64).clamp_min(1.0)
-    K.add_(K @ new_m_K, alpha=-beta1_K)
-    C.add_(C @ new_m_C, alpha=-beta1_C)
+    K.add_product_(new_m_K, alpha=-beta1_K)
+    C.add_product_(new_m_C, alpha=-beta1_C)
     return SINGDFactors(K, C, new_m_K, new_m_C)
 
 

@@ -190,18 +190,18 @@ class StructuredMatrix(ABC):
         A tensor ``alpha`` (0-d) stays on the device: nothing waits to read it.
         """
         self._check_same(other)
-        mine = list(self._tensors.values())
         theirs = [other._tensors[key] for key in self._tensors]
         if other.dtype != self.dtype:
             theirs = [t.to(self.dtype) for t in theirs]
-        # One foreach call for all stored tensors: these are small, so per-call overhead
-        # dominates (each loop iteration was a separate dispatch).
-        if isinstance(alpha, Tensor):
-            torch._foreach_add_(mine, torch._foreach_mul(theirs, alpha))
-        else:
-            torch._foreach_add_(mine, theirs, alpha=alpha)
-        mark_changed(mine)
+        add_scaled_(list(self._tensors.values()), theirs, alpha)
         return self
+
+    def add_product_(self, other: StructuredMatrix, alpha: float | Tensor = 1.0) -> Self:
+        """``S <- S + alpha S T`` for ``T`` of the same structure, dim and dtype; returns
+        self. SINGD's factor step ``K <- K (I - beta1 m_K)``. The fallback forms ``S @ T``
+        and adds it; a structure may add the product's blocks without copying them.
+        """
+        return self.add_(self @ other, alpha=alpha)
 
     def mul_(self, value: float | Tensor) -> Self:
         """``S <- value S``; returns self. A tensor ``value`` (0-d) is not read."""
@@ -438,6 +438,16 @@ def stored_frobenius_norm(tensors: dict[str, Tensor]) -> Tensor:
     return torch.linalg.vector_norm(norms).to(dtype)
 
 
+def add_scaled_(mine: list[Tensor], theirs: list[Tensor], alpha: float | Tensor) -> None:
+    """``mine[i] += alpha * theirs[i]`` for every i, in one foreach call (these are small
+    tensors: the per-call overhead dominates); a tensor ``alpha`` (0-d) is not read."""
+    if isinstance(alpha, Tensor):
+        torch._foreach_add_(mine, torch._foreach_mul(theirs, alpha))
+    else:
+        torch._foreach_add_(mine, theirs, alpha=alpha)
+    mark_changed(mine)
+
+
 def mark_changed(tensors: list[Tensor]) -> None:
     """Bump the version counters of tensors that foreach operations changed in place.
 
@@ -447,5 +457,4 @@ def mark_changed(tensors: list[Tensor]) -> None:
     (hierarchical factors' dense rows, SINGD's diagonal squares) would then serve stale
     values; a counter bumped twice only says "changed" twice.
     """
-    for t in tensors:
-        torch.autograd.graph.increment_version(t)
+    torch.autograd.graph.increment_version(tensors)  # one call for the list
