@@ -457,4 +457,5 @@ def mark_changed(tensors: list[Tensor]) -> None:
     (hierarchical factors' dense rows, SINGD's diagonal squares) would then serve stale
     values; a counter bumped twice only says "changed" twice.
     """
-    torch.autograd.graph.increment_version(tensors)  # one call for the list
+    for t in tensors:  # one by one: older torch releases take a single tensor only
+        torch.autograd.graph.increment_version(t)
