@@ -42,6 +42,16 @@ class DenseMatrix(StructuredMatrix):
     def _matmul_structured(self, other: Self) -> Self:
         return type(self)._trusted(self._dim, {"mat": self._tensors["mat"] @ other._tensors["mat"]})
 
+    def matmul_into_(self, other: Self, out: Self) -> Self:
+        """``self @ other`` written into ``out``'s storage (a spent matrix); returns ``out``.
+
+        The same product as ``self @ other``, bit for bit, without a fresh d x d result:
+        on the CPU a fresh megabyte is often fresh pages, and SINGD's step paid for them
+        in its ``K m_K`` products (see `singd.optim.functional.singd_factor_update`).
+        """
+        torch.mm(self._tensors["mat"], other._tensors["mat"], out=out._tensors["mat"])
+        return out
+
     def outer_matmat_(self, X: Tensor) -> Tensor:
         return dense_outer_matmat(self._tensors["mat"], X)
 
