@@ -86,7 +86,9 @@ def dense_outer_matmat(mat: Tensor, X: Tensor, out: Tensor | None = None) -> Ten
     fewer FLOPs, about ``1.5 d^3 + 2 d^2 n`` against ``4 d^2 n``, so for ``n > 3d / 4``;
     else as ``S (S^T X)``. A transposed X (SINGD's ``G^T``) is worked on through its
     rows, ``X^T S S^T``: one thread ran ``K^T G^T`` for a 513 x 10 ``G^T`` ten times
-    slower than ``G K``.
+    slower than ``G K``; with ``S S^T`` formed, as ``(S S^T)^T X``, the transpose of
+    ``X^T (S S^T)`` bit for bit, which one thread computed 1-4% faster for SINGD's
+    512 x 513 layer than the product of its rows (and the result has contiguous rows).
 
     ``out`` (d, n), if given, receives the result (and is returned): the same products,
     bit for bit, written into memory the caller has spent, which is still in cache where
@@ -96,9 +98,9 @@ def dense_outer_matmat(mat: Tensor, X: Tensor, out: Tensor | None = None) -> Ten
     outer = symmetric_gram(mat.T) if 4 * X.shape[1] > 3 * mat.shape[0] else None
     if X.stride(0) == 1 and X.stride(1) != 1:
         rows, out_rows = X.T, None if out is None else out.T
-        if outer is not None:
-            return torch.mm(rows, outer, out=out_rows).T
-        return torch.mm(rows @ mat, mat.T, out=out_rows).T
+        if outer is None:
+            return torch.mm(rows @ mat, mat.T, out=out_rows).T
+        outer = outer.mT
     if outer is not None:
         return torch.mm(outer, X, out=out)
     return torch.mm(mat, mat.T @ X, out=out)
