@@ -131,28 +131,36 @@ def symmetric_gram(X: Tensor, out: Tensor | None = None) -> Tensor:
         # Measured on one CPU thread only; on a GPU, products this size are not bound
         # by their FLOPs and every split adds kernel launches.
         return torch.mm(X.T, X, out=out)
-    if out.stride(0) % 256 == 0:
+    if out.stride(0) % 256 == 0 and n < 256:
         return _gram_by_halves(X, out)
     return _gram_by_block_rows(X, out)
 
 
 def _gram_by_block_rows(X: Tensor, out: Tensor) -> Tensor:
     """`symmetric_gram` as one product per block row, ``X_i^T [X_i ... X_q]`` (the
-    diagonal block and every block right of it), then each block left of the diagonal
-    as the mirror of its transpose.
+    diagonal block and every block right of it), each followed by its mirror: the
+    blocks below the diagonal block, the transpose of those right of it.
 
     The blocks halve ``d`` (so ``d // 2`` is a block edge) down to 64 to 127 columns
-    over ``n >= 256`` rows, 128 to 255 over fewer. Measured on one thread (AMD EPYC,
-    MKL) against halves split twice (`_gram_by_halves` with a contiguous corner): a
+    over ``n >= 256`` rows, 128 to 255 over fewer. Where the rows of ``out`` are a power
+    of two apart, a column's entries fall into few cache sets: each block row is then
+    computed into a contiguous tensor and copied, and mirrored from that copy. Measured
+    on one thread (AMD EPYC, MKL) against halves split twice (`_gram_by_halves`): a
     513-wide ``K^T K`` and ``K K^T`` took 0.96-0.97 of the time, a batch's 128 x 513
-    Gram 0.95, the 257-wide ones 0.98: 0.28 ms less per step of the benchmark MLP.
+    Gram 0.95, the 257-wide ones 0.98, a 512-wide ``C^T C`` 0.94 and ``C C^T`` 0.98
+    (through copies; in place 0.97-1.03); a 128 x 512 Gram 1.05-1.19, so
+    `symmetric_gram` takes halves there.
     """
     n, dim = X.shape
+    through_copy = out.stride(0) % 256 == 0
     edges = _halving_edges(0, dim, narrowest=64 if n >= 256 else 128)
     for start, stop in itertools.pairwise(edges):
-        torch.mm(X[:, start:stop].T, X[:, start:], out=out[start:stop, start:])
-    for start, stop in itertools.pairwise(edges[1:]):
-        out[start:stop, :start].copy_(out[:start, start:stop].T)
+        if through_copy:
+            row = torch.mm(X[:, start:stop].T, X[:, start:])
+            out[start:stop, start:].copy_(row)
+        else:
+            row = torch.mm(X[:, start:stop].T, X[:, start:], out=out[start:stop, start:])
+        out[stop:, start:stop].copy_(row[:, stop - start :].T)
     return out
 
 
@@ -166,11 +174,10 @@ def _halving_edges(start: int, stop: int, narrowest: int) -> list[int]:
 
 def _gram_by_halves(X: Tensor, out: Tensor) -> Tensor:
     """`symmetric_gram` by halves, the diagonal blocks split again while `_split_gram`
-    says so, for an ``out`` whose rows are a power of two apart: there a column's
-    entries fall into few cache sets, and one thread mirrored a 256 x 256 block of a
-    512-wide Gram 3x faster from a contiguous copy of the computed block than from the
-    block in place (the whole 512-wide Gram: 5% faster, n = 128: 10%), as
-    `_gram_by_block_rows` mirrors."""
+    says so, for an ``out`` whose rows are a power of two apart over fewer than 256
+    rows ``n``. The off-diagonal block is mirrored from a contiguous copy: one thread
+    mirrored a 256 x 256 block of a 512-wide Gram 3x faster so than from the block in
+    place (the whole 512-wide Gram: 5% faster, n = 128: 10%)."""
     half = X.shape[1] // 2
     left, right = X[:, :half], X[:, half:]
     symmetric_gram(left, out[:half, :half])
