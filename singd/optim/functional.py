@@ -111,15 +111,21 @@ def singd_factor_update(
 
 
 def _times(S: StructuredMatrix, m: StructuredMatrix, spent: StructuredMatrix) -> StructuredMatrix:
-    """``S m``; dense factors write it into ``spent`` (``S^T S``, added into ``m`` by now).
+    """``S m``; large dense factors write it into ``spent`` (``S^T S``, added into ``m``
+    by now).
 
     One thread, the benchmark MLP: the step's fresh d x d products cost it about 250 page
-    faults, and reusing the spent Gram made the step 1% faster side by side.
+    faults, and reusing the spent Gram made the step 1% faster side by side. Below
+    glibc's default mmap threshold (128 KiB, d < 182 in float32) a fresh product comes
+    from the allocator's free lists, in cache, and the fresh tensor is kept.
     """
     dense = isinstance(S, DenseMatrix) and isinstance(spent, DenseMatrix)
-    if dense and S.dtype == m.dtype == spent.dtype:
+    if dense and S.dtype == m.dtype == spent.dtype and spent.nbytes >= _FRESH_PAGES_BYTES:
         return S.matmul_into_(m, spent)
     return S @ m
+
+
+_FRESH_PAGES_BYTES = 128 * 1024
 
 
 def singd_natural_gradient(K: StructuredMatrix, C: StructuredMatrix, grad: Tensor) -> Tensor:
