@@ -176,8 +176,8 @@ def _gram_by_halves(X: Tensor, out: Tensor) -> Tensor:
     """`symmetric_gram` by halves, the diagonal blocks split again while `_split_gram`
     says so, for an ``out`` whose rows are a power of two apart over fewer than 256
     rows ``n``. The off-diagonal block is mirrored from a contiguous copy: one thread
-    mirrored a 256 x 256 block of a 512-wide Gram 3x faster so than from the block in
-    place (the whole 512-wide Gram: 5% faster, n = 128: 10%)."""
+    mirrored a 256 x 256 block of a 512-wide Gram 3x faster that way than from the block
+    in place (the whole 512-wide Gram: 5% faster, n = 128: 10%)."""
     half = X.shape[1] // 2
     left, right = X[:, :half], X[:, half:]
     symmetric_gram(left, out[:half, :half])
