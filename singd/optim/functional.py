@@ -110,6 +110,10 @@ def singd_factor_update(
     return SINGDFactors(K, C, new_m_K, new_m_C)
 
 
+#: Products from this size up are written into spent memory (see `_times`).
+_FRESH_PAGES_BYTES = 128 * 1024
+
+
 def _times(S: StructuredMatrix, m: StructuredMatrix, spent: StructuredMatrix) -> StructuredMatrix:
     """``S m``; large dense factors write it into ``spent`` (``S^T S``, added into ``m``
     by now).
@@ -123,9 +127,6 @@ def _times(S: StructuredMatrix, m: StructuredMatrix, spent: StructuredMatrix) ->
     if dense and S.dtype == m.dtype == spent.dtype and spent.nbytes >= _FRESH_PAGES_BYTES:
         return S.matmul_into_(m, spent)
     return S @ m
-
-
-_FRESH_PAGES_BYTES = 128 * 1024
 
 
 def singd_natural_gradient(K: StructuredMatrix, C: StructuredMatrix, grad: Tensor) -> Tensor:
