@@ -196,10 +196,17 @@ class StructuredMatrix(ABC):
         add_scaled_(list(self._tensors.values()), theirs, alpha)
         return self
 
-    def add_product_(self, other: StructuredMatrix, alpha: float | Tensor = 1.0) -> Self:
+    def add_product_(
+        self,
+        other: StructuredMatrix,
+        alpha: float | Tensor = 1.0,
+        spent: StructuredMatrix | None = None,
+    ) -> Self:
         """``S <- S + alpha S T`` for ``T`` of the same structure, dim and dtype; returns
         self. SINGD's factor step ``K <- K (I - beta1 m_K)``. The fallback forms ``S @ T``
-        and adds it; a structure may add the product's blocks without copying them.
+        and adds it; a structure may add the product's blocks without copying them, or
+        form it in ``spent`` (a matrix of the same structure and dim that the caller no
+        longer needs: its storage may be overwritten).
         """
         return self.add_(self @ other, alpha=alpha)
 

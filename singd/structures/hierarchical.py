@@ -280,7 +280,9 @@ class HierarchicalMatrix(StructuredMatrix):
         A, B, D, E = _dense_blocks(rows, t, m)
         return A, B, self._tensors["C"] * other._tensors["C"], D, E
 
-    def add_product_(self, other: Self, alpha: float | Tensor = 1.0) -> Self:
+    def add_product_(
+        self, other: Self, alpha: float | Tensor = 1.0, spent: Self | None = None
+    ) -> Self:
         """``S <- S + alpha S M`` in place, with no copy of ``S M``'s blocks: one foreach
         addition of `_product_blocks`' views."""
         self._check_same(other)
