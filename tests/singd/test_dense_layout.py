@@ -15,7 +15,7 @@ import torch
 
 from singd.optim.functional import singd_factor_update, singd_natural_gradient
 from singd.structures import get_structure
-from singd.structures.dense import DenseMatrix, dense_outer_matmat
+from singd.structures.dense import FRESH_PAGES_BYTES, DenseMatrix, dense_outer_matmat
 from tests.singd.dense_singd import dense_factor_update
 from tests.singd.structures.test_properties import F64, assert_within, lowp
 
@@ -109,3 +109,18 @@ def test_dense_natural_gradient_works_in_the_spent_gradient(dtype):
     bound = C64.abs() @ C64.abs().T @ G64.abs() @ K64.abs() @ K64.abs().T
     # Four roundings of products, each within the property suite's bound.
     assert_within(nat, expected, 4 * bound, dtype, "dense")
+
+
+@pytest.mark.parametrize(("dim", "reused"), [(513, True), (20, False)])
+def test_add_product_forms_the_product_in_spent_storage_from_its_threshold(dim, reused):
+    """``S <- S + alpha S T``: bitwise ``add_(S @ T)``; the product lands in ``spent``'s
+    storage from `FRESH_PAGES_BYTES` up (513 x 513 float32), not below (20 x 20)."""
+    S, _ = _near_identity(dim, torch.float32, seed=11)
+    T, _ = _near_identity(dim, torch.float32, seed=12)
+    spent = DenseMatrix(dim, {"mat": torch.full((dim, dim), float("nan"))})
+    expected = DenseMatrix(dim, {"mat": S.clone()}).add_(DenseMatrix(dim, {"mat": S @ T}), -0.25)
+    result = DenseMatrix(dim, {"mat": S.clone()})
+    assert result.add_product_(DenseMatrix(dim, {"mat": T}), alpha=-0.25, spent=spent) is result
+    assert torch.equal(result.to_dense(), expected.to_dense())
+    assert (spent.nbytes >= FRESH_PAGES_BYTES) == reused
+    assert torch.equal(spent.tensors()["mat"], S @ T) == reused  # else still NaN
