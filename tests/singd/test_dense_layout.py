@@ -17,6 +17,7 @@ from singd.optim.functional import singd_factor_update, singd_natural_gradient
 from singd.structures import get_structure
 from singd.structures.dense import FRESH_PAGES_BYTES, DenseMatrix, dense_outer_matmat
 from tests.singd.dense_singd import dense_factor_update
+from tests.singd.structures.test_outer_matmat import operand
 from tests.singd.structures.test_properties import F64, assert_within, lowp
 
 # One block wider than every factor here: the same matrices, through the generic paths.
@@ -55,13 +56,8 @@ def test_matmul_into_is_the_product_in_the_given_storage(dim, dtype):
 @pytest.mark.parametrize(("dim", "n"), [(513, 512), (512, 10)])
 def test_outer_matmat_into_out_is_the_same_product(dim, n, dtype, layout):
     S, S64 = _near_identity(dim, dtype, seed=3)
-    generator = torch.Generator().manual_seed(4)
-    if layout == "contiguous":
-        X, X64 = lowp(torch.randn(dim, n, dtype=F64, generator=generator), dtype)
-        out = torch.empty(dim, n, dtype=dtype)
-    else:
-        X, X64 = lowp(torch.randn(n, dim, dtype=F64, generator=generator), dtype)
-        X, X64, out = X.T, X64.T, torch.empty(n, dim, dtype=dtype).T
+    X, X64 = operand(dim, n, dtype, layout, seed=4)
+    out = torch.empty_like(X)  # with X's layout
     fresh = dense_outer_matmat(S, X)
     result = dense_outer_matmat(S, X, out=out)
     assert result.data_ptr() == out.data_ptr() and result.shape == (dim, n)

@@ -15,6 +15,7 @@ import torch
 
 from singd.structures.dense import DenseMatrix, _split_gram, symmetric_gram
 from tests.singd.structures.cases import DTYPES
+from tests.singd.structures.test_outer_matmat import operand
 from tests.singd.structures.test_properties import F64, assert_within, lowp
 
 # (rows n, width d): unsplit, split once (a batch of 128 rows), split twice, odd halves.
@@ -54,12 +55,7 @@ def _member(dim: int, dtype: torch.dtype) -> tuple[DenseMatrix, torch.Tensor]:
 @pytest.mark.parametrize(("dim", "n"), [(513, 512), (257, 512), (513, 10), (300, 226)])
 def test_outer_matmat_at_the_sizes_of_the_benchmark(dim, n, dtype, layout):
     S, S64 = _member(dim, dtype)
-    generator = torch.Generator().manual_seed(n)
-    if layout == "contiguous":
-        X, X64 = lowp(torch.randn(dim, n, dtype=F64, generator=generator), dtype)
-    else:
-        X, X64 = lowp(torch.randn(n, dim, dtype=F64, generator=generator), dtype)
-        X, X64 = X.T, X64.T
+    X, X64 = operand(dim, n, dtype, layout, seed=n)
     expected = S64 @ S64.T @ X64
     bound = S64.abs() @ S64.abs().T @ X64.abs()
     out = S.outer_matmat_(X)

@@ -17,17 +17,22 @@ from tests.singd.structures.test_properties import F64, ROWS, assert_within, low
 LAYOUTS = ["contiguous", "transposed"]
 
 
+def operand(dim: int, n: int, dtype: torch.dtype, layout: str, seed: int):
+    """A (dim, n) operand stored in ``dtype`` and its float64 values: with contiguous
+    rows, or the transpose of a contiguous (n, dim) matrix (SINGD's ``G^T``)."""
+    generator = torch.Generator().manual_seed(seed)
+    if layout == "contiguous":
+        return lowp(torch.randn(dim, n, dtype=F64, generator=generator), dtype)
+    X, X64 = lowp(torch.randn(n, dim, dtype=F64, generator=generator), dtype)
+    return X.T, X64.T
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("name", "dim"), CASES, ids=CASE_IDS)
 def test_outer_matmat(name, dim, dtype, layout):
     S, S64 = random_structured(name, dim, dtype, seed=20)
-    generator = torch.Generator().manual_seed(21)
-    if layout == "contiguous":
-        X, X64 = lowp(torch.randn(dim, ROWS, dtype=F64, generator=generator), dtype)
-    else:
-        X, X64 = lowp(torch.randn(ROWS, dim, dtype=F64, generator=generator), dtype)
-        X, X64 = X.T, X64.T
+    X, X64 = operand(dim, ROWS, dtype, layout, seed=21)
     # The reference first: X64 may share X's memory (float64), which X's owner gives up.
     expected = S64 @ S64.T @ X64
     bound = S64.abs() @ S64.abs().T @ X64.abs()
