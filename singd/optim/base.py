@@ -345,7 +345,9 @@ class KroneckerOptimizer(Optimizer):
         """Record the gradient scale of the current step (done by `step` if not called).
 
         Call it before `step` when the scale reaches the optimizer another way than
-        through ``GradScaler.step``. A tensor (GradScaler's scale) stays on its device.
+        through ``GradScaler.step``, and after ``scaler.unscale_(optimizer)`` (PyTorch's
+        recipe for gradient clipping): the scaler then hands no scale over, and `step`
+        raises ValueError without one. A tensor (GradScaler's scale) stays on its device.
         """
         if isinstance(grad_scale, Tensor):
             # A copy in float64, the precision of the Python numbers used otherwise.
@@ -387,6 +389,16 @@ class KroneckerOptimizer(Optimizer):
                 loss = closure()
         if self.steps not in self._grad_scales:
             scale = getattr(self, "grad_scale", None)
+            if scale is None and hasattr(self, "grad_scale"):
+                # GradScaler.step after GradScaler.unscale_: the gradients are un-scaled,
+                # but the output gradients the curvature terms came from are not, by a
+                # scale that reaches the optimizer no other way.
+                raise ValueError(
+                    "GradScaler.unscale_ ran before this step, so the optimizer cannot "
+                    "tell the scale its curvature terms carry; call "
+                    "optimizer.set_current_grad_scale(scaler.get_scale()) before "
+                    "scaler.step(optimizer)."
+                )
             self.set_current_grad_scale(1.0 if scale is None else scale)
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and distributed.world_size() > 1 and not self._ddp:

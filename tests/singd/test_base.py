@@ -95,3 +95,38 @@ def test_layers_are_hooked_only_for_the_steps_that_collect_curvature(spec):
     optimizer.step()
     assert other_hooked == [[1, 1], [0, 0]]
     assert not any(m._forward_hooks for m in model.modules())
+
+
+def _scaled_step(spec: str, unscale: bool, tell: bool):
+    """One step through a GradScaler (scale 2^10), after ``unscale_`` or not, telling the
+    optimizer the scale after ``unscale_`` or not; the parameters after it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(33, 8), nn.Tanh(), nn.Linear(8, 3))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optimizer = factory(spec, lr=0.05, T=1, init_grad_scale=2.0**10)(model)
+    x, y = torch.randn(16, 33), torch.randint(0, 3, (16,))
+    scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+    if unscale:
+        scaler.unscale_(optimizer)
+        if tell:
+            optimizer.set_current_grad_scale(scaler.get_scale())
+    scaler.step(optimizer)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("spec", KRONECKER)
+def test_grad_scaler_unscale_before_step_needs_the_scale(spec):
+    """``scaler.unscale_`` before ``scaler.step`` (PyTorch's clipping recipe) hands the
+    optimizer no scale: the curvature terms, made from scaled output gradients, would be
+    un-scaled by 1 (a SINGD dense layer's parameters went to inf in three steps). Told
+    the scale, the step is the one ``scaler.step`` alone takes; not told, a ValueError
+    before anything changes."""
+    plain = _scaled_step(spec, unscale=False, tell=False)
+    told = _scaled_step(spec, unscale=True, tell=True)
+    for a, b in zip(told, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"set_current_grad_scale\(scaler.get_scale\(\)\)"):
+        _scaled_step(spec, unscale=True, tell=False)
