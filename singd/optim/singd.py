@@ -32,7 +32,10 @@ Preconditioner update (``c = 0.5 (1 - alpha1)`` with ``normalize_lr_cov``, else 
 
 Parameter update, with ``G = [dW | db]`` (``d_C x d_K``): the natural gradient
 ``C C^T G K K^T`` is computed in the preconditioner dtypes and cast back, then
-``step = nat + gamma p``, ``buf = alpha2 buf + step``, ``p <- p - beta2 buf``.
+``step = nat + gamma p``, ``buf = alpha2 buf + step``, ``p <- p - beta2 buf``. For a
+dense linear layer with fewer rows than it is wide, ``G`` is the product of the rows the
+curvature used, and ``nat`` comes from them at a fraction of the FLOPs where ``.grad`` is
+provably that product (`singd.optim.lowrank`, which lists the checks).
 """
 
 from __future__ import annotations
@@ -46,11 +49,19 @@ import torch
 from torch import Tensor, nn
 
 from singd.curvature import SINGD_ROLES, LayerCurvature
-from singd.optim import foreach
+from singd.optim import foreach, lowrank
 from singd.optim.base import KroneckerOptimizer
 from singd.optim.coverage import DEFAULT_FALLBACK, FallbackFactory
 from singd.optim.functional import singd_factor_update, singd_natural_gradient
-from singd.optim.layers import KroneckerLayer, input_rows, layer_dims, loss_terms, output_rows
+from singd.optim.layers import (
+    KroneckerLayer,
+    input_rows,
+    layer_dims,
+    loss_terms,
+    output_rows,
+    process_input,
+    split_matrix,
+)
 from singd.optim.precision import readings
 from singd.optim.validation import check_number, group_location
 from singd.optim.views import FactorView
@@ -156,6 +167,8 @@ class SINGD(KroneckerOptimizer):
             init_grad_scale=init_grad_scale,
             precision=precision,
         )
+        # Dense layers' rows kept for the low-rank natural gradient (`singd.optim.lowrank`).
+        self._low_rank = lowrank.LowRank(self, self._module)
 
     def _validate_group(self, group: dict[str, Any], index: int) -> None:
         super()._validate_group(group, index)
@@ -214,7 +227,10 @@ class SINGD(KroneckerOptimizer):
             kfac_approx = self.param_groups[layer.group_index]["kfac_approx"]
             rows = input_rows(x if x.dtype == K.dtype else x.to(K.dtype), layer, kfac_approx)
             return K.from_input_rows(rows, layer.has_bias)
-        return super()._reduce_input(layer, x)
+        group = self.param_groups[layer.group_index]
+        a = process_input(x.to(self._curvature_dtypes(layer)[0]), layer, group["kfac_approx"])
+        self._low_rank.offer_input(layer, x, a)
+        return self._input_statistic(layer, a)
 
     def _input_statistic(self, layer: KroneckerLayer, a: Tensor) -> StructuredMatrix:
         return self._factors[layer.name]["K"].from_inner(a.T)
@@ -231,6 +247,7 @@ class SINGD(KroneckerOptimizer):
             rows = output_rows(g, layer, group["kfac_approx"])
             terms = loss_terms(grad, layer, group["loss_average"])
             return C.from_output_rows(rows, terms / self._grad_scales[self.steps - 1])
+        self._low_rank.offer_output(layer, grad)
         return C.from_inner(super()._reduce_output(layer, grad).T)
 
     def _accumulate(
@@ -323,7 +340,24 @@ class SINGD(KroneckerOptimizer):
     def _layer_directions(self, layer: KroneckerLayer, divisor, factor: float) -> list[Tensor]:
         if foreach.two_diagonal_factors(self, layer):  # no copy into [dW | db]
             return foreach.diagonal_directions(self, [layer], divisor, factor)
+        nat = self._low_rank.natural_gradient(layer, divisor, factor)
+        if nat is not None:  # from the rows: no copy into [dW | db] either
+            return split_matrix(layer, nat)
         return super()._layer_directions(layer, divisor, factor)
+
+    def _step_layers(self) -> None:
+        try:
+            super()._step_layers()
+        finally:
+            self._low_rank.drop()  # rows live from one backward pass to its step
+
+    def _clear_accumulators(self, layer: KroneckerLayer) -> None:
+        super()._clear_accumulators(layer)
+        self._low_rank.drop(layer)
+
+    def remove_hooks(self) -> None:
+        super().remove_hooks()
+        self._low_rank.remove_hooks()
 
     # ------------------------------------------------------------ read-only view
     def curvature_state(self) -> list[LayerCurvature]:
