@@ -2,7 +2,7 @@
 
 Categories: the subclass's factor categories (SINGD: ``factors``, ``momenta``; KFAC:
 ``factors``, ``inverses``), then ``accumulators`` (curvature terms collected since the
-last update), ``param_buffers`` (momentum buffers of the Kronecker-covered parameters)
+last update; SINGD adds the rows its low-rank natural gradient waits for), ``param_buffers`` (momentum buffers of the Kronecker-covered parameters)
 and ``fallback`` (tensors of the fallback optimizer's state). probes and precision_lab's
 memory model read them (docs/CONTRACTS.md).
 

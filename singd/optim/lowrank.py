@@ -224,6 +224,10 @@ class LowRank:
         self.taken += 1
         return nat.to(layer.module.weight.grad.dtype)
 
+    def nbytes(self) -> int:
+        """Bytes of the rows waiting for the step (counted with the accumulators)."""
+        return sum(r.a.nbytes + r.g.nbytes for r in self._rows.values() if r is not None)
+
     def drop(self, layer: KroneckerLayer | None = None) -> None:
         """Forget one layer's rows (all layers' with None): after its step or a skip."""
         if layer is None:

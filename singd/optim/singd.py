@@ -50,6 +50,7 @@ from torch import Tensor, nn
 
 from singd.curvature import SINGD_ROLES, LayerCurvature
 from singd.optim import foreach, lowrank
+from singd.optim.accounting import ACCUMULATORS
 from singd.optim.base import KroneckerOptimizer
 from singd.optim.coverage import DEFAULT_FALLBACK, FallbackFactory
 from singd.optim.functional import singd_factor_update, singd_natural_gradient
@@ -358,6 +359,11 @@ class SINGD(KroneckerOptimizer):
     def remove_hooks(self) -> None:
         super().remove_hooks()
         self._low_rank.remove_hooks()
+
+    def state_bytes(self, total: bool = False) -> dict[str, int]:
+        counts = super().state_bytes(total)
+        counts[ACCUMULATORS] += self._low_rank.nbytes()  # rows waiting for the step
+        return counts
 
     # ------------------------------------------------------------ read-only view
     def curvature_state(self) -> list[LayerCurvature]:

@@ -220,8 +220,16 @@ def test_rows_do_not_outlive_the_step():
     nn.functional.mse_loss(model(x), y).backward()
     kept = list(optimizer._low_rank._rows.values())
     assert len(kept) == 2 and all(rows is not None for rows in kept)
+    # The rows wait with the curvature terms, and are counted with them.
+    terms = sum(
+        state[key].nbytes for state in optimizer._factors.values() for key in ("H_K", "H_C")
+    )
+    rows = sum(r.a.nbytes + r.g.nbytes for r in kept)
+    assert rows == ROWS * (D_IN + 1 + D_HID + D_HID + 1 + D_OUT) * 8
+    assert optimizer.state_bytes()["accumulators"] == terms + rows
     optimizer.step()
     assert optimizer._low_rank._rows == {}
+    assert optimizer.state_bytes()["accumulators"] == 0
     optimizer.remove_hooks()
     assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
 
