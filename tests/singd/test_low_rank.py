@@ -22,6 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from singd import SINGD
 from singd.optim import lowrank
 from singd.structures.dense import DenseMatrix
+from tests.gloo import spawn
 from tests.host_reads import HostReads
 
 D_IN, D_HID, D_OUT, ROWS = 160, 192, 150, 32
@@ -280,3 +281,70 @@ def test_natural_gradient_from_rows_against_dense_algebra(dtypes):
     assert nat.dtype == dtypes[1]
     tol = 1e-12 if dtypes[0] == torch.float64 else 1e-5
     torch.testing.assert_close(nat, expected, rtol=tol, atol=tol * expected.abs().max().item())
+
+
+def _compiled_run() -> tuple[list[torch.Tensor], int]:
+    model = _model()
+    optimizer = SINGD(model, lr=0.1, lr_cov=0.1, T=1, structures=("dense", "dense"))
+    forward = torch.compile(model, backend="aot_eager")
+    for x, y in _batches(3, torch.float64):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(forward(x), y).backward()
+        optimizer.step()
+    return [p.detach().clone() for p in model.parameters()], optimizer._low_rank.taken
+
+
+@pytest.mark.slow
+def test_a_compiled_model_takes_the_low_rank_path_too(dense_path):
+    """``torch.compile`` (aot_eager): the hooks run in the backward pass as in eager mode,
+    so the rows are kept and used, with the dense path's result."""
+    torch._dynamo.reset()
+    ours, taken = _compiled_run()
+    dense_path(False)
+    dense, none = _compiled_run()
+    assert (taken, none) == (6, 0)
+    assert _relative_gap(ours, dense) < 1e-12
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+def test_a_backward_pass_that_builds_a_graph_keeps_rows_without_a_graph(dense_path):
+    def run() -> tuple[list[torch.Tensor], SINGD]:
+        model = _model()
+        optimizer = SINGD(model, lr=0.1, lr_cov=0.1, T=1, structures=("dense", "dense"))
+        for x, y in _batches(3, torch.float64):
+            optimizer.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward(create_graph=True)
+            assert not any(r.a.requires_grad for r in optimizer._low_rank._rows.values())
+            optimizer.step()
+        return [p.detach().clone() for p in model.parameters()], optimizer
+
+    ours, optimizer = run()
+    dense_path(False)
+    dense, _ = run()
+    assert optimizer._low_rank.taken == 6
+    assert _relative_gap(ours, dense) < 1e-12
+
+
+def _ddp_worker(rank: int, world: int, out: str) -> None:
+    model = nn.parallel.DistributedDataParallel(_model(), gradient_as_bucket_view=True)
+    optimizer = SINGD(model, lr=0.1, lr_cov=0.1, T=1, structures=("dense", "dense"))
+    generator = torch.Generator().manual_seed(rank)  # each rank its own batch
+    for _ in range(2):
+        x = torch.randn(ROWS, D_IN, generator=generator, dtype=torch.float64)
+        y = torch.randn(ROWS, D_OUT, generator=generator, dtype=torch.float64)
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+    params = [p.detach().clone() for p in model.parameters()]
+    torch.save({"params": params, "taken": optimizer._low_rank.taken}, f"{out}/rank{rank}.pt")
+
+
+@pytest.mark.slow
+def test_ddp_takes_the_dense_path(tmp_path):
+    """Under DDP ``.grad`` is averaged over the ranks, each rank's rows are its own: the
+    rows must not be used (the ranks' parameters would part)."""
+    spawn(_ddp_worker, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert [r["taken"] for r in ranks] == [0, 0]
+    for a, b in zip(ranks[0]["params"], ranks[1]["params"], strict=True):
+        assert torch.equal(a, b)
