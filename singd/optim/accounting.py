@@ -2,8 +2,9 @@
 
 Categories: the subclass's factor categories (SINGD: ``factors``, ``momenta``; KFAC:
 ``factors``, ``inverses``), then ``accumulators`` (curvature terms collected since the
-last update; SINGD adds the rows its low-rank natural gradient waits for), ``param_buffers`` (momentum buffers of the Kronecker-covered parameters)
-and ``fallback`` (tensors of the fallback optimizer's state). probes and precision_lab's
+last update; SINGD adds the rows its low-rank natural gradient waits for),
+``param_buffers`` (momentum buffers of the Kronecker-covered parameters) and
+``fallback`` (tensors of the fallback optimizer's state). probes and precision_lab's
 memory model read them (docs/CONTRACTS.md).
 
 On a model sharded with FSDP2 the parameters' state (momentum buffers, the fallback's
