@@ -348,3 +348,44 @@ def test_ddp_takes_the_dense_path(tmp_path):
     assert [r["taken"] for r in ranks] == [0, 0]
     for a, b in zip(ranks[0]["params"], ranks[1]["params"], strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("kfac_approx", "loss_average"),
+    [("expand", "batch"), ("expand", "batch+sequence"), ("expand", None), ("reduce", "batch")],
+)
+def test_sequence_inputs(dense_path, kfac_approx, loss_average):
+    """A (batch, sequence, features) input gives ``batch x sequence`` rows with
+    ``expand``: the gradient is still their product, whatever the loss averages over.
+    ``reduce`` averages the rows over the sequence: their product is not the gradient,
+    and the dense path must run."""
+
+    def run() -> tuple[list[torch.Tensor], SINGD]:
+        model = _model()
+        optimizer = SINGD(
+            model,
+            lr=0.1,
+            lr_cov=0.1,
+            T=1,
+            structures=("dense", "dense"),
+            kfac_approx=kfac_approx,
+            loss_average=loss_average,
+        )
+        gen = torch.Generator().manual_seed(3)
+        for _ in range(3):
+            x = torch.randn(4, 8, D_IN, generator=gen, dtype=torch.float64)
+            y = torch.randn(4, 8, D_OUT, generator=gen, dtype=torch.float64)
+            optimizer.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()
+        return [p.detach().clone() for p in model.parameters()], optimizer
+
+    ours, optimizer = run()
+    dense_path(False)
+    dense, _ = run()
+    if kfac_approx == "reduce":
+        assert optimizer._low_rank.taken == 0
+        assert all(torch.equal(a, b) for a, b in zip(ours, dense, strict=True))
+    else:
+        assert optimizer._low_rank.taken == 6
+        assert _relative_gap(ours, dense) < 1e-12
