@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from singd.optim.scaling import Scale
+from singd.optim.scaling import Scale, not_one
 from singd.structures.base import StructuredMatrix
 from singd.structures.dense import DenseMatrix
 
@@ -133,6 +133,23 @@ def singd_natural_gradient(K: StructuredMatrix, C: StructuredMatrix, grad: Tenso
         return C.outer_matmat_(nat, out=grad)
     nat = C.outer_matmat_(nat.to(C.dtype))
     return nat.to(grad.dtype)
+
+
+def singd_natural_gradient_from_rows(
+    K: DenseMatrix, C: DenseMatrix, a: Tensor, g: Tensor, scale: Scale
+) -> Tensor:
+    """``scale (g C C^T)^T (a K K^T)`` for rows ``a`` (n x d_K) and ``g`` (n x d_C): with
+    ``scale = sqrt(n)``, `singd_natural_gradient` of ``G = sqrt(n) g^T a`` in four thin
+    products and one outer one (`singd.optim.lowrank` says when it pays and when ``.grad``
+    is that product). ``K``'s side in ``K``'s dtype, then ``C``'s, as there; returned in
+    ``C``'s dtype. ``scale`` is a number or a 0-d tensor (not read)."""
+    k, c = K.tensors()["mat"], C.tensors()["mat"]
+    right = (a.to(k.dtype) @ k) @ k.T  # n x d_K
+    left = (g.to(c.dtype) @ c) @ c.T  # n x d_C
+    right = right.to(c.dtype)
+    if not_one(scale):
+        right.mul_(scale)  # on the n x d_K rows rather than the d_C x d_K result
+    return left.T @ right
 
 
 def heavy_ball_(

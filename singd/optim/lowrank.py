@@ -42,13 +42,14 @@ layer, less than the factors' ``d_K^2 + d_C^2`` wherever the path is taken.
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from math import sqrt
 from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
 from singd.optim import distributed
+from singd.optim.functional import singd_natural_gradient_from_rows
 from singd.optim.hooks import graph_task_id
 from singd.optim.layers import KroneckerLayer, output_rows
 from singd.optim.scaling import Scale, not_one
@@ -94,29 +95,15 @@ def pays(dim_K: int, dim_C: int, rows: int) -> bool:
     )
 
 
-def natural_gradient(K: DenseMatrix, C: DenseMatrix, a: Tensor, g: Tensor, scale) -> Tensor:
-    """``scale * (g C C^T)^T (a K K^T)``: with ``scale = sqrt(n)`` the natural gradient
-    ``C C^T G K K^T`` of ``G = sqrt(n) g^T a``, in ``C``'s dtype (as the dense path: ``K``'s
-    side in ``K``'s dtype, then ``C``'s). ``scale`` is a number or a 0-d tensor."""
-    k, c = K.tensors()["mat"], C.tensors()["mat"]
-    right = (a.to(k.dtype) @ k) @ k.T  # n x d_K
-    left = (g.to(c.dtype) @ c) @ c.T  # n x d_C
-    right = right.to(c.dtype)
-    if isinstance(scale, Tensor) or scale != 1.0:
-        right.mul_(scale)  # on the n x d_K rows rather than the d_C x d_K result
-    return left.T @ right
-
-
 @dataclass(eq=False)
 class Rows:
     """One backward call's rows of a layer, and what autograd accumulated after it."""
 
     a: Tensor
     g: Tensor
-    # Per parameter (weight, bias): the .grad autograd left and its version then, and
-    # how many accumulations the post-accumulate-grad hook saw.
-    seen: list[tuple[weakref.ref, int] | None] = field(default_factory=list)
-    accumulations: list[int] = field(default_factory=list)
+    # Per parameter (weight, bias): the .grad autograd left and its version then (None
+    # until the post-accumulate-grad hook has seen it).
+    seen: list[tuple[weakref.ref, int] | None]
 
 
 class LowRank:
@@ -185,8 +172,7 @@ class LowRank:
         g = output_rows(grad, layer, "expand")
         if g.shape[0] != a.shape[0]:
             return
-        count = len(layer.params)
-        self._rows[layer.name] = Rows(a, g, [None] * count, [0] * count)
+        self._rows[layer.name] = Rows(a, g, [None] * len(layer.params))
         if layer.name not in self._hooked:
             self._hooked[layer.name] = [
                 p.register_post_accumulate_grad_hook(self._accumulated_hook(layer.name, i))
@@ -198,9 +184,12 @@ class LowRank:
 
         def record(param: Tensor) -> None:
             rows = rows_of.get(name)
-            if rows is not None:
-                rows.seen[index] = (weakref.ref(param.grad), param.grad._version)
-                rows.accumulations[index] += 1
+            if rows is None:
+                return
+            if rows.seen[index] is not None:  # a second accumulation: not one product
+                rows_of[name] = None
+                return
+            rows.seen[index] = (weakref.ref(param.grad), param.grad._version)
 
         return record
 
@@ -213,14 +202,14 @@ class LowRank:
         rows = self._rows.pop(layer.name, None)
         if rows is None or getattr(self._optimizer, "grad_scale", 1.0) is None:
             return None  # (grad_scale None: GradScaler.unscale_ changed .grad in place)
-        for p, seen, count in zip(layer.params, rows.seen, rows.accumulations, strict=True):
-            if count != 1 or seen is None or p.grad is not seen[0]() or p.grad._version != seen[1]:
+        for p, seen in zip(layer.params, rows.seen, strict=True):
+            if seen is None or p.grad is not seen[0]() or p.grad._version != seen[1]:
                 return None
         scale = sqrt(rows.a.shape[0]) * factor
         if not_one(divisor):
             scale = scale / divisor
         state = self._optimizer._factors[layer.name]
-        nat = natural_gradient(state["K"], state["C"], rows.a, rows.g, scale)
+        nat = singd_natural_gradient_from_rows(state["K"], state["C"], rows.a, rows.g, scale)
         self.taken += 1
         return nat.to(layer.module.weight.grad.dtype)
 
